@@ -1,0 +1,184 @@
+"""The backbone registry: one place that knows each feature extractor.
+
+For every CNN: the Keras constructor, its own preprocessing mode (they differ: caffe, torch, tf),
+the GAP feature size, the smallest input it accepts and the standard ImageNet "notop" weights file
+with the MD5 Keras publishes for it. Keras and TensorFlow are imported only inside functions, so
+importing this module stays cheap (the CLI and the driver never load TensorFlow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from leukoflow.errors import LeukoflowError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    module: str  # keras.applications.<module>
+    constructor: str
+    preprocess_mode: str  # documentation only: keras' own preprocess_input is what runs
+    feature_dim: int
+    min_image_size: int
+    weights_file: str
+    weights_md5: str | None  # None where Keras publishes no hash (MobileNetV2)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec(
+            "vgg16", "vgg16", "VGG16", "caffe", 512, 32,
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "6d6bbae143d832006294945121d1f1fc",
+        ),
+        BackboneSpec(
+            "vgg19", "vgg19", "VGG19", "caffe", 512, 32,
+            "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "253f8cb515780f3b799900260a226db6",
+        ),
+        BackboneSpec(
+            "resnet101", "resnet", "ResNet101", "caffe", 2048, 32,
+            "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "88cf7a10940856eca736dc7b7e228a21",
+        ),
+        BackboneSpec(
+            "mobilenet_v2", "mobilenet_v2", "MobileNetV2", "tf", 1280, 32,
+            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+            None,
+        ),
+        BackboneSpec(
+            "densenet121", "densenet", "DenseNet121", "torch", 1024, 32,
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "30ee3e1110167f948a6b9946edeeb738",
+        ),
+        BackboneSpec(
+            "inception_resnet_v2", "inception_resnet_v2", "InceptionResNetV2", "tf", 1536, 75,
+            "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "d19885ff4a710c122648d3b5c3b684e4",
+        ),
+    ]
+}  # fmt: skip
+
+# The paper's trio, in the order its 3072-feature vector concatenates them.
+DEFAULT_BACKBONES: tuple[str, ...] = ("vgg16", "densenet121", "inception_resnet_v2")
+
+
+def parse_backbones(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Validate a comma list of backbone names, keeping the user's order (it fixes the join)."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown:
+        raise LeukoflowError(
+            f"unknown backbone {', '.join(unknown)}; choose from {', '.join(BACKBONES)}"
+        )
+    if not names:
+        raise LeukoflowError("no backbone given")
+    if len(set(names)) != len(names):
+        raise LeukoflowError(f"backbone listed twice: {','.join(names)}")
+    return names
+
+
+def check_image_size(names: list[str], image_size: int) -> None:
+    too_small = [n for n in names if image_size < BACKBONES[n].min_image_size]
+    if too_small:
+        need = max(BACKBONES[n].min_image_size for n in too_small)
+        raise LeukoflowError(
+            f"--image-size {image_size} is below what {', '.join(too_small)} accepts (>= {need})"
+        )
+
+
+# -- weights ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What the user asked for: `imagenet` (from a folder or the Keras cache) or `none`."""
+
+    kind: str  # "imagenet" | "none"
+    folder: str | None = None  # where the notop files are; None means $KERAS_HOME/models
+    seed: int = 0  # the random initialisation's seed when kind == "none"
+
+    @property
+    def non_clinical(self) -> bool:
+        return self.kind == "none"
+
+
+def parse_weights(text: str, weights_dir: str | None, seed: int) -> WeightsChoice:
+    """`imagenet`, `none`, or a folder of notop files (same as imagenet + --weights-dir)."""
+    if text == "none":
+        return WeightsChoice("none", seed=seed)
+    if text == "imagenet":
+        return WeightsChoice("imagenet", folder=weights_dir)
+    if os.path.isdir(text):
+        return WeightsChoice("imagenet", folder=text)
+    raise LeukoflowError(f"--weights must be imagenet, none or a folder of weights; got {text!r}")
+
+
+def keras_models_folder() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_weights_file(spec: BackboneSpec, choice: WeightsChoice) -> tuple[Path, str]:
+    """The checked notop file for `spec` and its MD5; a clear one-line error when unusable."""
+    folder = Path(choice.folder) if choice.folder else keras_models_folder()
+    path = folder / spec.weights_file
+    expected = f"MD5 {spec.weights_md5}" if spec.weights_md5 else "no published MD5"
+    if not path.is_file():
+        raise LeukoflowError(
+            f"ImageNet weights for {spec.name} not found: {spec.weights_file} ({expected}) is not "
+            f"in {folder}; copy it there, pass --weights-dir, or use --weights none for a "
+            "non-clinical dry run"
+        )
+    md5 = file_md5(path)
+    if spec.weights_md5 and md5 != spec.weights_md5:
+        raise LeukoflowError(
+            f"ImageNet weights for {spec.name} in {path} have MD5 {md5}, expected "
+            f"{spec.weights_md5}: the file is damaged or not the Keras notop file"
+        )
+    return path, md5
+
+
+def weights_id(spec: BackboneSpec, choice: WeightsChoice) -> str:
+    """A stable id for the exact weights, so features of different weights never mix."""
+    if choice.kind == "none":
+        return f"random-seed{choice.seed}"
+    _, md5 = resolve_weights_file(spec, choice)
+    return f"imagenet-{md5[:12]}"
+
+
+# -- models (run inside the actors) ----------------------------------------------------------
+def build_model(spec: BackboneSpec, image_size: int, weights_path: str | None, seed: int):
+    """The headless Keras application with a GAP layer; random-init from `seed` when no file."""
+    import keras
+
+    module = importlib.import_module(f"keras.applications.{spec.module}")
+    constructor = getattr(module, spec.constructor)
+    if weights_path is None:
+        keras.utils.set_random_seed(seed)
+    return constructor(
+        include_top=False,
+        weights=weights_path,
+        input_shape=(image_size, image_size, 3),
+        pooling="avg",
+    )
+
+
+def preprocess(spec: BackboneSpec, pixels: np.ndarray) -> np.ndarray:
+    """The backbone's own standardisation of float RGB pixels in 0..255 (a copy)."""
+    module = importlib.import_module(f"keras.applications.{spec.module}")
+    return module.preprocess_input(np.array(pixels, dtype=np.float32, copy=True))

@@ -1,0 +1,355 @@
+"""Discovering the images of a dataset: one catalog row per file found, never a silent drop.
+
+IMAGES is either a CSV manifest (`path,label[,subject_id,...]`) or a folder in one of two
+layouts: the C-NMC training layout `fold_*/<class>/...` or plain class folders `<class>/...`.
+Folders that are not a class (and files directly under the root) give unlabelled rows: that is
+what a nightly inbox looks like. Every file is fully decoded once, so a row with status "ok" is
+an image the feature step can read.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fnmatch
+import hashlib
+import io
+import os
+import posixpath
+import re
+import stat
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from leukoflow.errors import LeukoflowError
+from tasks.images import TOO_LARGE, UNREADABLE, ImageRejected, decode_image
+from tasks.storage import Location, open_location
+from tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
+
+IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+LABELS = ("all", "hem")  # "all": leukemic blast (the positive class); "hem": normal
+DEFAULT_LABELS = {"all": "all", "hem": "hem"}
+
+# Manifest-only reason codes (the image reason codes live in tasks.images).
+PATH_ESCAPE = "path_escape"
+UNKNOWN_LABEL = "unknown_label"
+MISSING_PATH = "missing_path"
+DUPLICATE_OF = "duplicate_of"
+LABEL_CONFLICT = "label_conflict"
+
+# Whole-file reads: refuse anything bigger before reading it (a 40 Mpx 16-bit RGBA TIFF is 320 MB).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+_SUBJECT = re.compile(r"^UID_(\d+|H\d+)_\d+_\d+_(all|hem)\.[A-Za-z]+$")
+
+
+def parse_subject_id(filename: str) -> str | None:
+    """Subject of a C-NMC file name: UID_<s>_<i>_<c>_all -> "<s>", UID_H<s>_..._hem -> "H<s>"."""
+    name = posixpath.basename(filename.replace("\\", "/"))
+    match = _SUBJECT.match(name)
+    if match is None or not name.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    subject, kind = match.groups()
+    # Normal donors are numbered separately with an "H"; a name mixing the two is not C-NMC.
+    if subject.startswith("H") != (kind == "hem"):
+        return None
+    return subject
+
+
+def build_catalog(
+    images_uri: str, dataset: str, labels: dict[str, str] | None = None
+) -> list[dict]:
+    """One CATALOG_SCHEMA row per image file under IMAGES (folder or .csv manifest), by uri."""
+    mapping = _check_labels(labels)
+    root = open_location(images_uri)
+    if not root.fs.exists(root.path):
+        raise LeukoflowError(f"IMAGES {root.uri} does not exist.")
+    if root.fs.isdir(root.path):
+        entries = list(_folder_entries(root, mapping))
+        if not entries:
+            raise LeukoflowError(
+                f"no images found under {root.uri} (looked for {', '.join(IMAGE_SUFFIXES)})."
+            )
+    elif root.path.lower().endswith(".csv"):
+        entries = _manifest_entries(root, mapping)
+    else:
+        raise LeukoflowError(f"IMAGES {root.uri} must be a folder or a .csv manifest.")
+    discovered_at = datetime.now(UTC)
+    # Of several copies of the same bytes, the one kept as "ok" is the first labelled one by
+    # uri, so an unlabelled inbox copy never hides a training label.
+    entries.sort(key=lambda entry: (entry.label is None, entry.uri))
+    rows = _rows(entries, dataset, discovered_at)
+    return sorted(rows, key=lambda row: row["uri"])
+
+
+def catalog_counts(rows: list[dict]) -> dict:
+    """Counts by status, conversions among ok rows, and non-ok rows per reason code."""
+    statuses = Counter(row["status"] for row in rows)
+    reasons = Counter(
+        reason_code(row["reason"]) for row in rows if row["status"] != STATUS_OK and row["reason"]
+    )
+    return {
+        "found": len(rows),
+        "ok": statuses[STATUS_OK],
+        "quarantined": statuses[STATUS_QUARANTINED],
+        "duplicate": statuses[STATUS_DUPLICATE],
+        "converted": sum(1 for row in rows if row["status"] == STATUS_OK and row["reason"]),
+        "reasons": dict(sorted(reasons.items())),
+    }
+
+
+def reason_code(reason: str) -> str:
+    """The code of a reason text: what comes before the first ":"."""
+    return reason.split(":", 1)[0].strip()
+
+
+# -- discovery -------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    """A file to catalog; `refused` is set when it must be quarantined without being read."""
+
+    uri: str
+    loc: Location | None
+    label: str | None
+    subject_id: str | None
+    refused: str | None = None
+    size: int | None = None
+    image_id: str | None = None  # set for refused manifest rows, whose uri is not a file
+
+
+def _check_labels(labels: dict[str, str] | None) -> dict[str, str]:
+    mapping = DEFAULT_LABELS if labels is None else labels
+    if not mapping:
+        raise LeukoflowError("the labels mapping is empty; give at least one folder: label pair.")
+    wrong = sorted(value for value in mapping.values() if value not in LABELS)
+    if wrong:
+        raise LeukoflowError(f"labels must map to 'all' or 'hem', got {', '.join(wrong)}.")
+    # Folder names and manifest label texts are matched case-insensitively (ALL/, Hem/ exist).
+    return {key.strip().lower(): value for key, value in mapping.items()}
+
+
+def _path_id(text: str) -> str:
+    # Rows never read have no content hash; this id is unique per path yet cannot pass for one.
+    return "path:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _folder_label(relative: str, mapping: dict[str, str]) -> str | None:
+    parts = relative.split("/")[:-1]
+    # C-NMC training layout: the class folder sits inside a top-level fold_* folder.
+    if len(parts) >= 2 and fnmatch.fnmatch(parts[0], "fold_*"):
+        parts = parts[1:]
+    return mapping.get(parts[0].lower()) if parts else None
+
+
+def _folder_entries(root: Location, mapping: dict[str, str]) -> Iterator[_Entry]:
+    listing = _walk_local(root.path) if root.is_local else _walk_remote(root)
+    for path, size, error in listing:
+        uri = Location(root.fs, path).uri
+        relative = path[len(root.path) :].lstrip("/")  # listings only yield paths under root
+        entry = _Entry(
+            uri=uri,
+            loc=Location(root.fs, path),
+            label=_folder_label(relative, mapping),
+            subject_id=parse_subject_id(path),
+            size=size,
+            refused=error,
+        )
+        if not _is_utf8(path):
+            # The uri could not be stored or reopened; keep the file visible but never read it.
+            entry.uri = os.fsencode(path).decode("utf-8", "backslashreplace")
+            entry.refused = f"{UNREADABLE}: file name is not valid UTF-8"
+        yield entry
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None]]:
+    """(path, None, error) for every image-suffixed entry, following links without looping."""
+    top = os.stat(root)
+    visited = {(top.st_dev, top.st_ino)}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            if folder == root:
+                raise LeukoflowError(f"cannot list IMAGES {root}: {_describe(error)}.") from error
+            # The folder may hold images we cannot see: record it rather than drop it silently.
+            yield folder, None, f"{UNREADABLE}: cannot list folder: {_describe(error)}"
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                info = entry.stat() if is_dir else None
+            except OSError:
+                is_dir, info = False, None  # a symlink loop or a link into nowhere: a "file"
+            if is_dir and info is not None:
+                # A folder reached twice (a symlink loop, two links to one folder) is walked once.
+                key = (info.st_dev, info.st_ino)
+                if key not in visited:
+                    visited.add(key)
+                    subfolders.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                yield entry.path, None, None
+        stack.extend(reversed(subfolders))
+
+
+def _walk_remote(root: Location) -> Iterator[tuple[str, int | None, str | None]]:
+    # Object stores have no links or special files: a flat recursive listing is the whole tree.
+    found = root.fs.find(root.path, withdirs=False, detail=True)
+    for path, info in sorted(found.items()):
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            yield path, info.get("size"), None
+
+
+def _manifest_entries(manifest: Location, mapping: dict[str, str]) -> list[_Entry]:
+    try:
+        text = manifest.fs.cat_file(manifest.path).decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LeukoflowError(f"cannot read manifest {manifest.uri}: {error}.") from error
+    reader = csv.DictReader(io.StringIO(text))
+    columns = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
+    missing = [column for column in ("path", "label") if column not in columns]
+    if missing:
+        raise LeukoflowError(
+            f"manifest {manifest.uri} lacks the {' and '.join(missing)} column "
+            f"(header: {', '.join(reader.fieldnames or []) or 'none'})."
+        )
+    folder = posixpath.dirname(manifest.path)
+    entries = []
+    try:
+        for row in reader:
+            cells = {key: (row.get(name) or "").strip() for key, name in columns.items()}
+            where = f"{manifest.uri}#line={reader.line_num}"
+            entries.append(_manifest_entry(where, manifest, folder, cells, mapping))
+    except csv.Error as error:
+        raise LeukoflowError(f"manifest {manifest.uri} is not valid CSV: {error}.") from error
+    if not entries:
+        raise LeukoflowError(f"manifest {manifest.uri} lists no images.")
+    return entries
+
+
+def _manifest_entry(
+    where: str, manifest: Location, folder: str, cells: dict[str, str], mapping: dict[str, str]
+) -> _Entry:
+    raw = cells["path"]
+    subject = cells.get("subject_id") or parse_subject_id(raw)
+    label_text = cells["label"]
+    label = mapping.get(label_text.lower()) if label_text else None
+    if not raw:
+        reason = f"{MISSING_PATH}: the manifest row has no path"
+        return _Entry(where, None, label, subject, reason, image_id=_path_id(where))
+    # Backslashes count as separators so "..\\x.bmp" cannot slip through on a POSIX host.
+    relative = posixpath.normpath(raw.replace("\\", "/"))
+    escapes = (
+        relative.startswith("/")
+        or re.match(r"^[A-Za-z]:", relative) is not None
+        or "://" in raw
+        or relative == ".."
+        or relative.startswith("../")
+    )
+    if escapes:
+        reason = f"{PATH_ESCAPE}: {raw} is outside {folder}"
+        return _Entry(raw, None, label, subject, reason, image_id=_path_id(raw))
+    loc = Location(manifest.fs, posixpath.join(folder, relative))
+    entry = _Entry(loc.uri, loc, label, subject)
+    if label_text and label is None:
+        entry.refused = f"{UNKNOWN_LABEL}: {label_text!r} is not one of {', '.join(mapping)}"
+    return entry
+
+
+# -- rows ------------------------------------------------------------------------------------
+def _rows(entries: list[_Entry], dataset: str, discovered_at: datetime) -> list[dict]:
+    rows = []
+    first_by_hash: dict[str, dict] = {}
+    for entry in entries:
+        row = {
+            "image_id": None,
+            "uri": entry.uri,
+            "dataset": dataset,
+            "label": entry.label,
+            "subject_id": entry.subject_id,
+            "width": None,
+            "height": None,
+            "size_bytes": None,
+            "status": STATUS_QUARANTINED,
+            "reason": entry.refused,
+            "discovered_at": discovered_at,
+        }
+        rows.append(row)
+        if entry.refused is not None or entry.loc is None:
+            row["image_id"] = entry.image_id or _path_id(entry.uri)
+            continue
+        try:
+            data = _read(entry.loc, entry.size)
+        except ImageRejected as rejected:
+            row["image_id"], row["reason"] = _path_id(entry.uri), str(rejected)
+            continue
+        except OSError as error:
+            row["image_id"] = _path_id(entry.uri)
+            row["reason"] = f"{UNREADABLE}: {_describe(error)}"
+            continue
+        image_id = hashlib.sha256(data).hexdigest()
+        row["image_id"], row["size_bytes"] = image_id, len(data)
+        first = first_by_hash.get(image_id)
+        if first is not None:
+            _mark_copy(row, first)
+            continue
+        first_by_hash[image_id] = row
+        try:
+            decoded = decode_image(data)
+        except ImageRejected as rejected:
+            row["reason"] = str(rejected)
+            continue
+        row.update(
+            width=decoded.width, height=decoded.height, status=STATUS_OK, reason=decoded.conversion
+        )
+    return rows
+
+
+def _mark_copy(row: dict, first: dict) -> None:
+    """Second sighting of the same bytes: a duplicate if the first was good, else the same fault."""
+    if first["status"] != STATUS_OK:
+        # Same bytes fail the same way; five empty uploads read better as five empty files.
+        row["reason"] = first["reason"]
+        return
+    reason = f"{DUPLICATE_OF}:{first['image_id']}"
+    if row["label"] and first["label"] and row["label"] != first["label"]:
+        reason = f"{LABEL_CONFLICT}:{reason} ({first['label']} vs {row['label']})"
+    row.update(status=STATUS_DUPLICATE, reason=reason, width=first["width"], height=first["height"])
+
+
+def _read(loc: Location, size: int | None) -> bytes:
+    """The file's bytes through fsspec; OSError when it cannot be read as a regular file."""
+    if loc.is_local:
+        # stat follows links: a dangling link or a link loop fails here with its own errno.
+        info = os.stat(loc.path)
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO would block a read forever; a device or folder is no image file either.
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(info.st_mode)})")
+        size = info.st_size
+    elif size is None:
+        size = loc.fs.size(loc.path)
+    if size is not None and size > MAX_FILE_BYTES:
+        raise ImageRejected(TOO_LARGE, f"the file has {size} bytes (max {MAX_FILE_BYTES})")
+    return loc.fs.cat_file(loc.path)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "device or special file")
+
+
+def _describe(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__

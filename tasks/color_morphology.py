@@ -1,0 +1,457 @@
+"""`color_morphology`: hand-crafted colour, morphology and chromatin-texture features of one cell.
+
+A weight-free backbone next to the CNNs. Input is one single-cell crop (C-NMC 2019 style: the
+segmented white cell on a black background, though any plain background works), output a fixed,
+versioned float32 vector whose every entry has a name and a meaning (see `describe_features` and
+docs/color_morphology.md).
+
+Pipeline, all at full resolution:
+1. cell mask: distance of every pixel from the background colour (estimated on the image border),
+   thresholded (Otsu, pulled towards the background), largest connected component, holes filled;
+2. nucleus / cytoplasm: K-means (k=2) on the L*a*b* values of the cell's pixels; the cluster with
+   the lower L* (darker, more stained by Giemsa/Wright) is the nucleus;
+3. features: colour statistics per segment (L*a*b*, HSV, RGB), morphology of cell and nucleus,
+   GLCM and uniform-LBP texture of the nucleus.
+
+Every output is finite: empty segments and degenerate images give zeros, never NaN or inf.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
+from skimage import color, filters, measure, morphology
+from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+
+# Bump whenever FEATURE_NAMES or the meaning of a feature changes: stored vectors carry it.
+FEATURE_VERSION = "cm-1"
+
+# -- the feature list ---------------------------------------------------------------------------
+SEGMENTS = ("cell", "nuc", "cyto")
+# colour space -> (channel names, unit/meaning of the values)
+_SPACES: dict[str, tuple[tuple[str, str, str], str]] = {
+    "lab": (("L", "a", "b"), "CIE L*a*b* (D65): L* 0-100, a*/b* about -128..127"),
+    "hsv": (("h", "s", "v"), "HSV, each channel 0-1 (hue as a fraction of the colour circle)"),
+    "rgb": (("r", "g", "b"), "RGB, 0-255"),
+}
+_LINEAR_STATS = ("mean", "std", "p10", "p50", "p90")
+# Hue is an angle: a linear mean of 0.95 and 0.05 would be 0.5 (green), so use circular stats.
+_HUE_STATS = ("cmean", "cstd")
+_STAT_MEANING = {
+    "mean": "mean",
+    "std": "standard deviation",
+    "p10": "10th percentile",
+    "p50": "median",
+    "p90": "90th percentile",
+    "cmean": "circular mean",
+    "cstd": "circular standard deviation",
+}
+_SEGMENT_MEANING = {"cell": "whole cell", "nuc": "nucleus", "cyto": "cytoplasm"}
+
+MORPH_OBJECTS = ("cell", "nuc")
+_MORPH_PROPS: dict[str, tuple[str, str]] = {
+    "area": ("px", "area in pixels"),
+    "perimeter": ("px", "perimeter (skimage regionprops estimate)"),
+    "circularity": ("ratio", "4*pi*area/perimeter^2; about 1 for a disk"),
+    "solidity": ("ratio", "area / convex-hull area"),
+    "eccentricity": ("ratio", "eccentricity of the moment ellipse; 0 for a disk"),
+    "major_axis": ("px", "major axis length of the moment ellipse"),
+    "minor_axis": ("px", "minor axis length of the moment ellipse"),
+    "radial_cv": ("ratio", "std / mean of outline-point distances to the centroid"),
+    "hull_perimeter_deficit": ("ratio", "1 - convex-hull perimeter / perimeter, clipped to 0..1"),
+}
+_SHAPE_EXTRA: dict[str, tuple[str, str]] = {
+    "nuc_cell_area_ratio": ("ratio", "nucleus area / cell area (N:C area ratio)"),
+    "nuc_n_components": ("count", "connected components of the nucleus mask (lobes)"),
+    "nuc_centroid_offset": ("ratio", "nucleus-to-cell centroid distance / cell equivalent radius"),
+}
+_CONTRAST: dict[str, tuple[str, str]] = {
+    f"nuc_cyto_delta_{ch}": ("L*a*b*", f"mean {ch}* of nucleus minus mean {ch}* of cytoplasm")
+    for ch in ("L", "a", "b")
+}
+GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation")
+GLCM_DISTANCES = (1, 2, 4)
+GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
+GLCM_LEVELS = 32
+LBP_P, LBP_R = 8, 1.0
+# method="uniform" with P=8 gives codes 0..8 (uniform patterns, by number of set bits) and 9.
+_LBP_BINS = LBP_P + 2
+# Colour columns per pixel, in vector order: L*, a*, b*, h, s, v, r, g, b.
+_HUE_COLUMN = 3
+_COLOR_PER_SEGMENT = 8 * len(_LINEAR_STATS) + len(_HUE_STATS)
+
+
+def _color_names() -> list[tuple[str, str, str]]:
+    out = []
+    for seg in SEGMENTS:
+        for space, (channels, unit) in _SPACES.items():
+            for ch in channels:
+                stats = _HUE_STATS if (space, ch) == ("hsv", "h") else _LINEAR_STATS
+                for st in stats:
+                    meaning = f"{_STAT_MEANING[st]} of {ch} over the {_SEGMENT_MEANING[seg]}"
+                    out.append((f"{seg}_{space}_{ch}_{st}", unit, meaning))
+    return out
+
+
+def _build_catalogue() -> list[dict[str, str]]:
+    rows = [{"name": n, "group": "color", "unit": u, "meaning": m} for n, u, m in _color_names()]
+    rows += [
+        {"name": n, "group": "color", "unit": u, "meaning": m} for n, (u, m) in _CONTRAST.items()
+    ]
+    for obj in MORPH_OBJECTS:
+        for prop, (unit, meaning) in _MORPH_PROPS.items():
+            rows.append(
+                {
+                    "name": f"{obj}_{prop}",
+                    "group": "morphology",
+                    "unit": unit,
+                    "meaning": f"{_SEGMENT_MEANING[obj]}: {meaning}",
+                }
+            )
+    rows += [
+        {"name": n, "group": "morphology", "unit": u, "meaning": m}
+        for n, (u, m) in _SHAPE_EXTRA.items()
+    ]
+    for prop in GLCM_PROPS:
+        rows.append(
+            {
+                "name": f"nuc_glcm_{prop}",
+                "group": "texture",
+                "unit": "GLCM",
+                "meaning": f"nucleus GLCM {prop} ({GLCM_LEVELS} grey levels of contrast-stretched "
+                f"L*, distances {GLCM_DISTANCES}, 4 angles, averaged)",
+            }
+        )
+    for code in range(_LBP_BINS):
+        label = "non-uniform patterns" if code == _LBP_BINS - 1 else f"uniform code {code}"
+        rows.append(
+            {
+                "name": f"nuc_lbp_{code}",
+                "group": "texture",
+                "unit": "fraction",
+                "meaning": f"share of nucleus interior pixels with LBP (P=8, R=1) {label}",
+            }
+        )
+    return rows
+
+
+_CATALOGUE = _build_catalogue()
+FEATURE_NAMES: tuple[str, ...] = tuple(row["name"] for row in _CATALOGUE)
+FEATURE_DIM = len(FEATURE_NAMES)
+
+
+def describe_features() -> list[dict[str, str]]:
+    """One dict per feature in vector order: name, group, unit and meaning."""
+    return [dict(row) for row in _CATALOGUE]
+
+
+# -- segmentation -------------------------------------------------------------------------------
+# Below this RGB distance from the background nothing counts as a cell (uniform / blank images).
+_MIN_CONTRAST = 12.0
+# K-means is fit on at most this many cell pixels (fixed seed) and then assigns every pixel:
+# fitting on all ~30k pixels of a C-NMC cell costs several times more for the same centres.
+_KMEANS_SAMPLE = 4000
+_SAMPLE_SEED = 0
+# Nucleus clean-up, as fractions of the cell area: holes filled, specks removed.
+_NUCLEUS_HOLE = 0.05
+_NUCLEUS_SPECK = 0.005
+# A cell whose L*a*b* values vary less than this (std, per channel) has no second compartment.
+_MIN_COLOR_SPREAD = 1.0
+# Colour statistics of a segment are estimated on a fixed-seed sample of at most this many of
+# its pixels (all of them in smaller segments): the standard error of a mean is then ~1.4 % of
+# the channel's std, while HSV conversion and percentiles of every pixel of every segment would
+# cost ~20 ms of the 50 ms budget.
+_COLOR_SAMPLE = 5_000
+
+
+@dataclass
+class Segmentation:
+    """Boolean HxW masks; nucleus and cytoplasm partition the cell (both empty if no cell)."""
+
+    cell_mask: np.ndarray
+    nucleus_mask: np.ndarray
+    cytoplasm_mask: np.ndarray
+
+
+def _check_pixels(pixels: np.ndarray) -> np.ndarray:
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected HxWx3 uint8 RGB, got shape {pixels.shape} {pixels.dtype}")
+    return pixels
+
+
+@dataclass
+class _CellCrop:
+    """The cell's padded bounding box and what segmentation already computed there; the features
+    reuse it (colour conversion is the costliest step) and work on the crop, not the full image."""
+
+    box: tuple[slice, slice]
+    cell: np.ndarray  # bool, box-sized
+    nucleus: np.ndarray  # bool, box-sized, subset of cell
+    # Colours of the cell pixels (in cell-mask order) channel-first, 3 x N float32: reductions
+    # over a trailing axis of length 3 are several times slower in numpy and skimage.
+    rgb: np.ndarray  # 0-255
+    lab: np.ndarray  # L*a*b*
+
+
+def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
+    """The largest 8-connected component and its bounding box, or None if the mask is empty."""
+    labels = measure.label(mask, connectivity=2)
+    if labels.max() == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = int(np.argmax(sizes))
+    box = ndi.find_objects(labels, max_label=keep)[keep - 1]
+    return labels == keep, box
+
+
+def _cell_mask(pixels: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
+    """Full-size cell mask (largest foreground component, holes filled) and its padded box."""
+    rgb = pixels.astype(np.float32).transpose(2, 0, 1)  # 3 x H x W, see _CellCrop
+    border = np.concatenate([rgb[:, 0], rgb[:, -1], rgb[:, :, 0], rgb[:, :, -1]], axis=1)
+    # The median of the border is the background colour as long as the cell covers less than
+    # half of the border (black for C-NMC, white/grey for unsegmented smears).
+    background = np.median(border, axis=1)
+    diff = rgb - background[:, None, None]
+    dist = np.sqrt(np.einsum("cij,cij->ij", diff, diff))
+    if float(dist.max()) < _MIN_CONTRAST:
+        return None
+    border_dist = np.sqrt(((border - background[:, None]) ** 2).sum(axis=0))
+    noise_floor = float(np.percentile(border_dist, 99)) + 2.0
+    # Otsu on a histogram of whole distance units: same threshold, no float histogram pass.
+    counts = np.bincount(np.rint(dist).astype(np.intp).ravel())
+    otsu = float(filters.threshold_otsu(hist=(counts, np.arange(counts.size))))
+    # The background is one narrow mode near 0 while the cell spreads from pale cytoplasm to dark
+    # nucleus, so Otsu can land inside the cell; halve it (never below the border's noise).
+    threshold = max(0.5 * otsu, noise_floor, _MIN_CONTRAST / 2)
+    found = _largest_component(dist > threshold)
+    if found is None:
+        return None
+    mask, (rows, cols) = found
+    # 2 px of margin so that outlines and LBP neighbourhoods are not cut by the crop.
+    box = (
+        slice(max(rows.start - 2, 0), min(rows.stop + 2, mask.shape[0])),
+        slice(max(cols.start - 2, 0), min(cols.stop + 2, mask.shape[1])),
+    )
+    mask[box] = ndi.binary_fill_holes(mask[box])  # on the crop: same result, ~7x less work
+    return mask, box
+
+
+def _sample_indices(n: int, limit: int) -> np.ndarray:
+    """Sorted indices of a fixed-seed sample of `limit` out of n (all of them if n <= limit)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(_SAMPLE_SEED).choice(n, limit, replace=False))
+
+
+def _split_nucleus(lab: np.ndarray) -> np.ndarray:
+    """Boolean per cell pixel: True for the nucleus cluster. `lab` is N x 3 L*a*b*."""
+    lab = np.ascontiguousarray(lab)
+    if lab.shape[0] < 2 or float(lab.std(axis=0).max()) < _MIN_COLOR_SPREAD:
+        # One colour, one compartment: call it all nucleus (an ALL blast is mostly nucleus).
+        return np.ones(lab.shape[0], dtype=bool)
+    sample = lab[_sample_indices(lab.shape[0], _KMEANS_SAMPLE)]
+    # Deterministic start: the mean colours of the darkest and the lightest quarter by L*.
+    lo, hi = np.percentile(sample[:, 0], [25, 75])
+    dark, light = sample[sample[:, 0] <= lo].mean(0), sample[sample[:, 0] >= hi].mean(0)
+    if np.allclose(dark, light):
+        return np.ones(lab.shape[0], dtype=bool)
+    km = KMeans(n_clusters=2, init=np.stack([dark, light]), n_init=1, random_state=_SAMPLE_SEED)
+    with warnings.catch_warnings():
+        # "Number of distinct clusters found smaller than n_clusters" on near-uniform cells
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km.fit(sample)
+    nucleus_cluster = int(np.argmin(km.cluster_centers_[:, 0]))  # lower L* = more stained
+    return km.predict(lab) == nucleus_cluster
+
+
+def _segment(pixels: np.ndarray) -> _CellCrop | None:
+    found = _cell_mask(pixels)
+    if found is None:
+        return None
+    mask, box = found
+    cell = mask[box]
+    rgb = pixels[box][cell].T.astype(np.float32)  # 3 x N
+    # float32 in 0-1: skimage keeps float32 (uint8 input is converted to float64, slower).
+    lab = color.rgb2lab(rgb / 255.0, channel_axis=0)
+    nucleus = np.zeros_like(cell)
+    nucleus[cell] = _split_nucleus(lab.T)
+    # Light chromatin spots inside the nucleus fall in the light cluster, yet cytoplasm cannot
+    # be enclosed by the nucleus: give back holes up to _NUCLEUS_HOLE of the cell. Not every
+    # hole: when the darker cluster is a ring along the cell edge (a basophilic rim), filling
+    # would swallow the cytoplasm. Then drop specks (stain noise) up to _NUCLEUS_SPECK.
+    area = int(cell.sum())
+    nucleus = morphology.remove_small_holes(nucleus, max_size=max(1, int(area * _NUCLEUS_HOLE)))
+    nucleus = morphology.remove_small_objects(nucleus, max_size=int(area * _NUCLEUS_SPECK))
+    nucleus &= cell
+    return _CellCrop(box=box, cell=cell, nucleus=nucleus, rgb=rgb, lab=lab)
+
+
+def segment_cell(pixels: np.ndarray) -> Segmentation:
+    """Cell mask from the background, then nucleus/cytoplasm by K-means on L*a*b* (k=2).
+
+    Masks are HxW like `pixels`; all empty when no cell stands out from the background."""
+    pixels = _check_pixels(pixels)
+    shape = pixels.shape[:2]
+    cell, nucleus = np.zeros(shape, bool), np.zeros(shape, bool)
+    crop = _segment(pixels)
+    if crop is not None:
+        cell[crop.box], nucleus[crop.box] = crop.cell, crop.nucleus
+    return Segmentation(cell_mask=cell, nucleus_mask=nucleus, cytoplasm_mask=cell & ~nucleus)
+
+
+# -- features -----------------------------------------------------------------------------------
+def _hue_stats(hue: np.ndarray) -> list[float]:
+    angles = 2 * np.pi * hue.astype(np.float64)
+    c, s = np.cos(angles).mean(), np.sin(angles).mean()
+    r = float(np.clip(np.hypot(c, s), 1e-12, 1.0))
+    cmean = (np.arctan2(s, c) / (2 * np.pi)) % 1.0
+    cstd = np.sqrt(-2.0 * np.log(r)) / (2 * np.pi)
+    return [float(cmean), float(cstd)]
+
+
+def _segment_colors(crop: _CellCrop, members: np.ndarray) -> np.ndarray:
+    """9 x k colour values (L*a*b*, HSV, RGB) of a sample of the given cell pixels (indices)."""
+    chosen = members[_sample_indices(members.size, _COLOR_SAMPLE)]
+    rgb = crop.rgb[:, chosen]
+    hsv = color.rgb2hsv(rgb / 255.0, channel_axis=0)
+    return np.concatenate([crop.lab[:, chosen], hsv, rgb], axis=0)
+
+
+def _color_stats(values: np.ndarray | None) -> list[float]:
+    """The colour features of one segment from its 9 x k values; zeros for an empty segment."""
+    if values is None:
+        return [0.0] * _COLOR_PER_SEGMENT
+    rows = values.astype(np.float64)
+    mean, std = rows.mean(axis=1), rows.std(axis=1)
+    pct = np.percentile(rows, [10, 50, 90], axis=1)
+    out: list[float] = []
+    for i in range(rows.shape[0]):
+        if i == _HUE_COLUMN:
+            out += _hue_stats(rows[i])
+        else:
+            out += [mean[i], std[i], pct[0, i], pct[1, i], pct[2, i]]
+    return [float(v) for v in out]
+
+
+def _morphology(mask: np.ndarray, has_holes: bool = True) -> list[float]:
+    """The _MORPH_PROPS of the union of the True pixels (zeros if empty)."""
+    if not mask.any():
+        return [0.0] * len(_MORPH_PROPS)
+    region = measure.regionprops(mask.astype(np.uint8))[0]
+    area, perimeter = float(region.area), float(region.perimeter)
+    circularity = 4 * np.pi * area / perimeter**2 if perimeter > 0 else 0.0
+    # Outline(s) of the filled shape as sub-pixel polygons: their hull gives solidity and the
+    # hull-perimeter deficit without rasterising the hull (convex_hull_image costs ~7 ms).
+    filled = np.pad(region.image_filled if has_holes else region.image, 1).astype(np.float32)
+    contours = [c - 1 for c in measure.find_contours(filled, 0.5)]
+    points = np.concatenate(contours)
+    outline = sum(float(np.linalg.norm(np.diff(c, axis=0), axis=1).sum()) for c in contours)
+    try:
+        hull = ConvexHull(points)
+        hull_area, hull_perimeter = float(hull.volume), float(hull.area)  # 2-D: area, perimeter
+    except QhullError:  # degenerate (collinear) outline
+        hull_area, hull_perimeter = area, outline
+    solidity = min(area / hull_area, 1.0) if hull_area > 0 else 0.0
+    deficit = float(np.clip(1 - hull_perimeter / outline, 0, 1)) if outline > 0 else 0.0
+    radii = np.linalg.norm(points - np.asarray(region.centroid_local), axis=1)
+    radial_cv = float(radii.std() / radii.mean()) if radii.mean() > 0 else 0.0
+    return [
+        area,
+        perimeter,
+        circularity,
+        solidity,
+        float(region.eccentricity),
+        float(region.axis_major_length),
+        float(region.axis_minor_length),
+        radial_cv,
+        deficit,
+    ]
+
+
+def _shape_extra(cell: np.ndarray, nucleus: np.ndarray) -> list[float]:
+    cell_area, nuc_area = int(cell.sum()), int(nucleus.sum())
+    if cell_area == 0 or nuc_area == 0:
+        return [0.0, 0.0, 0.0]
+    n_components = int(measure.label(nucleus, connectivity=2).max())
+    offset = np.linalg.norm(np.argwhere(nucleus).mean(0) - np.argwhere(cell).mean(0))
+    radius = np.sqrt(cell_area / np.pi)
+    return [nuc_area / cell_area, float(n_components), float(offset / radius)]
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Robust 0..1 stretch (1st-99th percentile): texture should not depend on stain intensity,
+    which the colour features already carry."""
+    lo, hi = np.percentile(values, [1, 99])
+    if hi - lo < 1e-6:
+        return np.zeros_like(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _texture(nuc_lightness: np.ndarray, nucleus: np.ndarray) -> list[float]:
+    """GLCM + uniform-LBP features of the nucleus; nuc_lightness: L* of the nucleus pixels."""
+    if nucleus.sum() < 16:  # too few pixel pairs for a co-occurrence matrix
+        return [0.0] * (len(GLCM_PROPS) + _LBP_BINS)
+    level = _stretch(nuc_lightness.astype(np.float64))
+    # Level 0 marks "not nucleus"; its row and column are dropped from the GLCM below, so only
+    # nucleus-nucleus pixel pairs count.
+    quantized = np.zeros(nucleus.shape, dtype=np.uint8)
+    quantized[nucleus] = 1 + np.minimum((level * GLCM_LEVELS).astype(np.uint8), GLCM_LEVELS - 1)
+    glcm = graycomatrix(
+        quantized, GLCM_DISTANCES, GLCM_ANGLES, levels=GLCM_LEVELS + 1, symmetric=True
+    )[1:, 1:]
+    # (distance, angle) pairs with no nucleus-nucleus pixel pair (thin nuclei) would divide by 0.
+    valid = glcm.sum(axis=(0, 1)) > 0
+    glcm_feats = []
+    for prop in GLCM_PROPS:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = graycoprops(glcm, prop)[valid]
+        glcm_feats.append(float(np.nan_to_num(values.mean())) if values.size else 0.0)
+
+    grey = np.zeros(nucleus.shape, dtype=np.uint8)
+    grey[nucleus] = np.round(level * 255).astype(np.uint8)
+    lbp = local_binary_pattern(grey, LBP_P, LBP_R, method="uniform")
+    # Only pixels whose 8 neighbours are all nucleus: at the edge LBP would describe the outline.
+    interior = ndi.binary_erosion(nucleus, structure=np.ones((3, 3), bool))
+    if not interior.any():
+        return glcm_feats + [0.0] * _LBP_BINS
+    hist = np.bincount(lbp[interior].astype(np.intp), minlength=_LBP_BINS)[:_LBP_BINS]
+    return glcm_feats + (hist / hist.sum()).tolist()
+
+
+def extract_features(pixels: np.ndarray) -> np.ndarray:
+    """The FEATURE_NAMES vector (float32, finite, deterministic) of one HxWx3 uint8 RGB crop."""
+    crop = _segment(_check_pixels(pixels))
+    if crop is None:
+        return np.zeros(FEATURE_DIM, dtype=np.float32)
+    cell, nucleus = crop.cell, crop.nucleus
+    in_nucleus = nucleus[cell]  # per cell pixel, same order as crop.rgb / crop.lab
+    members = {
+        "cell": np.arange(in_nucleus.size),
+        "nuc": np.flatnonzero(in_nucleus),
+        "cyto": np.flatnonzero(~in_nucleus),
+    }
+    colors = {k: _segment_colors(crop, m) if m.size else None for k, m in members.items()}
+    feats = [v for seg in SEGMENTS for v in _color_stats(colors[seg])]
+    if colors["nuc"] is not None and colors["cyto"] is not None:
+        delta = colors["nuc"][:3].mean(axis=1) - colors["cyto"][:3].mean(axis=1)
+        feats += delta.astype(float).tolist()
+    else:
+        feats += [0.0] * len(_CONTRAST)
+    # The cell mask is hole-free by construction; the nucleus may have holes (light chromatin).
+    feats += _morphology(cell, has_holes=False) + _morphology(nucleus)
+    feats += _shape_extra(cell, nucleus)
+    feats += _texture(crop.lab[0, in_nucleus], nucleus)
+
+    vector = np.asarray(feats, dtype=np.float64)
+    if vector.shape != (FEATURE_DIM,):  # a programming error, not a data error
+        raise AssertionError(f"built {vector.shape[0]} features, expected {FEATURE_DIM}")
+    # Last line of defence: never hand NaN/inf to the concatenated feature table.
+    return np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

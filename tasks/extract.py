@@ -1,0 +1,67 @@
+"""Feature extraction, framework-free: decode a batch once, run one backbone over it.
+
+`Featurizer` holds one loaded backbone; `load_pixels` decodes and resizes a batch of images the
+backbones share (each then applies its own preprocessing). Ray actors host Featurizers
+(tasks.actors); tests use them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks import backbones as bb
+from tasks.images import ImageRejected, decode_image, resize_pixels
+from tasks.storage import open_location
+
+
+class Featurizer:
+    """One backbone, loaded once, turning (N, S, S, 3) pixels in 0..255 into GAP vectors."""
+
+    def __init__(self, spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsChoice):
+        self.spec = spec
+        self.image_size = image_size
+        weights_path = None
+        if weights.kind == "imagenet":
+            path, _ = bb.resolve_weights_file(spec, weights)
+            weights_path = str(path)
+        self.model = bb.build_model(spec, image_size, weights_path, weights.seed)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        batch = bb.preprocess(self.spec, pixels)
+        vectors = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        if vectors.shape != (len(pixels), self.spec.feature_dim):
+            raise RuntimeError(f"{self.spec.name} returned shape {vectors.shape}")
+        return vectors
+
+
+@dataclass
+class PixelBatch:
+    image_ids: list[str]  # the images that decoded, in order of `pixels`
+    pixels: np.ndarray  # (N, S, S, 3) float32, 0..255
+    rejected: dict[str, str]  # image_id -> reason, for files that changed since cataloguing
+
+
+def load_pixels(uris: dict[str, str], image_ids: list[str], image_size: int) -> PixelBatch:
+    """Read, decode and resize each image once; the batch is shared by every backbone."""
+    kept, arrays, rejected = [], [], {}
+    for image_id in image_ids:
+        loc = open_location(uris[image_id])
+        try:
+            data = loc.fs.cat_file(loc.path)
+            if hashlib.sha256(data).hexdigest() != image_id:
+                rejected[image_id] = "changed_since_catalog: the file's bytes changed"
+                continue
+            decoded = decode_image(data)
+        except ImageRejected as error:
+            rejected[image_id] = str(error)
+            continue
+        except OSError as error:
+            rejected[image_id] = f"unreadable: {error}"
+            continue
+        kept.append(image_id)
+        arrays.append(resize_pixels(decoded.pixels, image_size))
+    pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.float32)
+    return PixelBatch(kept, pixels, rejected)

@@ -1,0 +1,58 @@
+"""Join: one feature vector per image, the backbones concatenated in a fixed, recorded order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.storage import Location
+from tasks.tables import read_features
+
+
+@dataclass
+class JoinedFeatures:
+    image_ids: list[str]
+    matrix: np.ndarray  # (n_images, sum of the backbones' dims), float32
+    backbones: list[str]  # concatenation order
+    dims: list[int]
+    missing: dict[str, list[str]]  # image_id -> backbones without a vector (left out, reported)
+
+
+def concatenate(
+    image_ids: list[str], vectors: dict[str, dict[str, np.ndarray]], backbones: list[str]
+) -> JoinedFeatures:
+    """Concatenate per-backbone vectors for images that have all of them; report the rest."""
+    dims = []
+    for name in backbones:
+        sample = next(iter(vectors[name].values()), None)
+        dims.append(0 if sample is None else len(sample))
+    complete, missing = [], {}
+    for image_id in image_ids:
+        absent = [name for name in backbones if image_id not in vectors[name]]
+        if absent:
+            missing[image_id] = absent
+        else:
+            complete.append(image_id)
+    if complete:
+        matrix = np.hstack(
+            [np.stack([vectors[name][i] for i in complete]) for name in backbones]
+        ).astype(np.float32, copy=False)
+    else:
+        matrix = np.zeros((0, sum(dims)), np.float32)
+    return JoinedFeatures(complete, matrix, list(backbones), dims, missing)
+
+
+def join_features(
+    store: Location,
+    image_ids: list[str],
+    backbones: list[str],
+    weight_ids: dict[str, str],
+    image_size: int,
+) -> JoinedFeatures:
+    """Read each backbone's vectors for `image_ids` from the store and concatenate them."""
+    vectors = {
+        name: read_features(store, name, weight_ids[name], image_size, image_ids)
+        for name in backbones
+    }
+    return concatenate(image_ids, vectors, backbones)

@@ -1,0 +1,461 @@
+"""Evaluation report for one trained model: Markdown plus a self-contained HTML page.
+
+The HTML must open offline from a laptop or an S3 console download, so it carries its CSS inline
+and its plots as base64 PNG data URIs, with no scripts, external links or web fonts. Plots use
+`matplotlib.figure.Figure` objects directly (never pyplot), so reports can be rendered from worker
+threads without touching global state or needing a display.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from tasks.evaluate import NEGATIVE_LABEL, POSITIVE_LABEL, compute_metrics, roc_points
+
+TITLE = "leukoflow evaluation report"
+NON_CLINICAL_WARNING = (
+    "NOT CLINICALLY MEANINGFUL: features come from random-initialised networks (--weights none); "
+    "these numbers only show that the pipeline runs."
+)
+MAX_QUARANTINE_SHOWN = 50
+
+# (metrics key, display name), in the order the table shows them.
+METRIC_ROWS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("precision", "Precision (all)"),
+    ("recall", "Recall (all)"),
+    ("f1", "F1 (all)"),
+    ("f1_macro", "Macro F1"),
+    ("f1_weighted", "Weighted F1"),
+    ("roc_auc", "ROC AUC"),
+)
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+  max-width: 960px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }
+th { background: #f3f4f6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { background: #f3f4f6; padding: 0 0.25em; border-radius: 3px; }
+.warning { background: #fde8e8; border: 2px solid #c81e1e; color: #7f1d1d; padding: 0.8em 1em;
+  font-weight: bold; font-size: 1.1em; border-radius: 4px; margin-bottom: 1em; }
+.note { background: #fff8e1; border-left: 4px solid #f0b429; padding: 0.5em 0.8em; }
+.muted { color: #666; font-size: 0.9em; }
+figure { margin: 0.8em 0; display: inline-block; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; text-align: center; }
+"""
+
+
+# -- plots -----------------------------------------------------------------------------------
+def figure_to_data_uri(fig: Figure, dpi: int = 100) -> str:
+    """Render a Figure to PNG and return it as a `data:image/png;base64,...` URI."""
+    # Attach an Agg canvas explicitly so rendering never depends on the global backend.
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # Software=None drops matplotlib's PNG metadata, which would otherwise carry a URL.
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> Figure:
+    """Heatmap of a confusion matrix (rows = true class, columns = predicted) with counts."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    fig = Figure(figsize=(4.2, 3.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, cmap="Blues", vmin=0)
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts are whole cells
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels=list(labels))
+    ax.set_yticks(ticks, labels=list(labels))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix")
+    # Dark cells get white text so the count stays readable against the colour map.
+    threshold = counts.max() / 2 if counts.size and counts.max() > 0 else 0
+    for (row, col), value in np.ndenumerate(counts):
+        colour = "white" if value > threshold else "black"
+        ax.text(col, row, str(value), ha="center", va="center", color=colour, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> Figure:
+    """ROC curve with the chance diagonal; the legend shows the AUC when it is known."""
+    fig = Figure(figsize=(4.2, 3.6))
+    ax = fig.add_subplot()
+    label = "ROC" if auc is None else f"ROC (AUC = {auc:.4f})"
+    ax.plot(fpr, tpr, color="#1f4e9c", linewidth=2, label=label)
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("false positive rate (hem called all)")
+    ax.set_ylabel("true positive rate (all found)")
+    ax.set_title("ROC curve")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# -- formatting helpers ----------------------------------------------------------------------
+def _fmt_metric(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "n/a" if np.isnan(number) else f"{number:.4f}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == "":
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _fmt_params(params: Any) -> str:
+    if not params:
+        return "defaults"
+    if isinstance(params, Mapping):
+        return ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in params.items())
+    return str(params)
+
+
+def _md(text: Any) -> str:
+    # Markdown is often rendered to HTML, so escape markup too; pipes would break table cells.
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _h(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- report content --------------------------------------------------------------------------
+def _run_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    backbones = list(summary.get("backbones") or [])
+    backbone_text = " + ".join(f"{i}. {b}" for i, b in enumerate(backbones, 1)) or "n/a"
+    weights = summary.get("weights_id")
+    if summary.get("non_clinical"):
+        weights = f"{_fmt(weights)} (random initialisation, non-clinical)"
+    return [
+        ("Model id", _fmt(summary.get("model_id"))),
+        ("Dataset", _fmt(summary.get("dataset"))),
+        ("Backbones (concatenation order)", backbone_text),
+        ("Feature dimension", _fmt(summary.get("feature_dim"))),
+        ("Weights", _fmt(weights)),
+        ("Image size", _fmt(summary.get("image_size"))),
+        ("Classifier", _fmt(summary.get("classifier"))),
+        ("Classifier parameters", _fmt_params(summary.get("classifier_params"))),
+        ("Split", _fmt(summary.get("split"))),
+        ("Seed", _fmt(summary.get("seed"))),
+        ("Training cells", _fmt(summary.get("n_train"))),
+        ("Test cells", _fmt(summary.get("n_test"))),
+        ("Created at", _fmt(summary.get("created_at"))),
+    ]
+
+
+def _accounting(summary: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str]:
+    counts = summary.get("counts") or {}
+    names = ("found", "featurised", "quarantined", "duplicate")
+    values = {name: _int_or_none(counts.get(name)) for name in names}
+    rows = [(name, _fmt(values[name])) for name in names]
+    parts = [values[n] for n in names[1:]]
+    if values["found"] is None or any(v is None for v in parts):
+        check = "The image accounting is incomplete, so found = featurised + quarantined + "
+        check += "duplicate cannot be checked."
+    elif values["found"] == sum(parts):
+        check = (
+            f"found = featurised + quarantined + duplicate: {values['found']} = "
+            f"{parts[0]} + {parts[1]} + {parts[2]} (every image is accounted for)."
+        )
+    else:
+        check = (
+            f"MISMATCH: found ({values['found']}) != featurised + quarantined + duplicate "
+            f"({sum(parts)}); {values['found'] - sum(parts)} image(s) are unaccounted for."
+        )
+    return rows, check
+
+
+def _quarantine(summary: Mapping[str, Any]) -> tuple[list[tuple[str, str]], int]:
+    items = list(summary.get("quarantined") or [])
+    shown = [
+        (_fmt(item.get("image_id")), _fmt(item.get("reason")))
+        if isinstance(item, Mapping)
+        else (_fmt(item), "n/a")
+        for item in items[:MAX_QUARANTINE_SHOWN]
+    ]
+    return shown, max(0, len(items) - MAX_QUARANTINE_SHOWN)
+
+
+def _roc(y_true: np.ndarray, scores: np.ndarray | None) -> tuple[dict | None, str]:
+    """ROC points, or None with the reason there is no curve."""
+    if scores is None:
+        return None, "No ROC curve: the classifier produced no scores for the test cells."
+    yt = np.asarray(y_true).ravel()
+    if yt.size == 0:
+        return None, "No ROC curve: the test set is empty."
+    present = set(np.unique(yt).tolist())
+    if present != {0, 1}:
+        only = POSITIVE_LABEL if present == {1} else NEGATIVE_LABEL
+        return None, f"No ROC curve: the test set holds only one class ({only})."
+    return roc_points(yt, scores), ""
+
+
+def _metrics(
+    summary: Mapping[str, Any], y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None
+) -> dict:
+    metrics = summary.get("metrics")
+    if metrics:
+        return dict(metrics)
+    # Fall back to recomputing so a summary written without metrics still gets a full report.
+    return compute_metrics(y_true, y_pred, scores)
+
+
+def _confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[int]]]:
+    cm = metrics.get("confusion_matrix") or {}
+    labels = list(cm.get("labels") or [NEGATIVE_LABEL, POSITIVE_LABEL])
+    matrix = [[int(v) for v in row] for row in (cm.get("matrix") or [[0, 0], [0, 0]])]
+    return labels, matrix
+
+
+def render_report(
+    summary: dict, y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None
+) -> tuple[str, str]:
+    """Build the evaluation report; returns (markdown, html). The HTML is fully self-contained."""
+    metrics = _metrics(summary, y_true, y_pred, scores)
+    labels, matrix = _confusion(metrics)
+    roc, no_roc_reason = _roc(y_true, scores)
+    facts = _run_facts(summary)
+    accounting_rows, accounting_check = _accounting(summary)
+    quarantine_rows, quarantine_more = _quarantine(summary)
+    non_clinical = bool(summary.get("non_clinical"))
+    split = summary.get("split")
+
+    markdown = _render_markdown(
+        non_clinical=non_clinical,
+        facts=facts,
+        metrics=metrics,
+        labels=labels,
+        matrix=matrix,
+        split=split,
+        accounting_rows=accounting_rows,
+        accounting_check=accounting_check,
+        quarantine_rows=quarantine_rows,
+        quarantine_more=quarantine_more,
+        no_roc_reason=no_roc_reason,
+        versions=summary.get("package_versions") or {},
+    )
+
+    plots = [(figure_to_data_uri(plot_confusion_matrix(matrix, labels)), "Confusion matrix")]
+    if roc is not None:
+        auc = metrics.get("roc_auc")
+        plots.append((figure_to_data_uri(plot_roc(roc["fpr"], roc["tpr"], auc)), "ROC curve"))
+    html_text = _render_html(
+        non_clinical=non_clinical,
+        facts=facts,
+        metrics=metrics,
+        labels=labels,
+        matrix=matrix,
+        split=split,
+        accounting_rows=accounting_rows,
+        accounting_check=accounting_check,
+        quarantine_rows=quarantine_rows,
+        quarantine_more=quarantine_more,
+        no_roc_reason=no_roc_reason,
+        versions=summary.get("package_versions") or {},
+        plots=plots,
+    )
+    return markdown, html_text
+
+
+def _split_sentence(split: Any, code: Callable[[str], str]) -> str:
+    """Why the split matters; `code` formats a split name (Markdown backticks or HTML <code>)."""
+    return (
+        f"This run used the {code(_fmt(split))} split. Under the {code('random')} split, cells "
+        "of the same subject can fall on both sides of the train/test split, which inflates "
+        f"accuracy; the {code('subject')} split keeps each subject on one side."
+    )
+
+
+def _render_markdown(
+    *,
+    non_clinical: bool,
+    facts: list[tuple[str, str]],
+    metrics: Mapping[str, Any],
+    labels: list[str],
+    matrix: list[list[int]],
+    split: Any,
+    accounting_rows: list[tuple[str, str]],
+    accounting_check: str,
+    quarantine_rows: list[tuple[str, str]],
+    quarantine_more: int,
+    no_roc_reason: str,
+    versions: Mapping[str, Any],
+) -> str:
+    lines: list[str] = []
+    if non_clinical:
+        lines += [f"> **WARNING** {NON_CLINICAL_WARNING}", ""]
+    lines += [f"# {TITLE}", ""]
+
+    lines += ["## Run", "", "| | |", "|---|---|"]
+    lines += [f"| {_md(k)} | {_md(v)} |" for k, v in facts]
+    # Inside a code span Markdown shows text literally, so only backticks need removing.
+    lines += ["", _split_sentence(split, lambda name: f"`{name.replace('`', '')}`"), ""]
+
+    lines += ["## Metrics", "", "| Metric | Value |", "|---|---:|"]
+    lines += [f"| {name} | {_fmt_metric(metrics.get(key))} |" for key, name in METRIC_ROWS]
+    support = metrics.get("support") or {}
+    lines += [
+        "",
+        f"Test cells: {_fmt(metrics.get('n'))} ({POSITIVE_LABEL}: "
+        f"{_fmt(support.get(POSITIVE_LABEL))}, {NEGATIVE_LABEL}: "
+        f"{_fmt(support.get(NEGATIVE_LABEL))}). Precision, recall and F1 are for the "
+        f"`{POSITIVE_LABEL}` (blast) class.",
+        "",
+    ]
+
+    lines += ["## Confusion matrix", "", "| true \\ predicted | " + " | ".join(labels) + " |"]
+    lines += ["|---|" + "---:|" * len(labels)]
+    for label, row in zip(labels, matrix, strict=False):
+        lines.append(f"| **{_md(label)}** | " + " | ".join(str(v) for v in row) + " |")
+    lines.append("")
+    if no_roc_reason:
+        lines += [no_roc_reason, ""]
+
+    lines += ["## Images", "", "| | count |", "|---|---:|"]
+    lines += [f"| {k} | {_md(v)} |" for k, v in accounting_rows]
+    lines += ["", _md(accounting_check), ""]
+    lines += _quarantine_markdown(quarantine_rows, quarantine_more)
+
+    if versions:
+        lines += ["## Package versions", "", "| package | version |", "|---|---|"]
+        lines += [f"| {_md(k)} | {_md(v)} |" for k, v in versions.items()]
+        lines.append("")
+    lines += ["_Plots (confusion matrix heatmap, ROC curve) are in the HTML report._", ""]
+    return "\n".join(lines)
+
+
+def _quarantine_markdown(rows: list[tuple[str, str]], more: int) -> list[str]:
+    lines = ["### Quarantined images", ""]
+    if not rows:
+        return lines + ["None.", ""]
+    lines += ["| image_id | reason |", "|---|---|"]
+    lines += [f"| {_md(image_id)} | {_md(reason)} |" for image_id, reason in rows]
+    if more:
+        lines += ["", f"... and {more} more."]
+    return lines + [""]
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: int = 0) -> str:
+    """A table of escaped cells; the last `numeric` columns are right-aligned."""
+    parts = ["<table>"]
+    if header:
+        parts.append("<tr>" + "".join(f"<th>{_h(c)}</th>" for c in header) + "</tr>")
+    for row in rows:
+        # The first cell names the row; the rest are data cells.
+        cells = [f"<th>{_h(row[0])}</th>"]
+        for i, cell in enumerate(row[1:], start=1):
+            cls = ' class="num"' if i >= len(row) - numeric else ""
+            cells.append(f"<td{cls}>{_h(cell)}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _render_html(
+    *,
+    non_clinical: bool,
+    facts: list[tuple[str, str]],
+    metrics: Mapping[str, Any],
+    labels: list[str],
+    matrix: list[list[int]],
+    split: Any,
+    accounting_rows: list[tuple[str, str]],
+    accounting_check: str,
+    quarantine_rows: list[tuple[str, str]],
+    quarantine_more: int,
+    no_roc_reason: str,
+    versions: Mapping[str, Any],
+    plots: list[tuple[str, str]],
+) -> str:
+    body: list[str] = []
+    if non_clinical:
+        body.append(f'<div class="warning">{_h(NON_CLINICAL_WARNING)}</div>')
+    body.append(f"<h1>{_h(TITLE)}</h1>")
+
+    body.append("<h2>Run</h2>")
+    body.append(_html_table([], facts))
+    split_text = _split_sentence(split, lambda name: f"<code>{_h(name)}</code>")
+    body.append(f'<p class="note">{split_text}</p>')
+
+    body.append("<h2>Metrics</h2>")
+    metric_rows = [(name, _fmt_metric(metrics.get(key))) for key, name in METRIC_ROWS]
+    body.append(_html_table(["Metric", "Value"], metric_rows, numeric=1))
+    support = metrics.get("support") or {}
+    body.append(
+        f'<p class="muted">Test cells: {_h(_fmt(metrics.get("n")))} '
+        f"({_h(POSITIVE_LABEL)}: {_h(_fmt(support.get(POSITIVE_LABEL)))}, "
+        f"{_h(NEGATIVE_LABEL)}: {_h(_fmt(support.get(NEGATIVE_LABEL)))}). Precision, recall and "
+        f"F1 are for the <code>{_h(POSITIVE_LABEL)}</code> (blast) class.</p>"
+    )
+
+    body.append("<h2>Confusion matrix</h2>")
+    cm_rows = [[label, *(str(v) for v in row)] for label, row in zip(labels, matrix, strict=False)]
+    body.append(_html_table(["true \\ predicted", *labels], cm_rows, numeric=len(labels)))
+    for uri, caption in plots:
+        body.append(
+            f'<figure><img src="{uri}" alt="{_h(caption)}">'
+            f"<figcaption>{_h(caption)}</figcaption></figure>"
+        )
+    if no_roc_reason:
+        body.append(f"<p>{_h(no_roc_reason)}</p>")
+
+    body.append("<h2>Images</h2>")
+    body.append(_html_table(["", "count"], accounting_rows, numeric=1))
+    body.append(f"<p>{_h(accounting_check)}</p>")
+    body.append("<h3>Quarantined images</h3>")
+    if quarantine_rows:
+        body.append(_html_table(["image_id", "reason"], quarantine_rows))
+        if quarantine_more:
+            body.append(f"<p>... and {quarantine_more} more.</p>")
+    else:
+        body.append("<p>None.</p>")
+
+    if versions:
+        body.append("<h2>Package versions</h2>")
+        body.append(
+            _html_table(["package", "version"], [(k, _fmt(v)) for k, v in versions.items()])
+        )
+
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_h(TITLE)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )

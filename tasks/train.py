@@ -1,0 +1,149 @@
+"""Classifiers, splits and model files. Plain scikit-learn; no orchestration here."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import skops.io as sio
+from sklearn.base import ClassifierMixin
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.tree import DecisionTreeClassifier
+
+from leukoflow.errors import LeukoflowError
+
+DEFAULT_CLASSIFIER = "linear-svm"
+SPLITS = ("random", "subject")
+
+
+def _estimator(name: str, seed: int) -> ClassifierMixin:
+    if name == "linear-svm":
+        # The paper's classifier: C=1 with the plain hinge loss (scikit-learn's default is the
+        # squared hinge); the hinge loss is only solved in the dual.
+        return LinearSVC(C=1.0, loss="hinge", dual=True, max_iter=20_000, random_state=seed)
+    if name == "rbf-svm":
+        return SVC(C=1.0, kernel="rbf", gamma="scale", random_state=seed)
+    if name == "knn":
+        return KNeighborsClassifier(n_neighbors=5)
+    if name == "tree":
+        return DecisionTreeClassifier(random_state=seed)
+    if name == "forest":
+        return RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
+    if name == "mlp":
+        # The paper's "MLP 256-2": one hidden layer of 256 units, two outputs.
+        return MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed)
+    raise LeukoflowError(f"unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
+
+
+CLASSIFIERS = ("linear-svm", "rbf-svm", "knn", "tree", "forest", "mlp")
+
+
+def make_classifier(name: str, seed: int = 0) -> Pipeline:
+    """Standardise the features, then the named classifier."""
+    return Pipeline([("scale", StandardScaler()), ("clf", _estimator(name, seed))])
+
+
+def check_split(name: str) -> str:
+    if name not in SPLITS:
+        raise LeukoflowError(f"unknown split {name!r}; choose from {', '.join(SPLITS)}")
+    return name
+
+
+@dataclass
+class Split:
+    train: np.ndarray  # row indices
+    test: np.ndarray
+    kind: str
+
+
+def split_rows(
+    y: np.ndarray,
+    subjects: list[str | None],
+    kind: str,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> Split:
+    """`random`: the paper's stratified image split. `subject`: no subject on both sides."""
+    check_split(kind)
+    _check_two_classes(y, "the dataset")
+    rows = np.arange(len(y))
+    if kind == "random":
+        counts = np.bincount(y, minlength=2)
+        n_test = max(2, int(round(test_fraction * len(y))))
+        if counts.min() < 2 or n_test >= len(y):
+            raise LeukoflowError("too few images for a train/test split: need 2+ of each class")
+        train, test = train_test_split(
+            rows, test_size=n_test, stratify=y, random_state=seed, shuffle=True
+        )
+        return Split(np.sort(train), np.sort(test), kind)
+    if any(s is None or s == "" for s in subjects):
+        raise LeukoflowError(
+            "--split subject needs a subject id for every image (C-NMC names or a subject_id "
+            "column); use --split random otherwise"
+        )
+    groups = np.asarray(subjects)
+    per_class = [len(set(groups[y == c])) for c in (0, 1)]
+    if min(per_class) < 2:
+        raise LeukoflowError(
+            f"--split subject needs at least 2 subjects per class; found {per_class[1]} ALL "
+            f"and {per_class[0]} normal"
+        )
+    n_splits = max(2, min(int(round(1 / test_fraction)), min(per_class)))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train, test = next(folds.split(rows, y, groups))
+    return Split(np.sort(train), np.sort(test), kind)
+
+
+def _check_two_classes(y: np.ndarray, what: str) -> None:
+    if len(np.unique(y)) < 2:
+        raise LeukoflowError(f"{what} has only one class; training needs both ALL and normal")
+
+
+def fit(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Pipeline:
+    _check_two_classes(y, "the training set")
+    return make_classifier(name, seed).fit(x, y)
+
+
+def decision_scores(model: Pipeline, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """A score per cell where higher means more ALL-like, and what kind of score it is."""
+    if hasattr(model, "predict_proba"):  # False for the SVMs, which have no calibration
+        return model.predict_proba(x)[:, 1], "probability"
+    return model.decision_function(x), "decision_value"
+
+
+def fingerprint(image_ids: list[str]) -> str:
+    """Order-free fingerprint of a set of training images."""
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()
+
+
+# -- model files -----------------------------------------------------------------------------
+# Types beyond skops' defaults that our pipelines legitimately contain. Anything else in a model
+# file (a tampered one, say) makes loading fail instead of executing unknown code.
+TRUSTED_TYPES = [
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.tree._tree.Tree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.isotonic.IsotonicRegression",
+]
+
+
+def model_to_bytes(model: Pipeline) -> bytes:
+    return sio.dumps(model)
+
+
+def model_from_bytes(data: bytes) -> Pipeline:
+    """Load a skops model file, refusing any type outside the trusted list."""
+    untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+    if untrusted:
+        raise LeukoflowError(f"model file refused: it contains untrusted types {untrusted}")
+    return sio.loads(data, trusted=TRUSTED_TYPES)

@@ -1,0 +1,105 @@
+"""The real `run` flow: local Ray actors, Prefect's test harness, real Keras models at 75 px."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from tasks import registry
+from tasks.storage import open_location
+from tasks.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs
+
+pytestmark = pytest.mark.integration
+
+TRIO = ["vgg16", "densenet121", "inception_resnet_v2"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
+    from flows.run import run_pipeline
+
+    store = tmp_path_factory.mktemp("store")
+    summary = run_pipeline(
+        images=str(synthetic_images),
+        store=str(store),
+        dataset="synthetic",
+        backbones=TRIO,
+        weights="none",
+        image_size=75,
+        batch_size=8,
+    )
+    return store, summary
+
+
+def test_the_catalog_accounts_for_every_image(first_run, synthetic_images):
+    store, summary = first_run
+    catalog = read_catalog(open_location(str(store)), "synthetic")
+    assert catalog.schema.equals(CATALOG_SCHEMA)
+    files = sorted(p for p in synthetic_images.rglob("*.bmp"))
+    assert catalog.num_rows == len(files) == summary["counts"]["found"] == 24
+    assert set(catalog.column("status").to_pylist()) == {"ok"}
+    assert set(catalog.column("label").to_pylist()) == {"all", "hem"}
+    assert None not in catalog.column("subject_id").to_pylist()
+
+
+def test_features_are_partitioned_by_backbone_with_fixed_size_float32(first_run):
+    store, _ = first_run
+    for name, dim in zip(TRIO, (512, 1024, 1536), strict=True):
+        table = ds.dataset(str(store / "features" / f"backbone={name}"), format="parquet")
+        assert table.schema.equals(feature_schema(dim))
+        data = table.to_table()
+        assert data.num_rows == 24 and len(set(data.column("image_id").to_pylist())) == 24
+        assert set(data.column("weights_id").to_pylist()) == {"random-seed0"}
+        assert set(data.column("image_size").to_pylist()) == {75}
+        assert data.schema.field("feature").type == pa.list_(pa.float32(), dim)
+
+
+def test_the_joined_vector_is_3072_and_the_model_record_is_complete(first_run):
+    store, summary = first_run
+    assert summary["feature_dim"] == 3072
+    root = open_location(str(store))
+    assert registry.current_model_id(root) == summary["model_id"]
+    model, record = registry.load_model(root, summary["model_id"])
+    recipe = record["feature_recipe"]
+    assert recipe["backbones"] == TRIO and recipe["dims"] == [512, 1024, 1536]
+    assert recipe["weights_ids"] == {n: "random-seed0" for n in TRIO}
+    assert recipe["image_size"] == 75 and record["non_clinical"] is True
+    assert record["classifier"] == "linear-svm"
+    assert record["classifier_params"]["loss"] == "hinge" and record["classifier_params"]["C"] == 1
+    assert record["n_train"] + record["n_test"] == 24 and len(record["training_fingerprint"]) == 64
+    assert {"tensorflow", "keras", "scikit-learn"} <= set(record["package_versions"])
+    assert model.n_features_in_ == 3072
+
+
+def test_metrics_and_reports_are_written(first_run):
+    store, summary = first_run
+    folder = store / "models" / summary["model_id"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc"):
+        assert key in metrics
+    assert metrics["n"] == summary["n_test"]
+    html = (folder / "report.html").read_text()
+    assert "NOT CLINICALLY MEANINGFUL" in html and "data:image/png;base64" in html
+    assert "NOT CLINICALLY MEANINGFUL" in (folder / "report.md").read_text()
+    runs = read_runs(open_location(str(store)))
+    assert runs.num_rows == 1 and runs.column("outcome").to_pylist() == ["completed"]
+
+
+def test_a_second_run_does_no_feature_extraction(first_run, synthetic_images):
+    from flows.run import run_pipeline
+
+    store, summary = first_run
+    again = run_pipeline(
+        images=str(synthetic_images),
+        store=str(store),
+        dataset="synthetic",
+        backbones=TRIO,
+        weights="none",
+        image_size=75,
+    )
+    assert again["extraction"]["computed"] == {}
+    assert again["feature_dim"] == 3072
+    assert again["metrics"] == summary["metrics"]  # same features, split and seed
+    rows = ds.dataset(str(store / "features" / "backbone=vgg16"), format="parquet").count_rows()
+    assert rows == 24

@@ -1,0 +1,439 @@
+"""Discovering images: every file gives exactly one row, bad files are quarantined, not dropped."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from leukoflow.errors import LeukoflowError
+from tasks import catalog
+from tasks.catalog import (
+    DEFAULT_LABELS,
+    IMAGE_SUFFIXES,
+    build_catalog,
+    catalog_counts,
+    parse_subject_id,
+)
+from tasks.storage import Location, open_location
+from tasks.synthetic import make_synthetic_dataset
+from tasks.tables import CATALOG_SCHEMA, read_catalog, write_catalog
+
+CNMC = Path("/work/shared/data/cnmc")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def cell(seed: int, side: int = 32, fmt: str = "BMP") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels, mode="RGB"), fmt)
+
+
+def put(root: Path, relative: str, data: bytes) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def code(row: dict) -> str | None:
+    return None if row["reason"] is None else catalog.reason_code(row["reason"])
+
+
+def assert_accounted(rows: list[dict]) -> None:
+    counts = catalog_counts(rows)
+    assert counts["found"] == len(rows)
+    assert counts["found"] == counts["ok"] + counts["quarantined"] + counts["duplicate"]
+    assert all(set(row) == set(CATALOG_SCHEMA.names) for row in rows)
+    assert [row["uri"] for row in rows] == sorted(row["uri"] for row in rows)
+    assert len({row["discovered_at"] for row in rows}) == 1
+    pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA)  # every value fits the schema
+
+
+# -- names -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "subject"),
+    [
+        ("UID_11_1_1_all.bmp", "11"),
+        ("UID_H5_2_1_hem.bmp", "H5"),
+        ("fold_0/all/UID_3_12_4_all.bmp", "3"),
+        ("UID_7_1_1_all.BMP", "7"),
+        ("UID_H5_2_1_all.bmp", None),  # an H subject is a normal donor, never "all"
+        ("UID_5_2_1_hem.bmp", None),
+        ("UID_5_2_all.bmp", None),
+        ("UID_5_2_1_all.txt", None),
+        ("1.bmp", None),
+        ("cell 12.png", None),
+    ],
+)
+def test_parse_subject_id(name: str, subject: str | None) -> None:
+    assert parse_subject_id(name) == subject
+
+
+# -- the real C-NMC cells --------------------------------------------------------------------
+def cnmc_manifest() -> list[dict]:
+    with open(CNMC / "MANIFEST.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cnmc_folder_and_manifest_give_the_same_catalog() -> None:
+    expected = {str(CNMC / row["path"]): row for row in cnmc_manifest()}
+    assert len(expected) == 103
+    from_folder = build_catalog(str(CNMC), "cnmc")
+    from_manifest = build_catalog(str(CNMC / "MANIFEST.csv"), "cnmc")
+    for rows in (from_folder, from_manifest):
+        assert_accounted(rows)
+        assert catalog_counts(rows)["ok"] == 103
+        assert {row["uri"] for row in rows} == set(expected)
+        for row in rows:
+            truth = expected[row["uri"]]
+            assert row["image_id"] == truth["sha256"]
+            assert row["label"] == truth["label"]
+            assert row["subject_id"] == truth["subject_id"]
+            assert (row["width"], row["height"]) == (450, 450)
+            assert row["size_bytes"] == (CNMC / truth["path"]).stat().st_size
+            assert (row["status"], row["reason"], row["dataset"]) == ("ok", None, "cnmc")
+    assert sum(row["label"] == "all" for row in from_folder) == 56
+    strip = [{k: v for k, v in row.items() if k != "discovered_at"} for row in from_folder]
+    assert strip == [
+        {k: v for k, v in row.items() if k != "discovered_at"} for row in from_manifest
+    ]
+
+
+def test_catalog_rows_round_trip_through_the_store(tmp_path: Path) -> None:
+    rows = build_catalog(str(CNMC), "cnmc")
+    store = open_location(str(tmp_path / "store"))
+    write_catalog(store, "cnmc", rows)
+    table = read_catalog(store, "cnmc")
+    assert table.num_rows == 103
+    assert table.column("uri").to_pylist() == [row["uri"] for row in rows]
+
+
+# -- a messy inbox ---------------------------------------------------------------------------
+@pytest.fixture
+def messy(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str | None, str | None]]]:
+    """A folder with one of every kind of trouble; expected (status, reason code, label)."""
+    root = tmp_path / "inbox"
+    root.mkdir()
+    expected: dict[str, tuple[str, str | None, str | None]] = {}
+
+    def add(relative: str, data: bytes, status: str, reason: str | None, label: str | None):
+        put(root, relative, data)
+        expected[relative] = (status, reason, label)
+
+    add("all/good.bmp", cell(1), "ok", None, "all")
+    add("all/UID_7_1_1_all.bmp", cell(2), "ok", None, "all")
+    add("all/sub/deeper/nested.png", cell(3, fmt="PNG"), "ok", None, "all")
+    add("all/gray.png", encode(Image.new("L", (20, 20), 90), "PNG"), "ok", "L->RGB", "all")
+    add("all/same.bmp", cell(4), "ok", None, "all")
+    add("hem/same_again.bmp", cell(4), "duplicate", "label_conflict", "hem")
+    add("hem/UID_H3_2_1_hem.bmp", cell(5), "ok", None, "hem")
+    add("hem/copy_1.bmp", cell(6), "ok", None, "hem")
+    add("hem/copy_2.bmp", cell(6), "duplicate", "duplicate_of", "hem")
+    rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 128))
+    add("hem/rgba.png", encode(rgba, "PNG"), "ok", "RGBA->RGB (alpha over black)", "hem")
+    add(
+        "other/cmyk.jpg",
+        encode(Image.new("CMYK", (20, 20), (0, 9, 9, 0)), "JPEG"),
+        "ok",
+        "CMYK->RGB",
+        None,
+    )
+    sixteen = Image.fromarray(np.full((20, 20), 40_000, dtype=np.uint16))
+    add("other/sixteen.tif", encode(sixteen, "TIFF"), "ok", "I;16->RGB (scaled 16-bit)", None)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    add(
+        "other/rotated.JPEG",
+        encode(Image.new("RGB", (40, 20)), "JPEG", exif=exif),
+        "ok",
+        "exif-transposed",
+        None,
+    )
+    add("inbox image.BMP", cell(7), "ok", None, None)
+    add("ünïcødé 細胞.png", cell(8, fmt="PNG"), "ok", None, None)
+    add("we$ird;name&(1)'`|*.bmp", cell(9), "ok", None, None)
+    add("png_named.bmp", cell(10, fmt="PNG"), "ok", None, None)
+    add("empty.bmp", b"", "quarantined", "empty_file", None)
+    add("empty_too.png", b"", "quarantined", "empty_file", None)
+    for fmt, suffix in (("BMP", "bmp"), ("PNG", "png"), ("JPEG", "jpg")):
+        data = cell(11, side=64, fmt=fmt)
+        add(f"truncated.{suffix}", data[: len(data) // 2], "quarantined", "truncated", None)
+    add("notes.bmp", b"slide 4 was smudged, rescan\n", "quarantined", "not_an_image", None)
+    add("report.png", b"%PDF-1.4\n%%EOF\n", "quarantined", "not_an_image", None)
+    bomb = Image.new("1", (7_000, 7_000))
+    add("bomb.png", encode(bomb, "PNG"), "quarantined", "too_large", None)
+    add("tiny.bmp", encode(Image.new("RGB", (8, 8)), "BMP"), "quarantined", "too_small", None)
+    # Unreadable, for real even as root: a FIFO (a read would block forever, so it is refused
+    # as not a regular file), a link to nothing, and two links pointing at each other (ELOOP).
+    os.mkfifo(root / "fifo.bmp")
+    expected["fifo.bmp"] = ("quarantined", "unreadable", None)
+    os.symlink(root / "gone.bmp", root / "dangling.bmp")
+    expected["dangling.bmp"] = ("quarantined", "unreadable", None)
+    os.symlink(root / "loop_b.tif", root / "loop_a.tif")
+    os.symlink(root / "loop_a.tif", root / "loop_b.tif")
+    expected["loop_a.tif"] = expected["loop_b.tif"] = ("quarantined", "unreadable", None)
+    # Folder loops: walking must end, and files inside are seen once.
+    add("looped/inside.png", cell(12, fmt="PNG"), "ok", None, None)
+    os.symlink(root, root / "looped" / "back_to_root")
+    os.symlink(root / "looped", root / "looped" / "self")
+    # Not images: no rows.
+    put(root, "MANIFEST.txt", b"path,label\n")
+    put(root, "SOURCE.md", b"# where these came from\n")
+    put(root, "all/Thumbs.db", b"\0" * 10)
+    return root, expected
+
+
+def test_messy_inbox_every_file_has_exactly_one_row(messy) -> None:
+    root, expected = messy
+    rows = build_catalog(str(root), "inbox")
+    assert_accounted(rows)
+    uris = [row["uri"] for row in rows]
+    assert len(uris) == len(set(uris)) == len(expected)
+    assert set(uris) == {str(root / name) for name in expected}
+    for row in rows:
+        name = os.path.relpath(row["uri"], root)
+        status, reason, label = expected[name]
+        assert (row["status"], row["label"]) == (status, label), name
+        if reason is not None and ("->" in reason or reason == "exif-transposed"):
+            assert row["reason"] == reason, name  # conversions are recorded verbatim
+        else:
+            assert code(row) == reason, (name, row["reason"])
+        assert row["dataset"] == "inbox"
+
+
+def test_messy_inbox_row_details(messy) -> None:
+    root, _ = messy
+    rows = {os.path.relpath(row["uri"], root): row for row in build_catalog(str(root), "inbox")}
+    good = rows["all/good.bmp"]
+    assert good["image_id"] == hashlib.sha256((root / "all/good.bmp").read_bytes()).hexdigest()
+    assert (good["width"], good["height"], good["size_bytes"]) == (32, 32, len(cell(1)))
+    assert rows["all/UID_7_1_1_all.bmp"]["subject_id"] == "7"
+    assert rows["hem/UID_H3_2_1_hem.bmp"]["subject_id"] == "H3"
+    assert rows["other/rotated.JPEG"]["width"] == 20 and rows["other/rotated.JPEG"]["height"] == 40
+
+    first = rows["all/same.bmp"]
+    conflict = rows["hem/same_again.bmp"]
+    assert conflict["image_id"] == first["image_id"]
+    assert conflict["reason"] == f"label_conflict:duplicate_of:{first['image_id']} (all vs hem)"
+    assert (conflict["width"], conflict["height"]) == (32, 32)
+    assert rows["hem/copy_2.bmp"]["reason"] == f"duplicate_of:{rows['hem/copy_1.bmp']['image_id']}"
+
+    for name in ("empty.bmp", "notes.bmp", "tiny.bmp", "bomb.png", "truncated.jpg"):
+        row = rows[name]
+        assert row["width"] is None and row["height"] is None
+        assert SHA256.match(row["image_id"])  # read, so identified by content
+        assert ": " in row["reason"]  # code, then the detail
+    assert rows["fifo.bmp"]["reason"] == "unreadable: not a regular file (fifo)"
+    assert "No such file" in rows["dangling.bmp"]["reason"]
+    assert "symbolic links" in rows["loop_a.tif"]["reason"]
+    for name in ("fifo.bmp", "dangling.bmp", "loop_a.tif"):
+        assert rows[name]["image_id"].startswith("path:") and rows[name]["size_bytes"] is None
+
+
+def test_messy_inbox_counts(messy) -> None:
+    root, expected = messy
+    counts = catalog_counts(build_catalog(str(root), "inbox"))
+    assert counts["found"] == len(expected)
+    assert counts["duplicate"] == 2
+    assert counts["converted"] == 5
+    assert counts["reasons"] == {
+        "duplicate_of": 1,
+        "empty_file": 2,
+        "label_conflict": 1,
+        "not_an_image": 2,
+        "too_large": 1,
+        "too_small": 1,
+        "truncated": 3,
+        "unreadable": 4,
+    }
+
+
+def test_permission_denied_is_unreadable(tmp_path: Path, monkeypatch) -> None:
+    # Tests run as root, where chmod 000 does not stop a read; make the filesystem itself answer
+    # EACCES for one file, as it would for any other user.
+    put(tmp_path, "all/a.bmp", cell(1))
+    locked = put(tmp_path, "all/locked.bmp", cell(2))
+    real = LocalFileSystem.cat_file
+
+    def cat_file(self, path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
+    rows = build_catalog(str(tmp_path), "x")
+    assert [(row["status"], row["reason"]) for row in rows] == [
+        ("ok", None),
+        ("quarantined", "unreadable: Permission denied"),
+    ]
+
+
+def test_copies_prefer_the_labelled_one(tmp_path: Path) -> None:
+    # The inbox copy sorts first ("a..." < "hem/"), but the labelled training copy is kept.
+    put(tmp_path, "aaa_inbox.bmp", cell(1))
+    put(tmp_path, "hem/x.bmp", cell(1))
+    rows = build_catalog(str(tmp_path), "x")
+    assert [(row["label"], row["status"]) for row in rows] == [(None, "duplicate"), ("hem", "ok")]
+    assert code(rows[0]) == "duplicate_of"  # unlabelled vs labelled is no conflict
+
+
+# -- layouts and labels ----------------------------------------------------------------------
+def test_cnmc_training_layout(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(
+        tmp_path / "syn", n_subjects=4, cells_per_subject=2, image_side=32
+    )
+    put(root, "fold_1/hem/UID_H9_1_1_hem.bmp", cell(1))
+    rows = build_catalog(str(root), "syn")
+    assert_accounted(rows)
+    assert len(rows) == 9 and all(row["status"] == "ok" for row in rows)
+    labels = {os.path.relpath(row["uri"], root): (row["label"], row["subject_id"]) for row in rows}
+    assert labels["fold_0/all/UID_1_1_1_all.bmp"] == ("all", "1")
+    assert labels["fold_0/hem/UID_H4_1_2_hem.bmp"] == ("hem", "H4")
+    assert labels["fold_1/hem/UID_H9_1_1_hem.bmp"] == ("hem", "H9")
+
+
+def test_user_label_mapping_replaces_the_default(tmp_path: Path) -> None:
+    put(tmp_path, "Blast/a.bmp", cell(1))
+    put(tmp_path, "normal/b.bmp", cell(2))
+    put(tmp_path, "all/c.bmp", cell(3))
+    rows = build_catalog(str(tmp_path), "x", labels={"blast": "all", "normal": "hem"})
+    assert [row["label"] for row in rows] == ["all", None, "hem"]
+    assert DEFAULT_LABELS == {"all": "all", "hem": "hem"}
+
+
+def test_label_mapping_must_use_the_vocabulary(tmp_path: Path) -> None:
+    put(tmp_path, "a.bmp", cell(1))
+    with pytest.raises(LeukoflowError, match="'all' or 'hem'"):
+        build_catalog(str(tmp_path), "x", labels={"blast": "leukemia"})
+
+
+def test_suffixes_are_case_insensitive(tmp_path: Path) -> None:
+    for index, suffix in enumerate(IMAGE_SUFFIXES):
+        put(tmp_path, f"x{index}{suffix.upper()}", cell(index, fmt="PNG"))
+    put(tmp_path, "x.gif", cell(99, fmt="GIF"))  # a real image, but not a suffix we look for
+    rows = build_catalog(str(tmp_path), "x")
+    assert len(rows) == len(IMAGE_SUFFIXES)
+
+
+# -- manifests -------------------------------------------------------------------------------
+def test_manifest_rows(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    put(data, "cells/UID_4_1_1_all.bmp", cell(1))
+    put(data, "cells/b.bmp", cell(2))
+    put(data, "cells/c.bmp", cell(3))
+    put(data, "cells/d.bmp", cell(4))
+    put(tmp_path, "outside.bmp", cell(5))  # exists, yet must never be read through the manifest
+    manifest = put(
+        data,
+        "MANIFEST.csv",
+        (
+            "path,label,subject_id,notes\n"
+            "cells/UID_4_1_1_all.bmp,blast,,parsed subject\n"
+            "cells/b.bmp,normal,S-9,column wins\n"
+            "cells/../cells/c.bmp,,,unlabelled\n"
+            "cells/d.bmp,lymphoma,,unknown label\n"
+            "cells/missing.bmp,blast,,no such file\n"
+            "../outside.bmp,blast,,escape\n"
+            f"{tmp_path / 'outside.bmp'},blast,,absolute\n"
+            "cells/../../outside.bmp,blast,,escape after normalising\n"
+        ).encode(),
+    )
+    rows = build_catalog(str(manifest), "m", labels={"blast": "all", "normal": "hem"})
+    assert_accounted(rows)
+    assert len(rows) == 8
+    by_uri = {row["uri"]: row for row in rows}
+
+    parsed = by_uri[str(data / "cells/UID_4_1_1_all.bmp")]
+    assert (parsed["status"], parsed["label"], parsed["subject_id"]) == ("ok", "all", "4")
+    assert parsed["image_id"] == hashlib.sha256(cell(1)).hexdigest()
+    column = by_uri[str(data / "cells/b.bmp")]
+    assert (column["status"], column["label"], column["subject_id"]) == ("ok", "hem", "S-9")
+    unlabelled = by_uri[str(data / "cells/c.bmp")]  # "cells/../cells" stays inside: allowed
+    assert (unlabelled["status"], unlabelled["label"]) == ("ok", None)
+    assert code(by_uri[str(data / "cells/d.bmp")]) == "unknown_label"
+    assert code(by_uri[str(data / "cells/missing.bmp")]) == "unreadable"
+    for raw in ("../outside.bmp", str(tmp_path / "outside.bmp"), "cells/../../outside.bmp"):
+        row = by_uri[raw]
+        assert (row["status"], code(row), row["label"]) == ("quarantined", "path_escape", "all")
+        assert row["image_id"] == "path:" + hashlib.sha256(raw.encode()).hexdigest()
+        assert row["size_bytes"] is None and row["width"] is None
+
+
+def test_manifest_needs_path_and_label_columns(tmp_path: Path) -> None:
+    put(tmp_path, "a.bmp", cell(1))
+    manifest = put(tmp_path, "m.csv", b"file,label\na.bmp,all\n")
+    with pytest.raises(LeukoflowError, match="lacks the path column"):
+        build_catalog(str(manifest), "x")
+    manifest = put(tmp_path, "m.csv", b"path,class\na.bmp,all\n")
+    with pytest.raises(LeukoflowError, match="lacks the label column"):
+        build_catalog(str(manifest), "x")
+
+
+def test_manifest_with_no_rows(tmp_path: Path) -> None:
+    manifest = put(tmp_path, "m.CSV", b"\xef\xbb\xbfpath,label\n")  # BOM from a spreadsheet
+    with pytest.raises(LeukoflowError, match="lists no images"):
+        build_catalog(str(manifest), "x")
+
+
+# -- errors ----------------------------------------------------------------------------------
+def test_missing_images_folder(tmp_path: Path) -> None:
+    with pytest.raises(LeukoflowError, match="does not exist"):
+        build_catalog(str(tmp_path / "nope"), "x")
+
+
+def test_folder_without_images(tmp_path: Path) -> None:
+    put(tmp_path, "MANIFEST.csv", b"path,label\n")
+    put(tmp_path, "sub/SOURCE.md", b"text")
+    with pytest.raises(LeukoflowError, match="no images found under"):
+        build_catalog(str(tmp_path), "x")
+
+
+def test_images_must_be_folder_or_csv(tmp_path: Path) -> None:
+    image = put(tmp_path, "a.bmp", cell(1))
+    with pytest.raises(LeukoflowError, match="folder or a .csv"):
+        build_catalog(str(image), "x")
+
+
+# -- object stores ---------------------------------------------------------------------------
+def test_remote_filesystem_goes_through_fsspec(monkeypatch) -> None:
+    # fsspec's in-memory filesystem stands in for S3: not local, so listing is fs.find and
+    # reading is fs.cat_file, the same calls s3fs answers.
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file("/bucket/ds/all/a.bmp", cell(1))
+    memory.pipe_file("/bucket/ds/hem/b.png", cell(2, fmt="PNG"))
+    memory.pipe_file("/bucket/ds/hem/broken.png", cell(3, fmt="PNG")[:100])
+    memory.pipe_file("/bucket/ds/notes.txt", b"not an image")
+    memory.pipe_file("/bucket/ds/MANIFEST.csv", b"path,label\nall/a.bmp,all\n")
+    try:
+        monkeypatch.setattr(
+            catalog, "open_location", lambda uri: Location(memory, uri.split("://", 1)[1])
+        )
+        rows = build_catalog("memory:///bucket/ds", "remote")
+        assert [(row["uri"], row["label"], row["status"]) for row in rows] == [
+            ("memory:///bucket/ds/all/a.bmp", "all", "ok"),
+            ("memory:///bucket/ds/hem/b.png", "hem", "ok"),
+            ("memory:///bucket/ds/hem/broken.png", "hem", "quarantined"),
+        ]
+        assert rows[0]["size_bytes"] == len(cell(1))
+        via_manifest = build_catalog("memory:///bucket/ds/MANIFEST.csv", "remote")
+        assert [(row["uri"], row["status"]) for row in via_manifest] == [
+            ("memory:///bucket/ds/all/a.bmp", "ok")
+        ]
+    finally:
+        memory.rm("/bucket", recursive=True)

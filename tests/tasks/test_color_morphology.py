@@ -1,0 +1,205 @@
+"""The colour/morphology extractor: segmentation against drawn cells of known geometry, a pinned
+feature list, determinism, finite output on degenerate and real C-NMC images."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from tasks.color_morphology import (
+    FEATURE_DIM,
+    FEATURE_NAMES,
+    FEATURE_VERSION,
+    Segmentation,
+    describe_features,
+    extract_features,
+    segment_cell,
+)
+
+CNMC = Path("/work/shared/data/cnmc")
+
+SIDE = 300
+CELL_CENTER, CELL_RADIUS = (150, 150), 90
+NUC_CENTER, NUC_RADIUS = (142, 160), 55
+LILAC = (200, 162, 220)  # Giemsa-stained cytoplasm: light
+PURPLE = (110, 50, 150)  # nucleus: darker, more stained
+
+BACKGROUNDS = {
+    "black": (0, 0, 0),  # C-NMC crops
+    "white": (245, 245, 245),  # an unsegmented bright-field field
+    "smear": (232, 218, 226),  # pinkish smear background, close to the cytoplasm
+}
+
+
+def _drawn_cell(
+    background: tuple[int, int, int], noise: float = 12.0, side: int = SIDE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A lilac disk cell with a darker purple disk nucleus, plus the true masks."""
+    truth_cell = np.zeros((side, side), bool)
+    truth_cell[disk(CELL_CENTER, CELL_RADIUS, shape=truth_cell.shape)] = True
+    truth_nuc = np.zeros((side, side), bool)
+    truth_nuc[disk(NUC_CENTER, NUC_RADIUS, shape=truth_nuc.shape)] = True
+    image = np.empty((side, side, 3), np.float64)
+    image[:] = background
+    image[truth_cell] = LILAC
+    image[truth_nuc] = PURPLE
+    image += np.random.default_rng(7).normal(0.0, noise, image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), truth_cell, truth_nuc
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def _feature(vector: np.ndarray, name: str) -> float:
+    return float(vector[FEATURE_NAMES.index(name)])
+
+
+# -- feature list -------------------------------------------------------------------------------
+def test_feature_list_is_pinned():
+    # Changing the list means bumping FEATURE_VERSION and updating this pin and the docs.
+    assert FEATURE_VERSION == "cm-1"
+    assert FEATURE_DIM == len(FEATURE_NAMES) == 165
+    assert len(set(FEATURE_NAMES)) == FEATURE_DIM
+    assert FEATURE_NAMES[0] == "cell_lab_L_mean"
+    assert FEATURE_NAMES[-1] == "nuc_lbp_9"
+    digest = hashlib.sha256("\n".join(FEATURE_NAMES).encode()).hexdigest()
+    assert digest == "8dbb3c91b5208ad458948a1740921ac3aa1e10985fd8f41544d613566d7475f5"
+
+
+def test_describe_features_matches_names():
+    rows = describe_features()
+    assert [r["name"] for r in rows] == list(FEATURE_NAMES)
+    assert {r["group"] for r in rows} == {"color", "morphology", "texture"}
+    assert all(r["unit"] and r["meaning"] for r in rows)
+    rows[0]["name"] = "changed"  # callers get copies
+    assert describe_features()[0]["name"] == FEATURE_NAMES[0]
+
+
+# -- segmentation of drawn cells ---------------------------------------------------------------
+@pytest.mark.parametrize("background", sorted(BACKGROUNDS))
+def test_segment_cell_finds_the_drawn_nucleus(background: str):
+    image, truth_cell, truth_nuc = _drawn_cell(BACKGROUNDS[background])
+    seg = segment_cell(image)
+    assert isinstance(seg, Segmentation)
+    for mask in (seg.cell_mask, seg.nucleus_mask, seg.cytoplasm_mask):
+        assert mask.dtype == bool and mask.shape == image.shape[:2]
+    assert _iou(seg.cell_mask, truth_cell) > 0.95
+    assert _iou(seg.nucleus_mask, truth_nuc) > 0.8
+    assert _iou(seg.cytoplasm_mask, truth_cell & ~truth_nuc) > 0.8
+    # nucleus and cytoplasm partition the cell
+    assert not (seg.nucleus_mask & seg.cytoplasm_mask).any()
+    assert np.array_equal(seg.nucleus_mask | seg.cytoplasm_mask, seg.cell_mask)
+
+
+@pytest.mark.parametrize("background", ["black", "white"])
+def test_features_measure_the_drawn_geometry(background: str):
+    image, truth_cell, truth_nuc = _drawn_cell(BACKGROUNDS[background])
+    v = extract_features(image)
+    true_ratio = truth_nuc.sum() / truth_cell.sum()  # (55/90)^2 ~ 0.37
+    assert _feature(v, "nuc_cell_area_ratio") == pytest.approx(true_ratio, abs=0.03)
+    assert _feature(v, "cell_area") == pytest.approx(truth_cell.sum(), rel=0.03)
+    assert _feature(v, "nuc_area") == pytest.approx(truth_nuc.sum(), rel=0.05)
+    assert _feature(v, "cell_major_axis") == pytest.approx(2 * CELL_RADIUS, rel=0.05)
+    assert _feature(v, "cell_eccentricity") < 0.3  # a disk
+    assert _feature(v, "cell_solidity") > 0.95
+    assert _feature(v, "nuc_n_components") == 1
+    # the nucleus is the darker (lower L*) segment; the cell is purple (hue ~0.78)
+    assert _feature(v, "nuc_cyto_delta_L") < -15
+    assert _feature(v, "nuc_lab_L_mean") < _feature(v, "cyto_lab_L_mean")
+    assert 0.7 < _feature(v, "cell_hsv_h_cmean") < 0.9
+    lbp = v[[FEATURE_NAMES.index(f"nuc_lbp_{i}") for i in range(10)]]
+    assert lbp.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_uniform_cell_is_all_nucleus():
+    image = np.zeros((120, 120, 3), np.uint8)
+    image[disk((60, 60), 40, shape=(120, 120))] = LILAC
+    seg = segment_cell(image)
+    assert seg.cell_mask.sum() == pytest.approx(np.pi * 40**2, rel=0.05)
+    assert np.array_equal(seg.nucleus_mask, seg.cell_mask)
+    assert not seg.cytoplasm_mask.any()
+    v = extract_features(image)
+    assert np.isfinite(v).all()
+    assert _feature(v, "nuc_cell_area_ratio") == 1.0
+    assert _feature(v, "cyto_lab_L_mean") == 0.0  # empty segment -> zeros
+
+
+# -- determinism and degenerate input -----------------------------------------------------------
+def test_extract_features_is_deterministic():
+    image, _, _ = _drawn_cell(BACKGROUNDS["black"])
+    first = extract_features(image)
+    second = extract_features(image.copy())
+    assert first.dtype == np.float32 and first.shape == (FEATURE_DIM,)
+    assert np.array_equal(first, second)
+
+
+def _tiny_cell() -> np.ndarray:
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[disk((10, 10), 6, shape=(20, 20))] = LILAC
+    image[disk((10, 10), 3, shape=(20, 20))] = PURPLE
+    return image
+
+
+DEGENERATE = {
+    "all_black": lambda: np.zeros((450, 450, 3), np.uint8),
+    "uniform_grey": lambda: np.full((450, 450, 3), 128, np.uint8),
+    "tiny_20x20_cell": _tiny_cell,
+    "tiny_20x20_noise": lambda: np.random.default_rng(1).integers(0, 256, (20, 20, 3), np.uint8),
+    "single_pixel": lambda: np.pad(np.full((1, 1, 3), 200, np.uint8), ((9, 10), (9, 10), (0, 0))),
+    "one_by_one": lambda: np.full((1, 1, 3), 90, np.uint8),
+    "thin_line": lambda: np.pad(np.full((1, 30, 3), 180, np.uint8), ((15, 15), (5, 5), (0, 0))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_images_give_finite_features(case: str):
+    image = DEGENERATE[case]()
+    seg = segment_cell(image)
+    assert seg.cell_mask.shape == image.shape[:2]
+    v = extract_features(image)
+    assert v.dtype == np.float32 and v.shape == (FEATURE_DIM,)
+    assert np.isfinite(v).all()
+
+
+@pytest.mark.parametrize("case", ["all_black", "uniform_grey"])
+def test_blank_images_have_no_cell_and_zero_features(case: str):
+    image = DEGENERATE[case]()
+    assert not segment_cell(image).cell_mask.any()
+    assert not extract_features(image).any()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3))],
+)
+def test_rejects_anything_but_hxwx3_uint8(bad: np.ndarray):
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        extract_features(bad)
+
+
+# -- real C-NMC cells ---------------------------------------------------------------------------
+def _real_cells() -> list[Path]:
+    return sorted(CNMC.glob("all/*.bmp"))[:3] + sorted(CNMC.glob("hem/*.bmp"))[:3]
+
+
+@pytest.mark.skipif(not _real_cells(), reason="C-NMC sample not available")
+@pytest.mark.parametrize("path", _real_cells(), ids=lambda p: p.name)
+def test_real_cells(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        image = np.asarray(im.convert("RGB"))
+    seg = segment_cell(image)
+    # C-NMC cells are already segmented: the cell mask is the non-black region
+    assert _iou(seg.cell_mask, image.max(axis=2) > 0) > 0.97
+    assert seg.nucleus_mask.any() and not (seg.nucleus_mask & ~seg.cell_mask).any()
+    v = extract_features(image)
+    assert v.dtype == np.float32 and v.shape == (FEATURE_DIM,)
+    assert np.isfinite(v).all()
+    assert 0.0 < _feature(v, "nuc_cell_area_ratio") <= 1.0
+    assert 5_000 < _feature(v, "cell_area") < 450 * 450 / 2

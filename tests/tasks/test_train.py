@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import skops.io as sio
+from sklearn.svm import LinearSVC
+
+from leukoflow.errors import LeukoflowError
+from tasks import train
+
+
+def test_the_papers_classifier_is_pinned():
+    """Standardisation + LinearSVC(C=1.0, hinge loss): scikit-learn's default is squared hinge."""
+    model = train.make_classifier("linear-svm", seed=0)
+    assert [name for name, _ in model.steps] == ["scale", "clf"]
+    svm = model[-1]
+    assert isinstance(svm, LinearSVC)
+    assert (svm.C, svm.loss, svm.penalty) == (1.0, "hinge", "l2")
+    assert train.DEFAULT_CLASSIFIER == "linear-svm"
+
+
+def test_mlp_has_one_hidden_layer_of_256():
+    assert train.make_classifier("mlp")[-1].hidden_layer_sizes == (256,)
+
+
+def test_unknown_classifier_or_split_is_a_usage_error():
+    with pytest.raises(LeukoflowError, match="unknown classifier 'xgboost'"):
+        train.make_classifier("xgboost")
+    with pytest.raises(LeukoflowError, match="unknown split 'time'"):
+        train.check_split("time")
+
+
+def _dataset(n_subjects=10, cells=6):
+    subjects = [f"{'H' if s % 2 else ''}{s}" for s in range(n_subjects) for _ in range(cells)]
+    y = np.array([0 if s.startswith("H") else 1 for s in subjects])
+    return y, subjects
+
+
+def test_random_split_is_stratified_90_10_and_seeded():
+    y, subjects = _dataset()
+    split = train.split_rows(y, subjects, "random", seed=1)
+    assert len(split.test) == 6 and len(split.train) == 54
+    assert set(y[split.test]) == {0, 1}
+    again = train.split_rows(y, subjects, "random", seed=1)
+    np.testing.assert_array_equal(split.test, again.test)
+
+
+def test_subject_split_keeps_every_subject_on_one_side():
+    y, subjects = _dataset()
+    split = train.split_rows(y, subjects, "subject", seed=0)
+    groups = np.asarray(subjects)
+    assert not set(groups[split.train]) & set(groups[split.test])
+    assert set(y[split.test]) == {0, 1} and set(y[split.train]) == {0, 1}
+
+
+def test_subject_split_needs_subject_ids_and_two_subjects_per_class():
+    y, subjects = _dataset()
+    with pytest.raises(LeukoflowError, match="needs a subject id"):
+        train.split_rows(y, [None] * len(y), "subject")
+    y2, subjects2 = _dataset(n_subjects=3)
+    with pytest.raises(LeukoflowError, match="at least 2 subjects per class"):
+        train.split_rows(y2, subjects2, "subject")
+
+
+def test_one_class_is_refused():
+    with pytest.raises(LeukoflowError, match="only one class"):
+        train.split_rows(np.ones(10, int), ["1"] * 10, "random")
+
+
+def test_model_files_round_trip_through_skops():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    y = (x[:, 0] > 0).astype(int)
+    for name in train.CLASSIFIERS:
+        model = train.fit(name, x, y)
+        loaded = train.model_from_bytes(train.model_to_bytes(model))
+        np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+class Payload:
+    """Stands in for any object an attacker could smuggle into a model file."""
+
+
+def test_a_model_file_carrying_an_unexpected_type_is_refused():
+    model = train.fit("linear-svm", np.eye(4), np.array([0, 1, 0, 1]))
+    model.steps[-1][1].smuggled = Payload()
+    tampered = sio.dumps(model)
+    assert any(t.endswith("Payload") for t in sio.get_untrusted_types(data=tampered))
+    with pytest.raises(LeukoflowError, match="untrusted types"):
+        train.model_from_bytes(tampered)
+
+
+def test_scores_are_decision_values_for_the_svm_and_probabilities_otherwise():
+    x = np.random.default_rng(0).normal(size=(30, 3))
+    y = (x[:, 0] > 0).astype(int)
+    _, kind = train.decision_scores(train.fit("linear-svm", x, y), x)
+    assert kind == "decision_value"
+    scores, kind = train.decision_scores(train.fit("forest", x, y), x)
+    assert kind == "probability" and scores.min() >= 0 and scores.max() <= 1
