@@ -21,7 +21,7 @@ import numpy as np
 import ray
 
 from tasks import backbones as bb
-from tasks.extract import Featurizer, load_pixels
+from tasks.extract import load_pixels, make_featurizer
 from tasks.storage import Location
 from tasks.tables import featurised_ids, write_features
 
@@ -69,16 +69,16 @@ class BackboneActor:
 
     def __init__(self, spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsChoice):
         self._args = (spec, image_size, weights)
-        self._featurizer: Featurizer | None = None
+        self._featurizer = None
 
-    def _ensure_loaded(self) -> Featurizer:
+    def _ensure_loaded(self):
         if self._featurizer is None:
             import tensorflow as tf
 
             for gpu in tf.config.list_physical_devices("GPU"):
                 # A card may be shared by several backbones: take memory as needed, not all.
                 tf.config.experimental.set_memory_growth(gpu, True)
-            self._featurizer = Featurizer(*self._args)
+            self._featurizer = make_featurizer(*self._args)
         return self._featurizer
 
     def load(self) -> dict:
@@ -86,8 +86,12 @@ class BackboneActor:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "pid": os.getpid()}
 
-    def featurize(self, pixels: np.ndarray, rows: list[int]) -> np.ndarray:
-        return self._ensure_loaded()(pixels[rows])
+    def featurize(self, pixels: np.ndarray | list[np.ndarray], rows: list[int]) -> np.ndarray:
+        """Vectors for the given rows of a shared batch (resized array, or originals list)."""
+        featurizer = self._ensure_loaded()
+        if isinstance(pixels, list):
+            return featurizer([pixels[k] for k in rows])
+        return featurizer(pixels[rows])
 
 
 @dataclass
@@ -126,7 +130,8 @@ def missing_features(
     """For each backbone, the ids (in catalog order) that have no vector for this recipe yet."""
     todo = {}
     for name in names:
-        done = featurised_ids(store, name, weight_ids[name], image_size)
+        size = bb.size_key(bb.BACKBONES[name], image_size)
+        done = featurised_ids(store, name, weight_ids[name], size)
         todo[name] = [i for i in ids if i not in done]
     return todo
 
@@ -170,22 +175,28 @@ def extract_features(
         batch_ids, futures = in_flight.popleft()
         for name, ids, future in futures:
             vectors = ray.get(future)
-            write_features(store, name, weight_ids[name], image_size, ids, vectors)
+            size = bb.size_key(bb.BACKBONES[name], image_size)
+            write_features(store, name, weight_ids[name], size, ids, vectors)
             result.computed[name] = result.computed.get(name, 0) + len(ids)
         done += batch_ids
         if on_progress:
             on_progress(done, len(all_ids))
 
+    full_resolution = {n for n in names if bb.BACKBONES[n].full_resolution}
     for start in range(0, len(all_ids), batch_size):
-        batch = load_pixels(uris, all_ids[start : start + batch_size], image_size)
+        batch = load_pixels(
+            uris, all_ids[start : start + batch_size], image_size, bool(full_resolution)
+        )
         result.rejected.update(batch.rejected)
         pixels_ref = ray.put(batch.pixels)
+        originals_ref = ray.put(batch.originals) if full_resolution else None
         futures = []
         for name in names:
             rows = [k for k, image_id in enumerate(batch.image_ids) if image_id in wanted[name]]
             if rows:
                 ids = [batch.image_ids[k] for k in rows]
-                futures.append((name, ids, actors[name].featurize.remote(pixels_ref, rows)))
+                source = originals_ref if name in full_resolution else pixels_ref
+                futures.append((name, ids, actors[name].featurize.remote(source, rows)))
         in_flight.append((len(batch.image_ids) + len(batch.rejected), futures))
         while len(in_flight) > max_batches_in_flight:
             drain_one()

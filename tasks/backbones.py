@@ -22,13 +22,18 @@ from leukoflow.errors import LeukoflowError
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    module: str  # keras.applications.<module>
+    module: str  # keras.applications.<module>, or the tasks module of a hand-crafted extractor
     constructor: str
     preprocess_mode: str  # documentation only: keras' own preprocess_input is what runs
     feature_dim: int
     min_image_size: int
     weights_file: str
     weights_md5: str | None  # None where Keras publishes no hash (MobileNetV2)
+    kind: str = "keras"  # "keras": a CNN; "handcrafted": needs no weights, sees full resolution
+
+    @property
+    def full_resolution(self) -> bool:
+        return self.kind == "handcrafted"
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -64,6 +69,12 @@ BACKBONES: dict[str, BackboneSpec] = {
             "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "d19885ff4a710c122648d3b5c3b684e4",
         ),
+        # The paper's proposed future work: colour, morphology and texture of the segmented
+        # cell (tasks/color_morphology.py); versioned by its feature list, not by weights.
+        BackboneSpec(
+            "color_morphology", "tasks.color_morphology", "extract_features", "none", 165, 16,
+            "", None, kind="handcrafted",
+        ),
     ]
 }  # fmt: skip
 
@@ -87,8 +98,17 @@ def parse_backbones(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return names
 
 
+def size_key(spec: BackboneSpec, image_size: int) -> int:
+    """The image size a vector is keyed by: 0 for extractors that see the full resolution."""
+    return 0 if spec.full_resolution else image_size
+
+
 def check_image_size(names: list[str], image_size: int) -> None:
-    too_small = [n for n in names if image_size < BACKBONES[n].min_image_size]
+    too_small = [
+        n
+        for n in names
+        if not BACKBONES[n].full_resolution and image_size < BACKBONES[n].min_image_size
+    ]
     if too_small:
         need = max(BACKBONES[n].min_image_size for n in too_small)
         raise LeukoflowError(
@@ -119,6 +139,11 @@ def parse_weights(text: str, weights_dir: str | None, seed: int) -> WeightsChoic
     if os.path.isdir(text):
         return WeightsChoice("imagenet", folder=text)
     raise LeukoflowError(f"--weights must be imagenet, none or a folder of weights; got {text!r}")
+
+
+def uses_random_weights(names: list[str], choice: WeightsChoice) -> bool:
+    """True when some CNN runs random-initialised: its outputs are not clinically meaningful."""
+    return choice.non_clinical and any(not BACKBONES[n].full_resolution for n in names)
 
 
 def keras_models_folder() -> Path:
@@ -155,6 +180,8 @@ def resolve_weights_file(spec: BackboneSpec, choice: WeightsChoice) -> tuple[Pat
 
 def weights_id(spec: BackboneSpec, choice: WeightsChoice) -> str:
     """A stable id for the exact weights, so features of different weights never mix."""
+    if spec.full_resolution:
+        return importlib.import_module(spec.module).FEATURE_VERSION
     if choice.kind == "none":
         return f"random-seed{choice.seed}"
     _, md5 = resolve_weights_file(spec, choice)

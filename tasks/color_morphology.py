@@ -8,8 +8,8 @@ docs/color_morphology.md).
 Pipeline, all at full resolution:
 1. cell mask: distance of every pixel from the background colour (estimated on the image border),
    thresholded (Otsu, pulled towards the background), largest connected component, holes filled;
-2. nucleus / cytoplasm: K-means (k=2) on the L*a*b* values of the cell's pixels; the cluster with
-   the lower L* (darker, more stained by Giemsa/Wright) is the nucleus;
+2. nucleus / cytoplasm: K-means (k=2, deterministic start) on the L*a*b* values of the cell's
+   pixels; the cluster with the lower L* (darker, more stained by Giemsa/Wright) is the nucleus;
 3. features: colour statistics per segment (L*a*b*, HSV, RGB), morphology of cell and nucleus,
    GLCM and uniform-LBP texture of the nucleus.
 
@@ -18,16 +18,14 @@ Every output is finite: empty segments and degenerate images give zeros, never N
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.cluster.vq import ClusterError, kmeans2, vq
 from scipy.spatial import ConvexHull, QhullError
 from skimage import color, filters, measure, morphology
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 # Bump whenever FEATURE_NAMES or the meaning of a feature changes: stored vectors carry it.
 FEATURE_VERSION = "cm-1"
@@ -58,13 +56,17 @@ MORPH_OBJECTS = ("cell", "nuc")
 _MORPH_PROPS: dict[str, tuple[str, str]] = {
     "area": ("px", "area in pixels"),
     "perimeter": ("px", "perimeter (skimage regionprops estimate)"),
-    "circularity": ("ratio", "4*pi*area/perimeter^2; about 1 for a disk"),
-    "solidity": ("ratio", "area / convex-hull area"),
+    "circularity": ("ratio", "4*pi*area/perimeter^2; about 0.9 for a digitised disk"),
+    "solidity": ("ratio", "area / area of the convex hull of the outline, at most 1"),
     "eccentricity": ("ratio", "eccentricity of the moment ellipse; 0 for a disk"),
     "major_axis": ("px", "major axis length of the moment ellipse"),
     "minor_axis": ("px", "minor axis length of the moment ellipse"),
     "radial_cv": ("ratio", "std / mean of outline-point distances to the centroid"),
-    "hull_perimeter_deficit": ("ratio", "1 - convex-hull perimeter / perimeter, clipped to 0..1"),
+    "hull_perimeter_deficit": (
+        "ratio",
+        "1 - convex-hull perimeter / outline length (sub-pixel outline of the filled shape), "
+        "clipped to 0..1; near 0 when convex",
+    ),
 }
 _SHAPE_EXTRA: dict[str, tuple[str, str]] = {
     "nuc_cell_area_ratio": ("ratio", "nucleus area / cell area (N:C area ratio)"),
@@ -157,6 +159,7 @@ _MIN_CONTRAST = 12.0
 # K-means is fit on at most this many cell pixels (fixed seed) and then assigns every pixel:
 # fitting on all ~30k pixels of a C-NMC cell costs several times more for the same centres.
 _KMEANS_SAMPLE = 4000
+_KMEANS_ITER = 30
 _SAMPLE_SEED = 0
 # Nucleus clean-up, as fractions of the cell area: holes filled, specks removed.
 _NUCLEUS_HOLE = 0.05
@@ -253,23 +256,25 @@ def _sample_indices(n: int, limit: int) -> np.ndarray:
 
 def _split_nucleus(lab: np.ndarray) -> np.ndarray:
     """Boolean per cell pixel: True for the nucleus cluster. `lab` is N x 3 L*a*b*."""
-    lab = np.ascontiguousarray(lab)
+    lab = np.ascontiguousarray(lab, dtype=np.float64)
     if lab.shape[0] < 2 or float(lab.std(axis=0).max()) < _MIN_COLOR_SPREAD:
         # One colour, one compartment: call it all nucleus (an ALL blast is mostly nucleus).
         return np.ones(lab.shape[0], dtype=bool)
     sample = lab[_sample_indices(lab.shape[0], _KMEANS_SAMPLE)]
-    # Deterministic start: the mean colours of the darkest and the lightest quarter by L*.
+    # Deterministic start, no random restarts needed: the mean colours of the darkest and the
+    # lightest quarter of the pixels by L*.
     lo, hi = np.percentile(sample[:, 0], [25, 75])
-    dark, light = sample[sample[:, 0] <= lo].mean(0), sample[sample[:, 0] >= hi].mean(0)
-    if np.allclose(dark, light):
+    init = np.stack([sample[sample[:, 0] <= lo].mean(0), sample[sample[:, 0] >= hi].mean(0)])
+    if np.allclose(init[0], init[1]):
         return np.ones(lab.shape[0], dtype=bool)
-    km = KMeans(n_clusters=2, init=np.stack([dark, light]), n_init=1, random_state=_SAMPLE_SEED)
-    with warnings.catch_warnings():
-        # "Number of distinct clusters found smaller than n_clusters" on near-uniform cells
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        km.fit(sample)
-    nucleus_cluster = int(np.argmin(km.cluster_centers_[:, 0]))  # lower L* = more stained
-    return km.predict(lab) == nucleus_cluster
+    # scipy's Lloyd k-means, single-threaded: bit-identical results on any machine (sklearn's
+    # KMeans sums cluster centres across OpenMP threads in scheduling order).
+    try:
+        centres, _ = kmeans2(sample, init, iter=_KMEANS_ITER, minit="matrix", missing="raise")
+    except ClusterError:  # a cluster emptied: no second compartment
+        return np.ones(lab.shape[0], dtype=bool)
+    labels, _ = vq(lab, centres)  # every cell pixel to its nearest centre
+    return labels == int(np.argmin(centres[:, 0]))  # lower L* = more stained = nucleus
 
 
 def _segment(pixels: np.ndarray) -> _CellCrop | None:

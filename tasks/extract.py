@@ -8,13 +8,33 @@ backbones share (each then applies its own preprocessing). Ray actors host Featu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tasks import augment
 from tasks import backbones as bb
 from tasks.images import ImageRejected, decode_image, resize_pixels
 from tasks.storage import open_location
+
+
+class HandcraftedFeaturizer:
+    """A weight-free extractor applied to each full-resolution uint8 image."""
+
+    def __init__(self, spec: bb.BackboneSpec):
+        self.spec = spec
+        self._extract = getattr(importlib.import_module(spec.module), spec.constructor)
+
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([self._extract(image) for image in images]).astype(np.float32)
+
+
+def make_featurizer(spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsChoice):
+    """The featurizer for `spec`: a Keras CNN on resized batches, or a hand-crafted extractor."""
+    if spec.full_resolution:
+        return HandcraftedFeaturizer(spec)
+    return Featurizer(spec, image_size, weights)
 
 
 class Featurizer:
@@ -42,19 +62,27 @@ class PixelBatch:
     image_ids: list[str]  # the images that decoded, in order of `pixels`
     pixels: np.ndarray  # (N, S, S, 3) float32, 0..255
     rejected: dict[str, str]  # image_id -> reason, for files that changed since cataloguing
+    originals: list[np.ndarray] | None = None  # full-resolution uint8, when an extractor needs it
 
 
-def load_pixels(uris: dict[str, str], image_ids: list[str], image_size: int) -> PixelBatch:
+def load_pixels(
+    uris: dict[str, str], image_ids: list[str], image_size: int, keep_originals: bool = False
+) -> PixelBatch:
     """Read, decode and resize each image once; the batch is shared by every backbone."""
-    kept, arrays, rejected = [], [], {}
+    kept, arrays, rejected, originals = [], [], {}, []
     for image_id in image_ids:
+        # An augmented id ("<sha256>#hflip") names its source file's bytes seen through a transform.
+        source_id, transform = augment.parse_image_id(image_id)
         loc = open_location(uris[image_id])
         try:
             data = loc.fs.cat_file(loc.path)
-            if hashlib.sha256(data).hexdigest() != image_id:
+            if hashlib.sha256(data).hexdigest() != source_id:
                 rejected[image_id] = "changed_since_catalog: the file's bytes changed"
                 continue
             decoded = decode_image(data)
+            if transform is not None:
+                turned = augment.apply_transform(decoded.pixels, transform)
+                decoded = replace(decoded, pixels=turned)
         except ImageRejected as error:
             rejected[image_id] = str(error)
             continue
@@ -63,5 +91,7 @@ def load_pixels(uris: dict[str, str], image_ids: list[str], image_size: int) -> 
             continue
         kept.append(image_id)
         arrays.append(resize_pixels(decoded.pixels, image_size))
+        if keep_originals:
+            originals.append(decoded.pixels)
     pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.float32)
-    return PixelBatch(kept, pixels, rejected)
+    return PixelBatch(kept, pixels, rejected, originals if keep_originals else None)

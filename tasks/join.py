@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tasks.backbones import BACKBONES, size_key
 from tasks.storage import Location
 from tasks.tables import read_features
 
@@ -52,7 +53,9 @@ def join_features(
 ) -> JoinedFeatures:
     """Read each backbone's vectors for `image_ids` from the store and concatenate them."""
     vectors = {
-        name: read_features(store, name, weight_ids[name], image_size, image_ids)
+        name: read_features(
+            store, name, weight_ids[name], size_key(BACKBONES[name], image_size), image_ids
+        )
         for name in backbones
     }
     return concatenate(image_ids, vectors, backbones)

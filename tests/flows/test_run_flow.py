@@ -103,3 +103,31 @@ def test_a_second_run_does_no_feature_extraction(first_run, synthetic_images):
     assert again["metrics"] == summary["metrics"]  # same features, split and seed
     rows = ds.dataset(str(store / "features" / "backbone=vgg16"), format="parquet").count_rows()
     assert rows == 24
+
+
+def test_color_morphology_runs_in_the_same_machinery_at_full_resolution(
+    tmp_path, synthetic_images, ray_local, prefect_harness
+):
+    from flows.run import run_pipeline
+    from tasks.color_morphology import FEATURE_DIM, FEATURE_VERSION
+
+    summary = run_pipeline(
+        images=str(synthetic_images),
+        store=str(tmp_path),
+        backbones=["color_morphology", "vgg16"],
+        weights="none",
+        image_size=32,
+    )
+    assert summary["feature_dim"] == FEATURE_DIM + 512
+    table = ds.dataset(str(tmp_path / "features" / "backbone=color_morphology")).to_table()
+    assert set(table.column("weights_id").to_pylist()) == {FEATURE_VERSION}
+    assert set(table.column("image_size").to_pylist()) == {0}  # keyed as full resolution
+    alone = run_pipeline(
+        images=str(synthetic_images),
+        store=str(tmp_path),
+        backbones=["color_morphology"],
+        weights="imagenet",  # needs no weights file: nothing to check, nothing random
+        image_size=224,
+    )
+    assert alone["extraction"]["computed"] == {}  # reused although the image size changed
+    assert alone["non_clinical"] is False and alone["feature_dim"] == FEATURE_DIM

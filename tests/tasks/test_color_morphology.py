@@ -4,6 +4,7 @@ feature list, determinism, finite output on degenerate and real C-NMC images."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,14 @@ def test_describe_features_matches_names():
     assert all(r["unit"] and r["meaning"] for r in rows)
     rows[0]["name"] = "changed"  # callers get copies
     assert describe_features()[0]["name"] == FEATURE_NAMES[0]
+
+
+def test_docs_table_matches_feature_names():
+    doc = Path(__file__).resolve().parents[2] / "docs" / "color_morphology.md"
+    rows = re.findall(r"^\| (\d+) \| `([^`]+)` \|", doc.read_text(), flags=re.MULTILINE)
+    assert [int(i) for i, _ in rows] == list(range(FEATURE_DIM))
+    assert tuple(name for _, name in rows) == FEATURE_NAMES
+    assert f"version `{FEATURE_VERSION}`" in doc.read_text()
 
 
 # -- segmentation of drawn cells ---------------------------------------------------------------
