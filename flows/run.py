@@ -12,8 +12,11 @@ from prefect import flow
 
 from leukoflow.errors import LeukoflowError
 from tasks import backbones as bb
-from tasks import evaluate, registry, train
+from tasks import calibration, evaluate, registry, train
+from tasks.actors import check_actor_resources
+from tasks.explain_tasks import explain_examples
 from tasks.prefect_tasks import catalog_images, extract, join, save_and_report, train_and_evaluate
+from tasks.score import score_reference
 from tasks.storage import open_location
 from tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
 
@@ -50,8 +53,16 @@ def run_pipeline(
     labels: dict[str, str] | None = None,
     ray_address: str | None = None,
     batch_size: int = 32,
+    target_sensitivity: float = calibration.DEFAULT_TARGET_SENSITIVITY,
+    gpu_share: float | None = None,
+    actor_cpus: float | None = None,
+    examples_per_kind: int = 3,
 ) -> dict:
-    """The whole pipeline on one collection of images; returns the run's summary."""
+    """The whole pipeline on one collection of images; returns the run's summary.
+
+    The report shows up to `examples_per_kind` true/false positives and false negatives of the
+    test split with their activation maps (0: none).
+    """
     started = datetime.now(UTC)
     run_id = f"{started.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     # Validate everything a user can get wrong before any work starts.
@@ -59,6 +70,8 @@ def run_pipeline(
     bb.check_image_size(backbones, image_size)
     train.make_classifier(classifier)
     train.check_split(split)
+    calibration.check_target_sensitivity(target_sensitivity)
+    check_actor_resources(gpu_share, actor_cpus)
     choice = bb.parse_weights(weights, weights_dir, seed)
     weight_ids = {name: bb.weights_id(bb.BACKBONES[name], choice) for name in backbones}
     root = open_location(store)
@@ -66,22 +79,29 @@ def run_pipeline(
     rows = catalog_images(images, root, dataset, labels)
     # One class, or too few subjects for the split: say so before hours of extraction.
     trainable = _labelled(rows)
-    train.split_rows(
-        evaluate.labels_to_int([r["label"] for r in trainable]),
-        [r["subject_id"] for r in trainable],
-        split,
-        seed=seed,
+    planned_y = evaluate.labels_to_int([r["label"] for r in trainable])
+    planned_subjects = [r["subject_id"] for r in trainable]
+    planned = train.split_rows(planned_y, planned_subjects, split, seed=seed)
+    # The calibration folds inside the training side need two or more cells of each class too.
+    train.kfold(
+        planned_y[planned.train],
+        [planned_subjects[i] for i in planned.train],
+        calibration.DEFAULT_CALIBRATION_FOLDS,
+        seed,
     )
     features = extract(
-        root, rows, backbones, choice, weight_ids, image_size, batch_size, ray_address
-    )
+        root, rows, backbones, choice, weight_ids, image_size, batch_size, ray_address,
+        gpu_share, actor_cpus,
+    )  # fmt: skip
 
     labelled = [r for r in trainable if r["image_id"] not in features["rejected"]]
     joined = join(root, [r["image_id"] for r in labelled], backbones, weight_ids, image_size)
     by_id = {r["image_id"]: r for r in labelled}
     y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
     subjects = [by_id[i]["subject_id"] for i in joined.image_ids]
-    fitted = train_and_evaluate(joined.matrix, y, subjects, classifier, split, seed)
+    fitted = train_and_evaluate(
+        joined.matrix, y, subjects, classifier, split, seed, target_sensitivity
+    )
 
     train_ids = [joined.image_ids[i] for i in fitted["split"].train]
     model_id = registry.new_model_id(classifier, train.fingerprint(train_ids))
@@ -100,9 +120,12 @@ def run_pipeline(
         "feature_recipe": recipe,
         "non_clinical": bb.uses_random_weights(backbones, choice),
         "classifier": classifier,
-        "classifier_params": _params(fitted["model"]),
+        # The paper's classifier settings; the saved model wraps them in calibration.
+        "classifier_params": _params(fitted["headline_model"]),
         "score_kind": fitted["score_kind"],
-        "threshold": 0.0 if fitted["score_kind"] == "decision_value" else 0.5,
+        "threshold": fitted["threshold"],
+        "target_sensitivity": target_sensitivity,
+        "calibration": fitted["calibration"],
         "split": split,
         "seed": seed,
         "n_train": len(train_ids),
@@ -112,9 +135,16 @@ def run_pipeline(
         "reference": {
             "feature_mean": joined.matrix[fitted["split"].train].mean(axis=0).tolist(),
             "feature_std": joined.matrix[fitted["split"].train].std(axis=0).tolist(),
+            # The saved model's scores on held-out cells: nightly drift compares against these
+            # (training-set scores of a separating SVM are more extreme than new cells' ever are).
+            "scores": score_reference(
+                *train.decision_scores(fitted["model"], joined.matrix[fitted["split"].test]),
+                split="held-out test",
+            ),
         },
         "metrics": fitted["metrics"],
         "package_versions": package_versions(),
+        "code_version": registry.code_version(),
     }
     counts = _accounting(rows, features["rejected"], joined)
     summary = {
@@ -142,10 +172,23 @@ def run_pipeline(
         ],
         "extraction": features,
         "metrics": fitted["metrics"],
+        "score_kind": record["score_kind"],
+        "threshold": record["threshold"],
+        "calibration": record["calibration"],
         "created_at": started.isoformat(),
+        "code_version": record["code_version"],
         "package_versions": record["package_versions"],
     }
-    summary["paths"] = save_and_report(root, model_id, fitted, record, summary)
+    test_ids = [joined.image_ids[i] for i in fitted["split"].test]
+    examples = []
+    if examples_per_kind > 0:
+        examples = explain_examples(
+            fitted["model"], record, test_ids, fitted["y_test"], fitted["test_probabilities"],
+            {i: by_id[i]["uri"] for i in test_ids},
+            {i: joined.matrix[k] for k, i in zip(fitted["split"].test, test_ids, strict=True)},
+            choice.folder, examples_per_kind,
+        )  # fmt: skip
+    summary["paths"] = save_and_report(root, model_id, fitted, record, summary, examples)
     finished = datetime.now(UTC)
     write_run(
         root,

@@ -4,13 +4,16 @@ The driver decodes each batch once, puts it in Ray's object store, and every bac
 reads the same copy. At most `max_batches_in_flight` batches are outstanding, so memory stays
 bounded however large the dataset; vectors are written to Parquet batch by batch as they arrive.
 Actors restart and retry a batch if their process dies; the driver writes a batch only once its
-vectors are back, so a retry never duplicates rows.
+vectors are back, so a retry never duplicates rows. At the end, each backbone's per-batch files
+are merged into larger ones (tasks.tables.compact_features).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -20,14 +23,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from leukoflow.errors import LeukoflowError
 from tasks import backbones as bb
 from tasks.extract import load_pixels, make_featurizer
 from tasks.storage import Location
-from tasks.tables import featurised_ids, write_features
+from tasks.tables import compact_features, featurised_ids, write_features
 
 log = logging.getLogger("leukoflow.extract")
 
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+# Environment of the actor processes: a GPU may be shared by several backbones, so TensorFlow
+# takes its memory as needed (set before TensorFlow starts, whatever imports it first).
+ACTOR_ENV = {**QUIET_TF, "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
 
 
 @contextmanager
@@ -42,20 +49,31 @@ def ray_session(address: str | None) -> Iterator[None]:
         import leukoflow
         import tasks
 
+        _check_reachable(address)
         # The cluster's image carries the dependencies; this driver's own code travels with the
-        # job so workers run exactly the version that submitted it.
-        ray.init(
-            address=address,
-            runtime_env={"py_modules": [leukoflow, tasks, flows], "env_vars": QUIET_TF},
-            log_to_driver=False,
-        )
+        # job so workers run exactly the version that submitted it. Folders, not module objects:
+        # a Ray Client (ray://) driver must send the runtime env over the wire.
+        packages = [os.path.dirname(p.__file__) for p in (leukoflow, tasks, flows)]
+        try:
+            ray.init(
+                address=address,
+                runtime_env={"py_modules": packages, "env_vars": ACTOR_ENV},
+                log_to_driver=False,
+            )
+        except (ConnectionError, ray.exceptions.AuthenticationError) as error:
+            # The port answered: most often the cluster wants a token this driver lacks.
+            raise LeukoflowError(
+                f"cannot join the Ray cluster at {address} ({error}); with token authentication "
+                "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN_PATH or "
+                "RAY_AUTH_TOKEN"
+            ) from error
     else:
         # address="local": never attach to a stale `ray start` cluster left on this machine.
         ray.init(
             address="local",
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": QUIET_TF},
+            runtime_env={"env_vars": ACTOR_ENV},
         )
     try:
         yield
@@ -63,7 +81,29 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a wrong host:port; ray.init would retry for minutes."""
+    if address == "auto":
+        return  # auto-discovery of a cluster this machine belongs to: Ray's to resolve
+    scheme, _, where = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        raise LeukoflowError(f"--ray-address wants HOST:PORT or ray://HOST:PORT, got {address}")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise LeukoflowError(f"--ray-address wants HOST:PORT or ray://HOST:PORT, got {address}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise LeukoflowError(
+            f"cannot reach the Ray cluster at {address}: {error.strerror or error}"
+        ) from error
+
+
+# A lost node makes its actor "unavailable" for as long as Ray takes to declare the node dead
+# and restart the actor elsewhere; a bounded retry count runs out within that window. Unlimited
+# retries cover only system failures (an error raised by featurize is never retried), and
+# max_restarts still ends a run whose actor keeps dying.
+@ray.remote(max_restarts=2, max_task_retries=-1)
 class BackboneActor:
     """Hosts one backbone for the whole run (the model is loaded once per process)."""
 
@@ -84,7 +124,9 @@ class BackboneActor:
     def load(self) -> dict:
         self._ensure_loaded()
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(), "pid": os.getpid()}
+        # Where this process imported the project from: the job's runtime_env on a cluster.
+        code_dir = os.path.dirname(os.path.dirname(os.path.abspath(bb.__file__)))
+        return {"node_id": context.get_node_id(), "pid": os.getpid(), "code_dir": code_dir}
 
     def featurize(self, pixels: np.ndarray | list[np.ndarray], rows: list[int]) -> np.ndarray:
         """Vectors for the given rows of a shared batch (resized array, or originals list)."""
@@ -101,15 +143,41 @@ class ActorPlan:
     num_cpus: float
     num_gpus: float
 
+    @property
+    def threads(self) -> int:
+        """Math-library threads per actor: its CPU share rounded up, so that a node's actors
+        together can use all of its cores (Ray rounds down: 3 actors on 4 cores used 3)."""
+        return max(1, math.ceil(self.num_cpus))
+
+    def env_vars(self) -> dict[str, str]:
+        """OMP_NUM_THREADS for the actor (TensorFlow's oneDNN kernels honour it); a value set
+        where the driver runs wins, so one can try others (docs/benchmarks.md)."""
+        return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads))}
+
     @classmethod
     def for_cluster(cls, n_actors: int, gpu_share: float | None, cpus: float | None) -> ActorPlan:
+        check_actor_resources(gpu_share, cpus)
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) > 0:
             return cls(num_cpus=cpus or 1.0, num_gpus=gpu_share or round(1.0 / n_actors, 3))
-        # CPU only: share one node's cores between the actors so they never oversubscribe it.
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        node_cpus = min(n["Resources"].get("CPU", 1.0) for n in nodes) if nodes else 1.0
+        # CPU only: share one node's cores between the actors so they never oversubscribe it;
+        # all of them then also fit on one node, so a lost node's actor can restart elsewhere.
+        # Nodes without CPUs (a head started with --num-cpus 0) host no actor and do not count.
+        cores = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        node_cpus = min((c for c in cores if c > 0), default=1.0)
         return cls(num_cpus=cpus or max(0.1, round(node_cpus / n_actors, 3) - 0.001), num_gpus=0)
+
+
+def check_actor_resources(gpu_share: float | None, actor_cpus: float | None) -> None:
+    """Reject shares Ray cannot schedule: fractions of one GPU, or whole GPUs; CPUs above 0."""
+    if gpu_share is not None and (
+        gpu_share <= 0 or (gpu_share > 1 and not float(gpu_share).is_integer())
+    ):
+        raise LeukoflowError(
+            f"--gpu-share wants a fraction of one GPU (e.g. 0.33) or whole GPUs, got {gpu_share}"
+        )
+    if actor_cpus is not None and actor_cpus <= 0:
+        raise LeukoflowError(f"--actor-cpus wants a positive number, got {actor_cpus}")
 
 
 @dataclass
@@ -117,6 +185,7 @@ class ExtractionResult:
     computed: dict[str, int] = field(default_factory=dict)  # backbone -> vectors written
     rejected: dict[str, str] = field(default_factory=dict)  # image_id -> reason
     actor_nodes: dict[str, str] = field(default_factory=dict)  # backbone -> node id
+    actor_code_dirs: dict[str, str] = field(default_factory=dict)  # backbone -> code imported from
     seconds: float = 0.0
 
     @property
@@ -158,12 +227,17 @@ def extract_features(
     plan = ActorPlan.for_cluster(len(names), gpu_share, actor_cpus)
     actors = {
         name: BackboneActor.options(
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, scheduling_strategy="SPREAD"
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            scheduling_strategy="SPREAD",
+            runtime_env={"env_vars": plan.env_vars()},
         ).remote(bb.BACKBONES[name], image_size, weights)
         for name in names
     }
     loaded = ray.get([actors[n].load.remote() for n in names])
     result.actor_nodes = {n: info["node_id"] for n, info in zip(names, loaded, strict=True)}
+    result.actor_code_dirs = {n: info["code_dir"] for n, info in zip(names, loaded, strict=True)}
+    log.info("extract: actors %s, %s per actor", result.actor_nodes, plan)
 
     wanted = {name: set(todo[name]) for name in names}
     all_ids = list(dict.fromkeys(i for name in names for i in todo[name]))
@@ -204,5 +278,8 @@ def extract_features(
         drain_one()
     for actor in actors.values():
         ray.kill(actor)
+    for name in result.computed:
+        # One file per batch is what streaming needs; readers want few, larger files.
+        compact_features(store, name)
     result.seconds = time.perf_counter() - started
     return result

@@ -11,6 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,20 +193,53 @@ def weights_id(spec: BackboneSpec, choice: WeightsChoice) -> str:
 
 
 # -- models (run inside the actors) ----------------------------------------------------------
-def build_model(spec: BackboneSpec, image_size: int, weights_path: str | None, seed: int):
-    """The headless Keras application with a GAP layer; random-init from `seed` when no file."""
+def build_model(
+    spec: BackboneSpec,
+    image_size: int,
+    weights_path: str | None,
+    seed: int,
+    pooling: str | None = "avg",
+):
+    """The headless Keras application with a GAP layer; random-init from `seed` when no file.
+
+    pooling=None returns the last convolutional feature map instead (its spatial mean is the GAP
+    vector): the class activation maps of tasks/cam need it.
+    """
     import keras
 
     module = importlib.import_module(f"keras.applications.{spec.module}")
     constructor = getattr(module, spec.constructor)
-    if weights_path is None:
-        keras.utils.set_random_seed(seed)
-    return constructor(
-        include_top=False,
-        weights=weights_path,
-        input_shape=(image_size, image_size, 3),
-        pooling="avg",
-    )
+    arguments = {
+        "include_top": False,
+        "weights": weights_path,
+        "input_shape": (image_size, image_size, 3),
+        "pooling": pooling,
+    }
+    if weights_path is not None:
+        return constructor(**arguments)
+    keras.utils.set_random_seed(seed)
+    with _private_initializer_seeds(seed):
+        return constructor(**arguments)
+
+
+_SEEDING = threading.Lock()
+
+
+@contextmanager
+def _private_initializer_seeds(seed: int) -> Iterator[None]:
+    """Keras draws every unseeded initializer's seed from the global `random` module, which any
+    other thread of the process (Prefect's, Ray's) may draw from too and so change the "same"
+    random init. A private Random(seed) gives the sequence random.seed(seed) gives, whatever
+    other threads do; the lock keeps two of our own builds from sharing it."""
+    from keras.src.random import seed_generator
+
+    with _SEEDING:
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = shared
 
 
 def preprocess(spec: BackboneSpec, pixels: np.ndarray) -> np.ndarray:

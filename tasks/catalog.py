@@ -19,9 +19,9 @@ import posixpath
 import re
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from leukoflow.errors import LeukoflowError
 from tasks.images import TOO_LARGE, UNREADABLE, ImageRejected, decode_image
@@ -42,6 +42,8 @@ LABEL_CONFLICT = "label_conflict"
 # Whole-file reads: refuse anything bigger before reading it (a 40 Mpx 16-bit RGBA TIFF is 320 MB).
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 _SUBJECT = re.compile(r"^UID_(\d+|H\d+)_\d+_\d+_(all|hem)\.[A-Za-z]+$")
 
 
@@ -59,16 +61,25 @@ def parse_subject_id(filename: str) -> str | None:
 
 
 def build_catalog(
-    images_uri: str, dataset: str, labels: dict[str, str] | None = None
+    images_uri: str,
+    dataset: str,
+    labels: dict[str, str] | None = None,
+    known_rows: Mapping[str, dict] | None = None,
+    allow_empty: bool = False,
 ) -> list[dict]:
-    """One CATALOG_SCHEMA row per image file under IMAGES (folder or .csv manifest), by uri."""
+    """One CATALOG_SCHEMA row per image file under IMAGES (folder or .csv manifest), by uri.
+
+    known_rows (uri -> an earlier catalog row) lets a re-run reuse the row of a file whose size
+    and modification time are unchanged, without reading, hashing or decoding it again.
+    allow_empty accepts a folder without images (a quiet night's inbox).
+    """
     mapping = _check_labels(labels)
     root = open_location(images_uri)
     if not root.fs.exists(root.path):
         raise LeukoflowError(f"IMAGES {root.uri} does not exist.")
     if root.fs.isdir(root.path):
         entries = list(_folder_entries(root, mapping))
-        if not entries:
+        if not entries and not allow_empty:
             raise LeukoflowError(
                 f"no images found under {root.uri} (looked for {', '.join(IMAGE_SUFFIXES)})."
             )
@@ -80,7 +91,7 @@ def build_catalog(
     # Of several copies of the same bytes, the one kept as "ok" is the first labelled one by
     # uri, so an unlabelled inbox copy never hides a training label.
     entries.sort(key=lambda entry: (entry.label is None, entry.uri))
-    rows = _rows(entries, dataset, discovered_at)
+    rows = _rows(entries, dataset, discovered_at, known_rows or {})
     return sorted(rows, key=lambda row: row["uri"])
 
 
@@ -117,6 +128,7 @@ class _Entry:
     refused: str | None = None
     size: int | None = None
     image_id: str | None = None  # set for refused manifest rows, whose uri is not a file
+    modified: datetime | None = None  # from an object store's listing (local files are stat'ed)
 
 
 def _check_labels(labels: dict[str, str] | None) -> dict[str, str]:
@@ -145,7 +157,7 @@ def _folder_label(relative: str, mapping: dict[str, str]) -> str | None:
 
 def _folder_entries(root: Location, mapping: dict[str, str]) -> Iterator[_Entry]:
     listing = _walk_local(root.path) if root.is_local else _walk_remote(root)
-    for path, size, error in listing:
+    for path, size, error, modified in listing:
         uri = Location(root.fs, path).uri
         relative = path[len(root.path) :].lstrip("/")  # listings only yield paths under root
         entry = _Entry(
@@ -155,6 +167,7 @@ def _folder_entries(root: Location, mapping: dict[str, str]) -> Iterator[_Entry]
             subject_id=parse_subject_id(path),
             size=size,
             refused=error,
+            modified=modified,
         )
         if not _is_utf8(path):
             # The uri could not be stored or reopened; keep the file visible but never read it.
@@ -171,8 +184,8 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None]]:
-    """(path, None, error) for every image-suffixed entry, following links without looping."""
+def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None, datetime | None]]:
+    """(path, None, error, None) for every image-suffixed entry, following links, no loops."""
     top = os.stat(root)
     visited = {(top.st_dev, top.st_ino)}
     stack = [root]
@@ -185,7 +198,7 @@ def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None]]:
             if folder == root:
                 raise LeukoflowError(f"cannot list IMAGES {root}: {_describe(error)}.") from error
             # The folder may hold images we cannot see: record it rather than drop it silently.
-            yield folder, None, f"{UNREADABLE}: cannot list folder: {_describe(error)}"
+            yield folder, None, f"{UNREADABLE}: cannot list folder: {_describe(error)}", None
             continue
         subfolders = []
         for entry in entries:
@@ -201,16 +214,16 @@ def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None]]:
                     visited.add(key)
                     subfolders.append(entry.path)
             elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-                yield entry.path, None, None
+                yield entry.path, None, None, None
         stack.extend(reversed(subfolders))
 
 
-def _walk_remote(root: Location) -> Iterator[tuple[str, int | None, str | None]]:
+def _walk_remote(root: Location) -> Iterator[tuple[str, int | None, str | None, datetime | None]]:
     # Object stores have no links or special files: a flat recursive listing is the whole tree.
     found = root.fs.find(root.path, withdirs=False, detail=True)
     for path, info in sorted(found.items()):
         if path.lower().endswith(IMAGE_SUFFIXES):
-            yield path, info.get("size"), None
+            yield path, info.get("size"), None, _listed_mtime(info)
 
 
 def _manifest_entries(manifest: Location, mapping: dict[str, str]) -> list[_Entry]:
@@ -260,7 +273,8 @@ def _manifest_entry(
         or relative.startswith("../")
     )
     if escapes:
-        reason = f"{PATH_ESCAPE}: {raw} is outside {folder}"
+        # The row's uri keeps the raw path; reasons reach reports and artifacts, paths must not.
+        reason = f"{PATH_ESCAPE}: the path leaves the manifest's folder"
         return _Entry(raw, None, label, subject, reason, image_id=_path_id(raw))
     loc = Location(manifest.fs, posixpath.join(folder, relative))
     entry = _Entry(loc.uri, loc, label, subject)
@@ -270,7 +284,9 @@ def _manifest_entry(
 
 
 # -- rows ------------------------------------------------------------------------------------
-def _rows(entries: list[_Entry], dataset: str, discovered_at: datetime) -> list[dict]:
+def _rows(
+    entries: list[_Entry], dataset: str, discovered_at: datetime, known_rows: Mapping[str, dict]
+) -> list[dict]:
     rows = []
     first_by_hash: dict[str, dict] = {}
     for entry in entries:
@@ -286,11 +302,20 @@ def _rows(entries: list[_Entry], dataset: str, discovered_at: datetime) -> list[
             "status": STATUS_QUARANTINED,
             "reason": entry.refused,
             "discovered_at": discovered_at,
+            "modified_at": None,
         }
         rows.append(row)
         if entry.refused is not None or entry.loc is None:
             row["image_id"] = entry.image_id or _path_id(entry.uri)
             continue
+        # Stamp before reading: a file changed after the stamp is simply read again next time.
+        size, row["modified_at"] = _stamp(entry)
+        known = known_rows.get(entry.uri)
+        if known is not None:
+            row["discovered_at"] = known["discovered_at"] or discovered_at
+            if _unchanged(known, size, row["modified_at"]):
+                _reuse(row, known, first_by_hash)
+                continue
         try:
             data = _read(entry.loc, entry.size)
         except ImageRejected as rejected:
@@ -316,6 +341,59 @@ def _rows(entries: list[_Entry], dataset: str, discovered_at: datetime) -> list[
             width=decoded.width, height=decoded.height, status=STATUS_OK, reason=decoded.conversion
         )
     return rows
+
+
+def _stamp(entry: _Entry) -> tuple[int | None, datetime | None]:
+    """(size, modification time) of a file, or Nones when they cannot be known."""
+    if entry.loc is not None and entry.loc.is_local:
+        try:
+            info = os.stat(entry.loc.path)
+        except OSError:
+            return None, None  # _read reports why
+        # Exact to the microsecond the catalog stores, with no float rounding in between.
+        return info.st_size, _EPOCH + timedelta(microseconds=info.st_mtime_ns // 1000)
+    return entry.size, entry.modified
+
+
+def _listed_mtime(info: dict) -> datetime | None:
+    """The modification time an fsspec listing gives (s3fs: LastModified), in UTC."""
+    value = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    elif isinstance(value, (int, float)):
+        moment = datetime.fromtimestamp(value, UTC)
+    else:
+        return None
+    return moment.astimezone(UTC)
+
+
+def _unchanged(known: dict, size: int | None, modified: datetime | None) -> bool:
+    """Whether an earlier row still describes the file: same size and mtime, bytes were read."""
+    return (
+        size is not None
+        and modified is not None
+        and known.get("size_bytes") == size
+        and known.get("modified_at") == modified
+        # Rows of files that could not be read carry a path id: those are tried again.
+        and not str(known.get("image_id") or "path:").startswith("path:")
+    )
+
+
+def _reuse(row: dict, known: dict, first_by_hash: dict[str, dict]) -> None:
+    """Fill `row` from the earlier row of the same unchanged file: no read, hash or decode."""
+    image_id = known["image_id"]
+    row.update(image_id=image_id, size_bytes=known["size_bytes"])
+    first = first_by_hash.get(image_id)
+    if first is not None:
+        _mark_copy(row, first)
+        return
+    first_by_hash[image_id] = row
+    if known["status"] == STATUS_QUARANTINED:
+        row["reason"] = known["reason"]  # the same bytes fail to decode the same way
+        return
+    # A row that was a duplicate decoded fine too; its conversion note went with the first copy.
+    conversion = known["reason"] if known["status"] == STATUS_OK else None
+    row.update(width=known["width"], height=known["height"], status=STATUS_OK, reason=conversion)
 
 
 def _mark_copy(row: dict, first: dict) -> None:

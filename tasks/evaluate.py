@@ -161,11 +161,14 @@ def bootstrap_interval(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: Sequence | np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) interval of one compute_metrics value, resampling cells.
 
-    For roc_auc, resamples that contain a single class are skipped (AUC is undefined there);
-    if every resample is skipped, ValueError is raised.
+    With `groups` (one subject id per cell) whole subjects are resampled instead, so cells of one
+    patient, which are not independent, move together. For roc_auc, resamples that contain a
+    single class are skipped (AUC is undefined there); if every resample is skipped, ValueError
+    is raised.
     """
     if metric not in _BOOTSTRAP_METRICS:
         raise ValueError(
@@ -187,9 +190,13 @@ def bootstrap_interval(
 
     rng = np.random.default_rng(seed)
     n = yt.size
+    members = None if groups is None else _group_members(groups, n)
     values: list[float] = []
     for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
+        if members is None:
+            idx = rng.integers(0, n, size=n)
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         yt_b = yt[idx]
         if sc is not None and np.unique(yt_b).size < 2:
             continue
@@ -198,6 +205,15 @@ def bootstrap_interval(
         raise ValueError(f"no bootstrap resample had both classes; cannot bound {metric}")
     low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+def _group_members(groups: Sequence | np.ndarray, n: int) -> list[np.ndarray]:
+    """The cell indices of each group (groups sorted by id, so the draw is reproducible)."""
+    labels = np.asarray(groups, dtype=object).ravel()
+    if labels.size != n:
+        raise ValueError(f"groups has {labels.size} values for {n} cells")
+    _, codes = np.unique(labels.astype(str), return_inverse=True)
+    return [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]
 
 
 def _single_metric(

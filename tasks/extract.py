@@ -37,21 +37,47 @@ def make_featurizer(spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsC
     return Featurizer(spec, image_size, weights)
 
 
+def load_backbone(
+    spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsChoice, pooling: str | None = "avg"
+):
+    """The Keras model of `spec` with the checked weights file or the seeded random init.
+
+    pooling=None gives the last convolutional feature map (class activation maps, tasks/cam)
+    from exactly the weights the GAP features came from.
+    """
+    weights_path = None
+    if weights.kind == "imagenet":
+        path, _ = bb.resolve_weights_file(spec, weights)
+        weights_path = str(path)
+    return bb.build_model(spec, image_size, weights_path, weights.seed, pooling=pooling)
+
+
+def traced_forward(model, image_size: int):
+    """The model's inference graph, traced once, now, for every batch size.
+
+    Keras' predict_on_batch traces the network again for each new batch shape: a run's last,
+    smaller batch cost seconds of tracing per backbone on CPU (see docs/benchmarks.md).
+    """
+    import tensorflow as tf
+
+    signature = tf.TensorSpec((None, image_size, image_size, 3), tf.float32)
+    forward = tf.function(lambda x: model(x, training=False), input_signature=[signature])
+    forward.get_concrete_function()  # trace at load time, not on the first batch
+    return forward
+
+
 class Featurizer:
     """One backbone, loaded once, turning (N, S, S, 3) pixels in 0..255 into GAP vectors."""
 
     def __init__(self, spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsChoice):
         self.spec = spec
         self.image_size = image_size
-        weights_path = None
-        if weights.kind == "imagenet":
-            path, _ = bb.resolve_weights_file(spec, weights)
-            weights_path = str(path)
-        self.model = bb.build_model(spec, image_size, weights_path, weights.seed)
+        self.model = load_backbone(spec, image_size, weights)
+        self._forward = traced_forward(self.model, image_size)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         batch = bb.preprocess(self.spec, pixels)
-        vectors = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+        vectors = np.asarray(self._forward(batch), dtype=np.float32)
         if vectors.shape != (len(pixels), self.spec.feature_dim):
             raise RuntimeError(f"{self.spec.name} returned shape {vectors.shape}")
         return vectors
@@ -87,7 +113,8 @@ def load_pixels(
             rejected[image_id] = str(error)
             continue
         except OSError as error:
-            rejected[image_id] = f"unreadable: {error}"
+            # strerror, not str(error): the latter names the file, and reasons reach the logs.
+            rejected[image_id] = f"unreadable: {error.strerror or type(error).__name__}"
             continue
         kept.append(image_id)
         arrays.append(resize_pixels(decoded.pixels, image_size))

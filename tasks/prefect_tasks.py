@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import backbones as bb
-from tasks import evaluate, registry, train
+from tasks import calibration, evaluate, registry, train
 from tasks.actors import extract_features, missing_features, ray_session
 from tasks.catalog import build_catalog, catalog_counts
 from tasks.join import JoinedFeatures, join_features
@@ -46,6 +46,8 @@ def extract(
     image_size: int,
     batch_size: int,
     ray_address: str | None,
+    gpu_share: float | None = None,
+    actor_cpus: float | None = None,
 ) -> dict:
     """Featurise every ok image that lacks a vector; a re-run starts no model at all."""
     logger = get_run_logger()
@@ -65,8 +67,9 @@ def extract(
 
     with ray_session(ray_address):
         result = extract_features(
-            store, uris, todo, weights, weight_ids, image_size, batch_size, on_progress=progress
-        )
+            store, uris, todo, weights, weight_ids, image_size, batch_size,
+            gpu_share=gpu_share, actor_cpus=actor_cpus, on_progress=progress,
+        )  # fmt: skip
     rate = result.images_done / result.seconds if result.seconds else None
     logger.info("extract: done in %.1fs (%s images/s)", result.seconds, rate and round(rate, 2))
     return {
@@ -75,6 +78,7 @@ def extract(
         "seconds": round(result.seconds, 2),
         "images_per_second": rate and round(rate, 3),
         "actor_nodes": result.actor_nodes,
+        "actor_code_dirs": result.actor_code_dirs,
     }
 
 
@@ -101,9 +105,19 @@ def join(
 
 @task(name="train-evaluate", cache_policy=NO_CACHE)
 def train_and_evaluate(
-    x: np.ndarray, y: np.ndarray, subjects: list, classifier: str, split: str, seed: int
+    x: np.ndarray,
+    y: np.ndarray,
+    subjects: list,
+    classifier: str,
+    split: str,
+    seed: int,
+    target_sensitivity: float = calibration.DEFAULT_TARGET_SENSITIVITY,
 ) -> dict:
-    """Split, fit on the training side, score the held-out side."""
+    """Split, fit on the training side, score the held-out side; then calibrate and threshold.
+
+    The plain classifier (the paper's) gives the headline metrics; the calibrated one is the
+    model that is saved and scores new cells.
+    """
     logger = get_run_logger()
     parts = train.split_rows(y, subjects, split, seed=seed)
     model = train.fit(classifier, x[parts.train], y[parts.train], seed)
@@ -117,29 +131,71 @@ def train_and_evaluate(
         metrics["accuracy"],
         metrics["f1"],
     )
+    calibrated = calibration.calibrate_and_choose_threshold(
+        classifier,
+        x[parts.train],
+        y[parts.train],
+        [subjects[i] for i in parts.train],
+        x[parts.test],
+        y[parts.test],
+        target_sensitivity,
+        seed=seed,
+    )
+    test = calibrated.summary["test"]
+    logger.info(
+        "calibration (%d %s folds): threshold %.4f for sensitivity >= %.2f; test sensitivity "
+        "%s, specificity %s, Brier %.4f",
+        calibrated.summary["folds"],
+        calibrated.summary["grouping"],
+        calibrated.threshold,
+        target_sensitivity,
+        test["sensitivity"],
+        test["specificity"],
+        test["brier"],
+    )
     return {
-        "model": model,
+        "model": calibrated.model,  # what is saved and what scoring uses
+        "headline_model": model,
         "split": parts,
         "y_test": y[parts.test],
         "y_pred": y_pred,
         "scores": scores,
-        "score_kind": score_kind,
+        "headline_score_kind": score_kind,
+        "score_kind": "probability",
+        "threshold": calibrated.threshold,
+        "calibration": calibrated.summary,
+        "test_probabilities": calibrated.test_probabilities,
         "metrics": metrics,
     }
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def save_and_report(
-    store: Location, model_id: str, fitted: dict, record: dict, summary: dict
+    store: Location,
+    model_id: str,
+    fitted: dict,
+    record: dict,
+    summary: dict,
+    examples: list[dict] | None = None,
 ) -> dict[str, str]:
-    """Write the model, its record, metrics and reports; promote it; publish artifacts."""
+    """Write the model, its record, metrics and reports; promote it; publish artifacts.
+
+    `examples`: the report's gallery of test cells with activation maps (tasks/explain_tasks).
+    """
     registry.save_model(store, model_id, fitted["model"], record)
-    markdown, html = render_report(summary, fitted["y_test"], fitted["y_pred"], fitted["scores"])
+    risk = {
+        "summary": fitted["calibration"],
+        "y_true": fitted["y_test"],
+        "probabilities": fitted["test_probabilities"],
+    }
+    markdown, html = render_report(
+        summary, fitted["y_test"], fitted["y_pred"], fitted["scores"], risk=risk, examples=examples
+    )
+    # Headline (paper's classifier) metrics at the top level; the calibrated model's beside them.
+    metrics_file = {**fitted["metrics"], "calibrated": fitted["calibration"]}
     paths = {
         "model": registry.model_folder(store, model_id).uri,
-        "metrics": registry.write_model_file(
-            store, model_id, "metrics.json", fitted["metrics"]
-        ).uri,
+        "metrics": registry.write_model_file(store, model_id, "metrics.json", metrics_file).uri,
         "report_md": registry.write_model_file(store, model_id, "report.md", markdown).uri,
         "report_html": registry.write_model_file(store, model_id, "report.html", html).uri,
     }
@@ -149,8 +205,19 @@ def save_and_report(
     create_table_artifact(
         key="evaluation-metrics",
         table=[
-            {"metric": k, "value": metrics[k]}
-            for k in ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc")
+            *(
+                {"metric": k, "value": metrics[k]}
+                for k in ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc")
+            ),
+            {"metric": "threshold (calibrated)", "value": fitted["threshold"]},
+            *(
+                {"metric": name, "value": fitted["calibration"]["test"][k]}
+                for k, name in (
+                    ("sensitivity", "sensitivity at threshold"),
+                    ("specificity", "specificity at threshold"),
+                    ("brier", "Brier score (calibrated)"),
+                )
+            ),
         ],
         description=f"{model_id} ({summary['split']} split)",
     )

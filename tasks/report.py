@@ -20,7 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tasks.evaluate import NEGATIVE_LABEL, POSITIVE_LABEL, compute_metrics, roc_points
+from tasks import experiments as ex
+from tasks.evaluate import NEGATIVE_LABEL, POSITIVE_LABEL, compute_metrics, pr_points, roc_points
 
 TITLE = "leukoflow evaluation report"
 NON_CLINICAL_WARNING = (
@@ -58,6 +59,7 @@ code { background: #f3f4f6; padding: 0 0.25em; border-radius: 3px; }
 figure { margin: 0.8em 0; display: inline-block; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; text-align: center; }
+tr.best th, tr.best td { background: #e6f4ea; font-weight: bold; }
 """
 
 
@@ -95,19 +97,86 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     return fig
 
 
-def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> Figure:
-    """ROC curve with the chance diagonal; the legend shows the AUC when it is known."""
+def plot_roc(
+    fpr: Sequence[float],
+    tpr: Sequence[float],
+    auc: float | None,
+    operating_point: tuple[float, float] | None = None,
+) -> Figure:
+    """ROC curve with the chance diagonal; the AUC when known; the operating point (fpr, tpr)."""
     fig = Figure(figsize=(4.2, 3.6))
     ax = fig.add_subplot()
     label = "ROC" if auc is None else f"ROC (AUC = {auc:.4f})"
     ax.plot(fpr, tpr, color="#1f4e9c", linewidth=2, label=label)
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="chance")
+    if operating_point is not None:
+        ax.plot(*operating_point, "o", color="#c81e1e", markersize=8, label="operating point")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("false positive rate (hem called all)")
     ax.set_ylabel("true positive rate (all found)")
     ax.set_title("ROC curve")
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_precision_recall(
+    recall: Sequence[float],
+    precision: Sequence[float],
+    prevalence: float | None = None,
+    operating_point: tuple[float, float] | None = None,
+) -> Figure:
+    """Precision-recall curve for ALL; the no-skill line at the prevalence; the operating point."""
+    fig = Figure(figsize=(4.2, 3.6))
+    ax = fig.add_subplot()
+    ax.plot(recall, precision, color="#1f4e9c", linewidth=2, label="precision-recall")
+    if prevalence is not None:
+        ax.axhline(prevalence, color="#999999", linestyle="--", linewidth=1, label="no skill")
+    if operating_point is not None:
+        ax.plot(*operating_point, "o", color="#c81e1e", markersize=8, label="operating point")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("recall (all found)")
+    ax.set_ylabel("precision (flagged that are all)")
+    ax.set_title("Precision-recall curve")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
+    """Reliability diagram: per probability bin, the mean prediction against the share of ALL."""
+    fig = Figure(figsize=(4.2, 3.6))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="perfect")
+    for (name, points), style in zip(curves.items(), ("o-", "s-", "^-"), strict=False):
+        ax.plot(points["mean_predicted"], points["fraction_all"], style, label=name)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("predicted probability of all")
+    ax.set_ylabel("observed share of all")
+    ax.set_title("Calibration curve")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_split_gap(points: Sequence[tuple[str, float, float]]) -> Figure:
+    """Each grid cell's accuracy on the random split (x) against the subject split (y)."""
+    fig = Figure(figsize=(4.6, 4.2))
+    ax = fig.add_subplot()
+    xs = [p[1] for p in points]
+    ys = [p[2] for p in points]
+    low = min([*xs, *ys, 0.5]) - 0.02
+    ax.plot([low, 1], [low, 1], color="#999999", linestyle="--", linewidth=1, label="no gap")
+    ax.scatter(xs, ys, color="#1f4e9c", label="feature set x classifier")
+    ax.set_xlim(low, 1.01)
+    ax.set_ylim(low, 1.01)
+    ax.set_xlabel("accuracy, random image split (paper)")
+    ax.set_ylabel("accuracy, subject-grouped folds (mean)")
+    ax.set_title("Random split vs. subject folds")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -244,9 +313,20 @@ def _confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[int]]]:
 
 
 def render_report(
-    summary: dict, y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None
+    summary: dict,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    scores: np.ndarray | None,
+    risk: Mapping[str, Any] | None = None,
+    examples: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[str, str]:
-    """Build the evaluation report; returns (markdown, html). The HTML is fully self-contained."""
+    """Build the evaluation report; returns (markdown, html). The HTML is fully self-contained.
+
+    `risk` (optional) adds the calibrated score and operating point: {"summary": the calibration
+    summary, "y_true": test labels, "probabilities": calibrated test probabilities}.
+    `examples` (optional) adds a gallery of test cells with their class activation maps:
+    [{"kind": "TP" | "FP" | "FN", "image_id", "png_data_uri"}] (tasks/explain).
+    """
     metrics = _metrics(summary, y_true, y_pred, scores)
     labels, matrix = _confusion(metrics)
     roc, no_roc_reason = _roc(y_true, scores)
@@ -269,6 +349,7 @@ def render_report(
         quarantine_more=quarantine_more,
         no_roc_reason=no_roc_reason,
         versions=summary.get("package_versions") or {},
+        risk_lines=_risk_markdown(risk["summary"]) if risk else [],
     )
 
     plots = [(figure_to_data_uri(plot_confusion_matrix(matrix, labels)), "Confusion matrix")]
@@ -289,8 +370,172 @@ def render_report(
         no_roc_reason=no_roc_reason,
         versions=summary.get("package_versions") or {},
         plots=plots,
+        risk_html=_risk_html(risk) if risk else [],
+        examples_html=_examples_html(examples) if examples else [],
     )
+    if examples:
+        markdown += "\n".join(_examples_markdown(examples))
     return markdown, html_text
+
+
+# -- examples: test cells with their class activation maps -----------------------------------
+EXAMPLES_TITLE = "Examples with their activation maps"
+_EXAMPLE_KINDS = {
+    "TP": "true positives (ALL called ALL)",
+    "FP": "false positives (normal called ALL)",
+    "FN": "false negatives (ALL missed)",
+}
+
+
+def _examples_markdown(examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [f"## {EXAMPLES_TITLE}", "", "| kind | image_id |", "|---|---|"]
+    lines += [f"| {_md(e.get('kind'))} | {_md(e.get('image_id'))} |" for e in examples]
+    return lines + ["", "_The maps are in the HTML report._", ""]
+
+
+def _examples_html(examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    body = [f"<h2>{_h(EXAMPLES_TITLE)}</h2>"]
+    body.append(
+        '<p class="muted">Test cells with the class activation map of each CNN (red: towards '
+        "ALL, blue: towards normal, relative to the average training cell) and, for "
+        "<code>color_morphology</code>, the segmentation and the features that moved the score "
+        "most. See docs/explanations.md.</p>"
+    )
+    for kind, meaning in _EXAMPLE_KINDS.items():
+        chosen = [e for e in examples if e.get("kind") == kind]
+        body.append(f"<h3>{_h(kind)}: {_h(meaning)}</h3>")
+        if not chosen:
+            body.append("<p>None in the test split.</p>")
+        for example in chosen:
+            uri = str(example.get("png_data_uri") or "")
+            if not uri.startswith("data:image/png;base64,"):  # the page must stay self-contained
+                continue
+            caption = f"{kind} {str(example.get('image_id'))[:16]}"
+            body.append(
+                f'<figure><img src="{_h(uri)}" alt="{_h(caption)}">'
+                f"<figcaption>{_h(caption)}</figcaption></figure>"
+            )
+    return body
+
+
+# -- the calibrated risk score and its operating point ---------------------------------------
+RISK_TITLE = "Risk score and operating point"
+
+
+def _risk_explanation(risk: Mapping[str, Any]) -> str:
+    grouping = "grouped by subject" if risk.get("grouping") == "subject" else "of images"
+    note = (
+        f" (not grouped by subject: {risk['grouping_note']})" if risk.get("grouping_note") else ""
+    )
+    return (
+        f"The saved model gives a calibrated probability of ALL ({risk.get('method')} "
+        f"calibration fitted on {risk.get('folds')} held-out folds of the training cells, "
+        f"{grouping}{note}). A cell is flagged when its probability is at least the threshold "
+        f"{_fmt_metric(risk.get('threshold'))}, chosen on those folds (out of fold, never on the "
+        f"test split) to reach a sensitivity of {_fmt_metric(risk.get('target_sensitivity'))} for "
+        "ALL. The metrics above are the paper's plain classifier; those below are the calibrated "
+        "model at this threshold."
+    )
+
+
+def _risk_rows(risk: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    validation, test = risk.get("validation") or {}, risk.get("test") or {}
+
+    def cells(key: str) -> tuple[str, str]:
+        return _fmt_metric(validation.get(key)), _fmt_metric(test.get(key))
+
+    def counts(side: Mapping[str, Any]) -> str:
+        return f"{_fmt(side.get('n_all'))} all / {_fmt(side.get('n_hem'))} hem"
+
+    test_metrics = test.get("metrics") or {}
+    return [
+        ("Sensitivity (all flagged)", *cells("sensitivity")),
+        ("Specificity (hem passed)", *cells("specificity")),
+        ("Share of cells flagged", *cells("flagged_fraction")),
+        ("Brier score (lower is better)", *cells("brier")),
+        ("Precision at threshold", "n/a", _fmt_metric(test_metrics.get("precision"))),
+        ("Accuracy at threshold", "n/a", _fmt_metric(test_metrics.get("accuracy"))),
+        ("F1 at threshold", "n/a", _fmt_metric(test_metrics.get("f1"))),
+        ("Cells", counts(validation), counts(test)),
+    ]
+
+
+def _risk_markdown(risk: Mapping[str, Any]) -> list[str]:
+    lines = [f"## {RISK_TITLE}", "", _md(_risk_explanation(risk)), ""]
+    lines += ["| | validation (out of fold) | test |", "|---|---:|---:|"]
+    lines += [f"| {a} | {_md(b)} | {_md(c)} |" for a, b, c in _risk_rows(risk)]
+    labels, matrix = _confusion((risk.get("test") or {}).get("metrics") or {})
+    lines += ["", "Confusion matrix on the test split at the threshold:", ""]
+    lines += ["| true \\ predicted | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for label, row in zip(labels, matrix, strict=False):
+        lines.append(f"| **{_md(label)}** | " + " | ".join(str(v) for v in row) + " |")
+    return lines + [""]
+
+
+def _risk_plots(risk: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """ROC and PR of the calibrated test probabilities with the operating point, calibration
+    curves and the confusion matrix at the threshold."""
+    summary = risk["summary"]
+    test = summary.get("test") or {}
+    labels, matrix = _confusion(test.get("metrics") or {})
+    plots = [
+        (
+            figure_to_data_uri(plot_confusion_matrix(matrix, labels)),
+            f"Confusion matrix at threshold {_fmt_metric(summary.get('threshold'))}",
+        )
+    ]
+    curves = {
+        name: points
+        for name, points in (
+            ("validation (out of fold)", (summary.get("validation") or {}).get("reliability")),
+            ("test", test.get("reliability")),
+        )
+        if points
+    }
+    if curves:
+        brier = _fmt_metric(test.get("brier"))
+        plots.append(
+            (figure_to_data_uri(plot_reliability(curves)), f"Calibration (test Brier {brier})")
+        )
+    y_true = np.asarray(risk["y_true"]).ravel()
+    probabilities = np.asarray(risk["probabilities"]).ravel()
+    if set(np.unique(y_true).tolist()) == {0, 1}:
+        sensitivity, specificity = test.get("sensitivity"), test.get("specificity")
+        precision = (test.get("metrics") or {}).get("precision")
+        roc_point = pr_point = None
+        if sensitivity is not None and specificity is not None:
+            roc_point = (1 - specificity, sensitivity)
+            pr_point = (sensitivity, precision) if precision is not None else None
+        roc = roc_points(y_true, probabilities)
+        auc = (test.get("metrics") or {}).get("roc_auc")
+        plots.append(
+            (
+                figure_to_data_uri(plot_roc(roc["fpr"], roc["tpr"], auc, roc_point)),
+                "ROC of the calibrated score, operating point marked",
+            )
+        )
+        pr = pr_points(y_true, probabilities)
+        prevalence = float(y_true.mean())
+        figure = plot_precision_recall(pr["recall"], pr["precision"], prevalence, pr_point)
+        plots.append(
+            (
+                figure_to_data_uri(figure),
+                "Precision-recall of the calibrated score, operating point",
+            )
+        )
+    return plots
+
+
+def _risk_html(risk: Mapping[str, Any]) -> list[str]:
+    summary = risk["summary"]
+    body = [f"<h2>{_h(RISK_TITLE)}</h2>", f'<p class="note">{_h(_risk_explanation(summary))}</p>']
+    body.append(_html_table(["", "validation (out of fold)", "test"], _risk_rows(summary), 2))
+    for uri, caption in _risk_plots(risk):
+        body.append(
+            f'<figure><img src="{uri}" alt="{_h(caption)}">'
+            f"<figcaption>{_h(caption)}</figcaption></figure>"
+        )
+    return body
 
 
 def _split_sentence(split: Any, code: Callable[[str], str]) -> str:
@@ -316,6 +561,7 @@ def _render_markdown(
     quarantine_more: int,
     no_roc_reason: str,
     versions: Mapping[str, Any],
+    risk_lines: Sequence[str] = (),
 ) -> str:
     lines: list[str] = []
     if non_clinical:
@@ -346,6 +592,7 @@ def _render_markdown(
     lines.append("")
     if no_roc_reason:
         lines += [no_roc_reason, ""]
+    lines += list(risk_lines)
 
     lines += ["## Images", "", "| | count |", "|---|---:|"]
     lines += [f"| {k} | {_md(v)} |" for k, v in accounting_rows]
@@ -402,6 +649,8 @@ def _render_html(
     no_roc_reason: str,
     versions: Mapping[str, Any],
     plots: list[tuple[str, str]],
+    risk_html: Sequence[str] = (),
+    examples_html: Sequence[str] = (),
 ) -> str:
     body: list[str] = []
     if non_clinical:
@@ -434,6 +683,8 @@ def _render_html(
         )
     if no_roc_reason:
         body.append(f"<p>{_h(no_roc_reason)}</p>")
+    body.extend(risk_html)
+    body.extend(examples_html)
 
     body.append("<h2>Images</h2>")
     body.append(_html_table(["", "count"], accounting_rows, numeric=1))
@@ -456,6 +707,116 @@ def _render_html(
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_h(TITLE)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+# -- the experiments report ------------------------------------------------------------------
+EXPERIMENTS_TITLE = "leukoflow experiments"
+
+
+def _experiment_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    augment = "on: hflip, vflip, rotation (training side only)" if summary.get("augment") else "off"
+    weights = _fmt(summary.get("weights_id"))
+    if summary.get("non_clinical"):
+        weights += " (random initialisation, non-clinical)"
+    return [
+        ("Experiment id", _fmt(summary.get("experiment_id"))),
+        ("Dataset", _fmt(summary.get("dataset"))),
+        ("Images (labelled, with features)", _fmt(summary.get("n_images"))),
+        ("Backbones", ", ".join(summary.get("backbones") or []) or "n/a"),
+        ("Classifiers", ", ".join(summary.get("classifiers") or []) or "n/a"),
+        ("Image size", _fmt(summary.get("image_size"))),
+        ("Weights", weights),
+        ("Augmentation", augment),
+        ("Seed", _fmt(summary.get("seed"))),
+        ("Code version", _fmt(summary.get("code_version"))),
+        ("Created at", _fmt(summary.get("created_at"))),
+    ]
+
+
+def _grid_table_html(header: Sequence[str], rows: Sequence[Sequence[str]], best: int | None) -> str:
+    parts = ["<table>", "<tr>" + "".join(f"<th>{_h(c)}</th>" for c in header) + "</tr>"]
+    for i, row in enumerate(rows):
+        css = ' class="best"' if i == best else ""
+        mark = "\u2605 " if i == best else ""
+        cells = [f"<th>{_h(mark + row[0])}</th>", f"<td>{_h(row[1])}</td>"]
+        cells += [f'<td class="num">{_h(c)}</td>' for c in row[2:]]
+        parts.append(f"<tr{css}>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+def render_experiments_html(summary: Mapping[str, Any]) -> str:
+    """The experiment grid as a self-contained HTML page: a table per evaluation, best marked."""
+    body: list[str] = []
+    if summary.get("note"):
+        body.append(f'<div class="warning">{_h(summary["note"])}</div>')
+    body += [f"<h1>{_h(EXPERIMENTS_TITLE)}</h1>", _html_table([], _experiment_facts(summary))]
+    for evaluation in summary.get("evaluations") or []:
+        results = ex.results_for(summary["cells"], evaluation["name"])
+        header, rows, best = ex.display_table(results)
+        body.append(f"<h2>{_h(evaluation['label'].capitalize())}</h2>")
+        if evaluation["name"] == "subject":
+            how = ", resampling subjects" if evaluation["grouping"] == "subject" else ""
+            body.append(f"<p>Mean ± std over folds, then [bootstrap 95% interval{how}].</p>")
+            if evaluation["grouping"] != "subject":
+                note = ex.NO_SUBJECTS_NOTE.format(why=evaluation["note"])
+                body.append(f'<p class="note">{_h(note)}</p>')
+        else:
+            body.append("<p>Test-set value [bootstrap 95% interval, resampling cells].</p>")
+        body.append(_grid_table_html(header, rows, best))
+        body.append(
+            f'<p class="muted">\u2605 best cell: highest {_h(ex.RANKING_METRIC)}, then F1.</p>'
+        )
+    gap = ex.comparison(summary.get("cells") or [])
+    if gap:
+        body += [
+            "<h2>Random split vs. subject split</h2>",
+            f"<p>{_h(ex.SPLIT_GAP_EXPLANATION)}</p>",
+        ]
+        header = ["Features", "Classifier", "Accuracy, random", "Accuracy, subject", "Gap"]
+        header += ["F1, random", "F1, subject", "F1 gap"]
+        rows = [
+            [
+                row["feature_set"],
+                row["classifier"],
+                *(
+                    text
+                    for key in ("accuracy", "f1")
+                    for text in (
+                        _fmt_metric(row[f"{key}_random"]),
+                        _fmt_metric(row[f"{key}_subject"]),
+                        _fmt_metric(row[f"{key}_gap"]),
+                    )
+                ),
+            ]
+            for row in gap
+        ]
+        body.append(_grid_table_html(header, rows, None))
+        points = [
+            (f"{r['feature_set']} {r['classifier']}", r["accuracy_random"], r["accuracy_subject"])
+            for r in gap
+            if r["accuracy_random"] is not None and r["accuracy_subject"] is not None
+        ]
+        if points:
+            uri = figure_to_data_uri(plot_split_gap(points))
+            caption = "Accuracy per cell: random split (x) vs. subject folds (y)"
+            body.append(
+                f'<figure><img src="{uri}" alt="{_h(caption)}">'
+                f"<figcaption>{_h(caption)}</figcaption></figure>"
+            )
+    versions = summary.get("package_versions") or {}
+    if versions:
+        body.append("<h2>Package versions</h2>")
+        body.append(
+            _html_table(["package", "version"], [(k, _fmt(v)) for k, v in versions.items()])
+        )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_h(EXPERIMENTS_TITLE)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )

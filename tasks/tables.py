@@ -3,6 +3,7 @@
 Layout under the store root:
     catalog/dataset=<name>/catalog.parquet       one row per discovered image
     features/backbone=<name>/part-<id>.parquet   GAP vectors, keyed by image, weights, size
+    features/backbone=<name>/compact-<id>.parquet    the same, many batches merged (see below)
     models/<model_id>/...                        see tasks/registry (model files)
     predictions/date=YYYY-MM-DD/part-<id>.parquet
     runs/run-<run_id>.parquet                    one row per run
@@ -11,13 +12,18 @@ Every writer goes through tasks.storage's atomic writes; readers skip hidden tem
 
 from __future__ import annotations
 
+import hashlib
+import json
+import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from tasks.storage import Location, write_parquet_atomic
 
@@ -39,6 +45,9 @@ CATALOG_SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | quarantined | duplicate
         ("reason", pa.string()),  # why quarantined, or what was converted / linked
         ("discovered_at", pa.timestamp("us", tz="UTC")),
+        # The file's modification time when catalogued: with size_bytes and uri, it lets a re-run
+        # reuse the row instead of re-hashing and re-decoding an unchanged file.
+        ("modified_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 
@@ -105,11 +114,131 @@ def write_features(
     return loc
 
 
+# Compaction. Extraction writes one small file per batch and backbone; compact_features merges
+# a backbone's small files into files of about COMPACT_TARGET_BYTES. The merged file is written
+# atomically and names, in its Parquet metadata, the files it replaces: from the moment it
+# exists the readers below skip those files, so no row is ever seen twice, and the replaced files
+# are deleted right after. A reader that listed the folder just before that delete re-lists.
+COMPACT_PREFIX = "compact-"
+COMPACT_MIN_FILES = 8
+COMPACT_TARGET_BYTES = 64 * 1024 * 1024
+_REPLACES_KEY = b"leukoflow.replaces"
+_READ_ATTEMPTS = 3
+_T = TypeVar("_T")
+
+
+def _feature_files(root: Location) -> tuple[list[dict], list[dict]]:
+    """The folder's Parquet files (fsspec ls entries): live ones, and replaced ones still there."""
+    entries = [
+        entry
+        for entry in root.fs.ls(root.path, detail=True)
+        if entry["type"] == "file"
+        and entry["name"].endswith(".parquet")
+        and not posixpath.basename(entry["name"]).startswith((".", "_"))
+    ]
+    replaced: set[str] = set()
+    for entry in entries:
+        if posixpath.basename(entry["name"]).startswith(COMPACT_PREFIX):
+            with root.fs.open(entry["name"], "rb") as handle:
+                metadata = pq.read_metadata(handle).metadata or {}
+            replaced.update(json.loads(metadata.get(_REPLACES_KEY, b"[]")))
+    live = [e for e in entries if posixpath.basename(e["name"]) not in replaced]
+    stale = [e for e in entries if posixpath.basename(e["name"]) in replaced]
+    return live, stale
+
+
 def _feature_dataset(store: Location, backbone: str) -> ds.Dataset | None:
     root = features_root(store, backbone)
     if not root.fs.exists(root.path):
         return None
-    return ds.dataset(root.path, filesystem=root.fs, format="parquet")
+    live, _ = _feature_files(root)
+    if not live:
+        return None
+    return ds.dataset([e["name"] for e in live], filesystem=root.fs, format="parquet")
+
+
+def _read_live(store: Location, backbone: str, read: Callable[[ds.Dataset], _T]) -> _T | None:
+    """`read` over the backbone's live files; None when it has none. Re-lists if a compaction
+    removed a file between listing and reading."""
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            dataset = _feature_dataset(store, backbone)
+            return None if dataset is None else read(dataset)
+        except FileNotFoundError:
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
+    return None
+
+
+def compact_features(
+    store: Location,
+    backbone: str,
+    min_files: int = COMPACT_MIN_FILES,
+    target_bytes: int = COMPACT_TARGET_BYTES,
+) -> int:
+    """Merge the backbone's small files (once there are `min_files`) into files of about
+    `target_bytes`, one copy per (image, weights, size) kept; returns how many were merged."""
+    root = features_root(store, backbone)
+    if not root.fs.exists(root.path):
+        return 0
+    live, stale = _feature_files(root)
+    _remove_files(root, [e["name"] for e in stale])  # left by an interrupted compaction
+    small = sorted((e for e in live if e["size"] < target_bytes // 2), key=lambda e: e["name"])
+    if len(small) < min_files:
+        return 0
+    merged = 0
+    for group in _groups_by_size(small, target_bytes):
+        if len(group) > 1:
+            _merge_files(root, [e["name"] for e in group])
+            merged += len(group)
+    return merged
+
+
+def _groups_by_size(entries: list[dict], target_bytes: int) -> list[list[dict]]:
+    groups: list[list[dict]] = [[]]
+    size = 0
+    for entry in entries:
+        if groups[-1] and size + entry["size"] > target_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry["size"]
+    return groups
+
+
+def _merge_files(root: Location, paths: list[str]) -> None:
+    names = sorted(posixpath.basename(p) for p in paths)
+    tables = []
+    for path in paths:
+        with root.fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle).replace_schema_metadata(None))
+    table = _first_copy_per_key(pa.concat_tables(tables))
+    # Named after what it replaces: two compactions of the same files write the same object.
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:32]
+    target = root.child(f"{COMPACT_PREFIX}{digest}.parquet")
+    write_parquet_atomic(target, table.replace_schema_metadata({_REPLACES_KEY: json.dumps(names)}))
+    _remove_files(root, paths)
+
+
+def _first_copy_per_key(table: pa.Table) -> pa.Table:
+    keys = zip(
+        table.column("image_id").to_pylist(),
+        table.column("weights_id").to_pylist(),
+        table.column("image_size").to_pylist(),
+        strict=True,
+    )
+    first: dict[tuple, int] = {}
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    return table if len(first) == table.num_rows else table.take(sorted(first.values()))
+
+
+def _remove_files(root: Location, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            root.fs.rm_file(path)
+        except FileNotFoundError:
+            continue  # another compaction removed it first
 
 
 def _recipe_filter(weights_id: str, image_size: int) -> ds.Expression:
@@ -118,24 +247,23 @@ def _recipe_filter(weights_id: str, image_size: int) -> ds.Expression:
 
 def featurised_ids(store: Location, backbone: str, weights_id: str, image_size: int) -> set[str]:
     """Image ids that already have features for this backbone, weights and size."""
-    dataset = _feature_dataset(store, backbone)
-    if dataset is None:
-        return set()
-    ids = dataset.to_table(columns=["image_id"], filter=_recipe_filter(weights_id, image_size))
-    return set(ids.column("image_id").to_pylist())
+    recipe = _recipe_filter(weights_id, image_size)
+    ids = _read_live(store, backbone, lambda d: d.to_table(columns=["image_id"], filter=recipe))
+    return set() if ids is None else set(ids.column("image_id").to_pylist())
 
 
 def read_features(
     store: Location, backbone: str, weights_id: str, image_size: int, image_ids: Iterable[str]
 ) -> dict[str, np.ndarray]:
     """Vectors for the requested ids that exist (first copy wins if a retry wrote one twice)."""
-    dataset = _feature_dataset(store, backbone)
     wanted = list(dict.fromkeys(image_ids))
-    if dataset is None or not wanted:
+    if not wanted:
         return {}
     keep = _recipe_filter(weights_id, image_size) & pc.field("image_id").isin(wanted)
-    table = dataset.to_table(columns=["image_id", "feature"], filter=keep)
-    if table.num_rows == 0:
+    table = _read_live(
+        store, backbone, lambda d: d.to_table(columns=["image_id", "feature"], filter=keep)
+    )
+    if table is None or table.num_rows == 0:
         return {}
     column = table.column("feature").combine_chunks()
     dim = column.type.list_size
@@ -173,13 +301,38 @@ def write_predictions(store: Location, date: str, run_id: str, rows: list[dict])
     return loc
 
 
-def read_predictions(store: Location) -> pa.Table:
+def read_predictions(
+    store: Location,
+    date: str | None = None,
+    model_id: str | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """All predictions, or one night's (date=YYYY-MM-DD), optionally of one model only."""
     root = predictions_root(store)
+    if date is not None:
+        root = root.child(f"date={date}")
     if not root.fs.exists(root.path):
-        return PREDICTION_SCHEMA.empty_table()
+        empty = PREDICTION_SCHEMA.empty_table()
+        return empty if columns is None else empty.select(columns)
+    keep = None if model_id is None else pc.field("model_id") == model_id
     return ds.dataset(
         root.path, filesystem=root.fs, format="parquet", schema=PREDICTION_SCHEMA
-    ).to_table()
+    ).to_table(columns=columns, filter=keep)
+
+
+def scored_image_ids(store: Location, model_id: str) -> set[str]:
+    """Image ids that already have a prediction row from this model, on any night."""
+    table = read_predictions(store, model_id=model_id, columns=["image_id"])
+    return set(table.column("image_id").to_pylist())
+
+
+def prediction_dates(store: Location) -> list[str]:
+    """The nights (YYYY-MM-DD) that have a predictions partition, oldest first."""
+    root = predictions_root(store)
+    if not root.fs.exists(root.path):
+        return []
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in root.fs.ls(root.path, detail=False))
+    return sorted(n.removeprefix("date=") for n in names if n.startswith("date="))
 
 
 RUN_SCHEMA = pa.schema(

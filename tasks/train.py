@@ -9,7 +9,7 @@ import numpy as np
 import skops.io as sio
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
@@ -99,6 +99,55 @@ def split_rows(
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train, test = next(folds.split(rows, y, groups))
     return Split(np.sort(train), np.sort(test), kind)
+
+
+@dataclass
+class Folds:
+    """k train/test index pairs covering every row once as test, and how they were grouped."""
+
+    indices: list[tuple[np.ndarray, np.ndarray]]
+    grouping: str  # "subject": no subject on both sides of a fold; "image": cells split freely
+    note: str | None = None  # why the folds are not subject-grouped, when they are not
+
+    @property
+    def k(self) -> int:
+        return len(self.indices)
+
+
+def kfold(y: np.ndarray, subjects: list[str | None], n_folds: int = 5, seed: int = 0) -> Folds:
+    """Stratified k folds grouped by subject when every image has one; else image folds, noted.
+
+    k shrinks to the number of subjects (or images) of the rarer class when that is smaller.
+    """
+    _check_two_classes(y, "the data")
+    if n_folds < 2:
+        raise LeukoflowError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    rows = np.arange(len(y))
+    note = "the catalog has no subject id for some images"
+    if all(s not in (None, "") for s in subjects):
+        groups = np.asarray(subjects)
+        per_class = min(len(set(groups[y == c])) for c in (0, 1))
+        if per_class >= 2:
+            k = min(n_folds, per_class)
+            folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            pairs = _sorted_pairs(folds.split(rows, y, groups))
+            # Subjects of very unequal sizes can leave a class out of a training side.
+            if any(len(np.unique(y[train])) < 2 for train, _ in pairs):
+                raise LeukoflowError(
+                    f"{k} subject-grouped folds leave a training side with one class; "
+                    "use fewer folds"
+                )
+            return Folds(pairs, "subject")
+        note = f"only {per_class} subject(s) in the rarer class"
+    smallest = int(np.bincount(y, minlength=2).min())
+    if smallest < 2:
+        raise LeukoflowError("too few images for cross-validation: need 2+ of each class")
+    folds = StratifiedKFold(n_splits=min(n_folds, smallest), shuffle=True, random_state=seed)
+    return Folds(_sorted_pairs(folds.split(rows, y)), "image", note)
+
+
+def _sorted_pairs(pairs) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.sort(train), np.sort(test)) for train, test in pairs]
 
 
 def _check_two_classes(y: np.ndarray, what: str) -> None:

@@ -41,3 +41,131 @@ def synthetic_images(tmp_path_factory):
     return make_synthetic_dataset(
         tmp_path_factory.mktemp("images"), n_subjects=6, cells_per_subject=4, image_side=96
     )
+
+
+# Real C-NMC cells for the explanation tests: the read-only shared copy, never the repository.
+CNMC_FOLDER = os.environ.get("LEUKOFLOW_CNMC", "/work/shared/data/cnmc")
+REAL_CELLS = (
+    *(f"all/UID_{s}_1_1_all.bmp" for s in (1, 4, 5, 11, 24, 25)),
+    "hem/UID_H10_100_1_hem.bmp",
+    "hem/UID_H11_10_1_hem.bmp",
+    "hem/UID_H12_1_1_hem.bmp",
+    "hem/UID_H22_1_1_hem.bmp",
+    "hem/UID_H23_16_8_hem.bmp",
+    "hem/UID_H24_23_8_hem.bmp",
+)
+
+
+@pytest.fixture(scope="session")
+def real_cells(tmp_path_factory):
+    """12 real cells of 12 subjects in class folders (symlinks to the shared copy)."""
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("real-cells")
+    for relative in REAL_CELLS:
+        (folder / relative).parent.mkdir(exist_ok=True)
+        (folder / relative).symlink_to(Path(CNMC_FOLDER) / relative)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_cells_store(tmp_path_factory, real_cells, ray_local, prefect_harness):
+    """A store whose current model is vgg16 (32 px, random init) + color_morphology, trained by
+    the real `run` flow on the real cells; returns (store path, run summary)."""
+    from flows.run import run_pipeline
+
+    store = tmp_path_factory.mktemp("real-store")
+    summary = run_pipeline(
+        images=str(real_cells),
+        store=str(store),
+        backbones=["vgg16", "color_morphology"],
+        weights="none",
+        image_size=32,
+    )
+    return store, summary
+
+
+# -- a real S3 endpoint (moto's server) ------------------------------------------------------
+class S3Endpoint:
+    """moto's S3 server on 127.0.0.1, and the AWS environment a client needs to reach it."""
+
+    def __init__(self, url: str, secret: str) -> None:
+        self.url = url
+        # Recognisable fake credentials, so tests can prove they leak nowhere.
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE1234",
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": url,
+            # Never a developer's real profile or credentials file.
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            endpoint_url=self.url,
+            key=self.env["AWS_ACCESS_KEY_ID"],
+            secret=self.env["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+        )
+
+    def make_bucket(self, prefix: str = "leukoflow") -> str:
+        """A new empty bucket (a fresh name per call, so tests never see each other's objects)."""
+        import uuid
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server as its own process on a free 127.0.0.1 port, stopped after the session."""
+    import secrets
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: ended whole at teardown
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto did not start:\n{log.read_text()}") from None
+                time.sleep(0.2)
+        secret = f"leukoflow-test-secret-{secrets.token_hex(8)}"
+        yield S3Endpoint(f"http://127.0.0.1:{port}", secret)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """s3_endpoint's AWS environment set in this test's process (for in-process s3:// access)."""
+    for key, value in s3_endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_endpoint

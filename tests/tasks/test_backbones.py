@@ -14,9 +14,11 @@ from tasks.extract import Featurizer
 def test_the_paper_trio_is_the_default_and_sums_to_3072():
     assert bb.DEFAULT_BACKBONES == ("vgg16", "densenet121", "inception_resnet_v2")
     assert sum(bb.BACKBONES[n].feature_dim for n in bb.DEFAULT_BACKBONES) == 3072
-    assert set(bb.BACKBONES) == {
+    cnns = {n for n, spec in bb.BACKBONES.items() if not spec.full_resolution}
+    assert cnns == {
         "vgg16", "vgg19", "resnet101", "mobilenet_v2", "densenet121", "inception_resnet_v2"
     }  # fmt: skip
+    assert set(bb.BACKBONES) - cnns == {"color_morphology"}
 
 
 def test_each_backbone_uses_its_own_preprocessing():

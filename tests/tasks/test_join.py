@@ -24,7 +24,14 @@ def test_an_image_missing_a_backbone_is_reported_not_dropped_silently():
 
 def test_join_reads_the_store(tmp_path):
     store = open_location(str(tmp_path))
-    write_features(store, "a", "w", 32, ["x", "y"], np.ones((2, 3), np.float32))
-    write_features(store, "b", "w", 32, ["x", "y"], np.zeros((2, 5), np.float32))
-    joined = join_features(store, ["x", "y"], ["a", "b"], {"a": "w", "b": "w"}, 32)
+    write_features(store, "vgg16", "w", 32, ["x", "y"], np.ones((2, 3), np.float32))
+    write_features(store, "color_morphology", "cm", 0, ["x", "y"], np.zeros((2, 5), np.float32))
+    joined = join_features(
+        store,
+        ["x", "y"],
+        ["vgg16", "color_morphology"],
+        {"vgg16": "w", "color_morphology": "cm"},
+        32,
+    )
     assert joined.matrix.shape == (2, 8) and joined.matrix.dtype == np.float32
+    np.testing.assert_array_equal(joined.matrix[0], [1, 1, 1, 0, 0, 0, 0, 0])

@@ -1,0 +1,76 @@
+"""Thin Prefect @task wrapper over tasks/explain: the report's example gallery."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from leukoflow.errors import LeukoflowError
+from tasks import cam
+from tasks.explain import (
+    Explainer,
+    example_gallery,
+    explain_images,
+    explanation_name,
+    explanations_folder,
+    pick_examples,
+)
+from tasks.score import FLAGGED_LABEL
+from tasks.storage import Location, exists
+from tasks.tables import read_predictions
+
+
+@task(name="explain-examples", cache_policy=NO_CACHE)
+def explain_examples(
+    model,
+    record: dict,
+    test_ids: list[str],
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    uris: dict[str, str],
+    vectors: dict[str, np.ndarray],
+    weights_dir: str | None,
+    per_kind: int = 3,
+) -> list[dict]:
+    """Activation maps of up to `per_kind` true positives, false positives and false negatives of
+    the saved model (`scores` are its test scores, read against record["threshold"])."""
+    logger = get_run_logger()
+    y_pred = (np.asarray(scores) >= float(record["threshold"])).astype(int)
+    cases = pick_examples(test_ids, y_true, y_pred, scores, per_kind)
+    if not cases:
+        return []
+    try:
+        cam.linear_model(model, record["feature_recipe"])
+    except LeukoflowError as why:  # a non-linear classifier has no exact activation map
+        logger.info("examples: none in the report (%s)", why)
+        return []
+    gallery = example_gallery(Explainer(model, record, weights_dir), cases, uris, vectors)
+    logger.info("examples: %s", ", ".join(f"{e['kind']} {e['image_id'][:12]}" for e in gallery))
+    return gallery
+
+
+@task(name="explain-flagged", cache_policy=NO_CACHE)
+def explain_flagged_cells(
+    store: Location, model_id: str, night: str, limit: int, weights_dir: str | None
+) -> dict:
+    """PNGs for the night's flagged cells that have none yet, most ALL-like first, `limit` at
+    most per sweep (a resumed or repeated sweep continues where the last one stopped)."""
+    logger = get_run_logger()
+    columns = ["image_id", "score", "predicted_label"]
+    rows = read_predictions(store, night, model_id, columns=columns).to_pylist()
+    flagged = sorted((r for r in rows if r["predicted_label"] == FLAGGED_LABEL),
+                     key=lambda r: -r["score"])  # fmt: skip
+    folder = explanations_folder(store, night)
+    missing = [
+        r["image_id"] for r in flagged if not exists(folder.child(explanation_name(r["image_id"])))
+    ]
+    written = explain_images(store, model_id, missing[:limit], folder.uri, weights_dir)
+    logger.info("explain: %d flagged cells, %d PNGs written to %s", len(flagged), len(written),
+                folder.uri)  # fmt: skip
+    return {
+        "folder": folder.uri,
+        "flagged": len(flagged),
+        "written": len(written),
+        "left_for_next_sweep": max(0, len(missing) - limit),
+    }

@@ -1,0 +1,80 @@
+"""Backfills for real (local Ray, Prefect's harness): progress, resumability, one more backbone."""
+
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+
+from tasks.storage import open_location
+from tasks.synthetic import make_synthetic_dataset
+from tasks.tables import read_catalog, read_runs
+
+pytestmark = pytest.mark.integration
+
+
+def vectors(store, backbone: str) -> list[str]:
+    table = ds.dataset(str(store / "features" / f"backbone={backbone}"), format="parquet")
+    return table.to_table(columns=["image_id"]).column("image_id").to_pylist()
+
+
+def test_a_backfill_shows_progress_and_a_new_backbone_extracts_only_itself(
+    tmp_path, ray_local, prefect_harness, capsys
+):
+    from flows.backfill import backfill
+
+    images = make_synthetic_dataset(
+        tmp_path / "collection", n_subjects=2, cells_per_subject=3, image_side=64, seed=9
+    )
+    (images / "fold_0" / "all" / "UID_1_9_9_all.bmp").write_bytes(b"BM not really")
+    store = tmp_path / "store"
+    options = {
+        "images": str(images),
+        "store": str(store),
+        "dataset": "collection-2026",
+        "weights": "none",
+        "image_size": 32,
+    }
+
+    first = backfill(backbones=["vgg16"], progress_bar=True, **options)
+    progress = capsys.readouterr().err
+    assert "featurising: 6/6 images" in progress and "images/s" in progress
+    assert "ETA" in progress
+    assert first["extraction"]["computed"] == {"vgg16": 6}
+    assert first["counts"]["found"] == 7 and first["counts"]["quarantined"] == 1
+    catalog = read_catalog(open_location(str(store)), "collection-2026")
+    assert catalog.num_rows == 7
+
+    second = backfill(backbones=["vgg16", "vgg19"], progress_bar=False, **options)
+    assert second["extraction"]["computed"] == {"vgg19": 6}  # vgg16 had every vector already
+    assert second["counts"]["already_featurised"] == 0 and second["counts"]["new_files"] == 0
+    assert sorted(vectors(store, "vgg16")) == sorted(vectors(store, "vgg19"))
+    assert len(vectors(store, "vgg16")) == len(set(vectors(store, "vgg16"))) == 6
+
+    third = backfill(backbones=["vgg16", "vgg19"], progress_bar=False, **options)
+    assert third["extraction"]["computed"] == {}  # nothing to do: Ray is not even started
+    runs = read_runs(open_location(str(store))).to_pylist()
+    assert [r["kind"] for r in runs] == ["backfill"] * 3
+    for run in runs:
+        found = run["images_featurised"] + run["images_quarantined"] + run["images_duplicate"]
+        assert run["images_found"] == found == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["score", "INBOX", "--date", "2026-02-30"], "not a calendar date"),
+        (["backfill", "IMAGES", "--dataset", "d", "--backbones", "alexnet"], "unknown backbone"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line_before_any_engine_starts(tmp_path, args, words):
+    result = subprocess.run(
+        [sys.executable, "-m", "leukoflow.cli", *args, "--store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "prefect" not in result.stderr.lower()
+    lines = [line for line in result.stderr.splitlines() if "leukoflow: error" in line]
+    assert len(lines) == 1 and words in lines[0]

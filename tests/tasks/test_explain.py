@@ -1,0 +1,152 @@
+"""Explanations of real C-NMC cells under a model trained by the real `run` flow (vgg16 at 32 px,
+random init, + color_morphology), and the report's example gallery."""
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoflow.errors import LeukoflowError
+from tasks import registry, train
+from tasks.color_morphology import FEATURE_NAMES
+from tasks.explain import (
+    Explainer,
+    explain_images,
+    pick_examples,
+    read_cell,
+    render_explanation,
+    stored_vector,
+)
+from tasks.report import render_report
+from tasks.storage import open_location
+from tasks.tables import read_catalog
+
+pytestmark = pytest.mark.integration
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _catalog(store):
+    return {r["image_id"]: r for r in read_catalog(open_location(str(store))).to_pylist()}
+
+
+def test_explain_images_writes_a_png_per_real_cell(real_cells_store, tmp_path):
+    store, summary = real_cells_store
+    ids = sorted(_catalog(store))[:2]
+    paths = explain_images(str(store), summary["model_id"], ids, str(tmp_path / "png"))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [f"{i}.png" for i in ids]
+    for path in paths:
+        data = open(path, "rb").read()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
+        width, height = Image.open(io.BytesIO(data)).size
+        assert width > 600 and height > 500  # cell, map, segmentation and the feature bars
+
+
+def test_a_real_cells_explanation_adds_up_to_the_saved_models_score(real_cells_store):
+    store, summary = real_cells_store
+    root = open_location(str(store))
+    model, record = registry.load_model(root, summary["model_id"])
+    image_id, row = next(iter(sorted(_catalog(store).items())))
+    _, pixels = read_cell(row["uri"], image_id)
+    stored = stored_vector(root, record["feature_recipe"], image_id)
+    assert stored is not None
+    # explain() checks the recomputed features against the stored ones (raises if they differ).
+    explanation = Explainer(model, record).explain(image_id, pixels, stored)
+
+    assert list(explanation.contributions) == ["vgg16", "color_morphology"]
+    assert sum(explanation.contributions.values()) == pytest.approx(explanation.decision)
+    assert explanation.maps["vgg16"].shape == (1, 1)  # 32 px through VGG16's five poolings
+    assert explanation.maps["vgg16"].mean() == pytest.approx(explanation.contributions["vgg16"])
+    score, kind = train.decision_scores(model, stored[None])
+    assert kind == record["score_kind"]
+    assert explanation.score == pytest.approx(score[0], rel=1e-4, abs=1e-5)
+    assert explanation.non_clinical is True
+    assert explanation.segmentation.cell_mask.sum() > 1000  # a real cell, found
+    top = explanation.top_features
+    assert len(top) == 8 and {f["name"] for f in top} <= set(FEATURE_NAMES)
+    sizes = [abs(f["contribution"]) for f in top]
+    assert sizes == sorted(sizes, reverse=True)
+    assert len(render_explanation(explanation).axes) == 5  # cell, map + colorbar, seg, bars
+
+
+def test_the_run_report_shows_the_saved_models_test_errors(real_cells_store):
+    store, summary = real_cells_store
+    root = open_location(str(store))
+    model, record = registry.load_model(root, summary["model_id"])
+    test_ids = record["test_image_ids"]
+    catalog = _catalog(store)
+    x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in test_ids])
+    scores, _ = train.decision_scores(model, x)
+    y = np.array([int(catalog[i]["label"] == "all") for i in test_ids])
+    cases = pick_examples(test_ids, y, (scores >= record["threshold"]).astype(int), scores)
+    html = open(summary["paths"]["report_html"]).read()
+    shown = re.findall(r'<figure><img src="data:image/png;base64,[^"]+" alt="(TP|FP|FN) ', html)
+    assert shown == [kind for kind, _ in cases]
+    assert ("Examples with their activation maps" in html) == bool(cases)
+
+
+def test_unknown_image_ids_are_a_user_error(real_cells_store, tmp_path):
+    store, summary = real_cells_store
+    with pytest.raises(LeukoflowError, match="not in the catalog"):
+        explain_images(str(store), summary["model_id"], ["0" * 64], str(tmp_path))
+
+
+def test_pick_examples_takes_the_most_confident_of_each_kind():
+    ids = ["a", "b", "c", "d", "e", "f"]
+    y_true = np.array([1, 1, 0, 0, 1, 1])
+    scores = np.array([0.9, 0.6, 0.8, 0.1, 0.2, 0.4])
+    y_pred = (scores >= 0.5).astype(int)
+    assert pick_examples(ids, y_true, y_pred, scores, per_kind=1) == [
+        ("TP", "a"),
+        ("FP", "c"),
+        ("FN", "e"),
+    ]
+
+
+def test_the_report_gallery_is_self_contained():
+    examples = [
+        {"kind": "TP", "image_id": "a" * 64, "png_data_uri": "data:image/png;base64,AAAA"},
+        {"kind": "FN", "image_id": "b" * 64, "png_data_uri": "https://example.org/x.png"},
+    ]
+    y = np.array([0, 1])
+    markdown, html = render_report({"metrics": None}, y, y, np.array([-1.0, 1.0]), None, examples)
+    assert 'src="data:image/png;base64,AAAA" alt="TP aaaaaaaaaaaaaaaa"' in html
+    assert "example.org" not in html  # a remote image would break the offline report
+    assert "None in the test split." in html  # no FP
+    assert "| TP | " + "a" * 64 + " |" in markdown
+
+
+def test_the_nightly_sweep_explains_its_flagged_cells(real_cells_store, real_cells, tmp_path):
+    import json
+    import shutil
+
+    from flows.score import score_inbox
+
+    store = tmp_path / "store"  # a copy: the sweep writes predictions, a catalog, a threshold
+    shutil.copytree(real_cells_store[0], store)
+    root = open_location(str(store))
+    model_id = real_cells_store[1]["model_id"]
+    model, record = registry.load_model(root, model_id)
+    x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in _catalog(store)])
+    # Twelve cells are too few for the calibrated threshold to flag any; put the operating
+    # point at the median score so that the night has flagged cells to explain.
+    record["threshold"] = float(np.median(train.decision_scores(model, x)[0]))
+    (store / "models" / model_id / "model.json").write_text(json.dumps(record))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for cell in sorted(real_cells.rglob("*.bmp")):
+        (inbox / cell.name).symlink_to(cell.resolve())
+
+    def sweep() -> dict:
+        night = score_inbox(
+            str(inbox), str(store), date="2026-01-02", explain_flagged=True, explain_limit=4
+        )
+        return night["explanations"]
+
+    first, second, third = sweep(), sweep(), sweep()
+    assert first["flagged"] == 6 and first["written"] == 4 and first["left_for_next_sweep"] == 2
+    assert second["written"] == 2 and third["written"] == 0  # a later sweep finishes the night
+    pngs = sorted((store / "explanations" / "date=2026-01-02").glob("*.png"))
+    assert len(pngs) == 6 and all(p.read_bytes().startswith(PNG_SIGNATURE) for p in pngs)

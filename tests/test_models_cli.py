@@ -1,0 +1,136 @@
+"""`leukoflow models list | show | promote` as a user meets it, and the registry beneath."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from leukoflow.cli import main
+from leukoflow.errors import LeukoflowError
+from tasks import calibration, registry, train
+from tasks.storage import open_location
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def leukoflow(monkeypatch, capsys):
+    """The real entry point, in this process (a subprocess per call would mostly time imports)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["leukoflow", *args])
+        with pytest.raises(SystemExit) as done:
+            main()
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, done.value.code, captured.out, captured.err)
+
+    return run
+
+
+def last_json(result):
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fitted_record(model_id: str, accuracy: float) -> tuple:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4))
+    y = (x[:, 0] > 0).astype(int)
+    folds = train.kfold(y, [None] * 40, n_folds=3)
+    model = calibration.fit_calibrated("linear-svm", x, y, folds)
+    record = {
+        "model_id": model_id,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "dataset": "synthetic",
+        "feature_recipe": {"backbones": ["vgg16"], "dims": [4], "image_size": 32},
+        "classifier": "linear-svm",
+        "score_kind": "probability",
+        "threshold": 0.42,
+        "target_sensitivity": 0.95,
+        "split": "subject",
+        "seed": 0,
+        "n_train": 40,
+        "training_fingerprint": train.fingerprint([str(i) for i in range(40)]),
+        "code_version": registry.code_version(),
+        "metrics": {"accuracy": accuracy, "f1": accuracy},
+        "reference": {"feature_mean": [0.0] * 4},
+        "test_image_ids": ["a", "b"],
+    }
+    return model, record
+
+
+@pytest.fixture()
+def store(tmp_path):
+    root = open_location(str(tmp_path))
+    for model_id, accuracy in (("m-old", 0.8), ("m-new", 0.9)):
+        registry.save_model(root, model_id, *fitted_record(model_id, accuracy))
+    registry.promote(root, "m-old")
+    return tmp_path
+
+
+def test_list_marks_the_current_model(store, leukoflow):
+    listing = last_json(leukoflow("models", "list", "--store", str(store), "--json"))
+    assert [m["model_id"] for m in listing["models"]] == ["m-new", "m-old"]
+    assert listing["current"] == "m-old"
+    assert {m["model_id"]: m["current"] for m in listing["models"]} == {
+        "m-new": False,
+        "m-old": True,
+    }
+    text = leukoflow("models", "list", "--store", str(store))
+    assert text.returncode == 0 and "m-new" in text.stdout and "0.9000" in text.stdout
+
+
+def test_show_prints_the_lineage_without_the_bulky_arrays(store, leukoflow):
+    shown = last_json(leukoflow("models", "show", "current", "--store", str(store), "--json"))
+    assert shown["model_id"] == "m-old" and shown["current"] is True
+    assert shown["threshold"] == 0.42 and shown["score_kind"] == "probability"
+    assert len(shown["training_fingerprint"]) == 64 and shown["code_version"]
+    assert "reference" not in shown and shown["test_image_ids"].startswith("2 ids")
+    text = leukoflow("models", "show", "m-new", "--store", str(store))
+    assert text.returncode == 0
+    for words in ("Lineage", "training image set fingerprint", "code version", "threshold"):
+        assert words in text.stdout
+
+
+def test_promote_moves_the_pointer_and_remembers_the_previous_model(store, leukoflow):
+    pointer = last_json(leukoflow("models", "promote", "m-new", "--store", str(store), "--json"))
+    assert pointer["model_id"] == "m-new" and pointer["previous"] == "m-old"
+    current = json.loads((store / "models" / "CURRENT.json").read_text())
+    assert current["model_id"] == "m-new"
+    assert not [p for p in (store / "models").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_an_unknown_model_exits_2_with_one_line(store, leukoflow):
+    result = leukoflow("models", "show", "m-missing", "--store", str(store))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"leukoflow: error: no model m-missing in {store}"
+    # Once as a user meets it: a separate process, no traceback.
+    result = subprocess.run(
+        [sys.executable, "-m", "leukoflow.cli", "models", "promote", "m-missing", "--store",
+         str(store)],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"leukoflow: error: no model m-missing in {store}"
+
+
+def test_model_folders_are_immutable(store):
+    root = open_location(str(store))
+    with pytest.raises(LeukoflowError, match="immutable"):
+        registry.save_model(root, "m-new", *fitted_record("m-new", 0.5))
+    _, record = registry.load_model(root, "m-new")
+    assert record["metrics"]["accuracy"] == 0.9
+
+
+def test_the_code_version_is_the_git_commit_or_else_the_package_version(monkeypatch):
+    assert re.fullmatch(r"git:[0-9a-f]{40}(\+dirty)?", registry.code_version())
+
+    def no_git(command):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(registry, "_git", no_git)
+    assert registry.code_version() == "leukoflow==0.1.0"
