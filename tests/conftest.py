@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Set before Prefect, Ray or TensorFlow are imported anywhere in the session.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -44,7 +45,10 @@ def synthetic_images(tmp_path_factory):
 
 
 # Real C-NMC cells for the explanation tests: the read-only shared copy, never the repository.
-CNMC_FOLDER = os.environ.get("LEUKOFLOW_CNMC", "/work/shared/data/cnmc")
+# It lies in shared/ beside the checkout (CI clones elsewhere and copies shared/ beside it).
+CNMC_FOLDER = os.environ.setdefault(
+    "LEUKOFLOW_CNMC", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc")
+)
 REAL_CELLS = (
     *(f"all/UID_{s}_1_1_all.bmp" for s in (1, 4, 5, 11, 24, 25)),
     "hem/UID_H10_100_1_hem.bmp",
@@ -59,8 +63,6 @@ REAL_CELLS = (
 @pytest.fixture(scope="session")
 def real_cells(tmp_path_factory):
     """12 real cells of 12 subjects in class folders (symlinks to the shared copy)."""
-    from pathlib import Path
-
     folder = tmp_path_factory.mktemp("real-cells")
     for relative in REAL_CELLS:
         (folder / relative).parent.mkdir(exist_ok=True)

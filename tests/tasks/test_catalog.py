@@ -29,7 +29,7 @@ from tasks.storage import Location, open_location
 from tasks.synthetic import make_synthetic_dataset
 from tasks.tables import CATALOG_SCHEMA, read_catalog, write_catalog
 
-CNMC = Path("/work/shared/data/cnmc")
+CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

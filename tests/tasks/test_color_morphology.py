@@ -4,6 +4,7 @@ feature list, determinism, finite output on degenerate and real C-NMC images."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tasks.color_morphology import (
     segment_cell,
 )
 
-CNMC = Path("/work/shared/data/cnmc")
+CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 
 SIDE = 300
 CELL_CENTER, CELL_RADIUS = (150, 150), 90
