@@ -125,7 +125,7 @@ def test_the_nightly_runs_at_two_in_the_given_timezone(prefect_server, deployed)
         )
         return [run["expected_start_time"] for run in runs if run["expected_start_time"]]
 
-    upcoming = wait_until(scheduled_runs, 120, "the nightly's scheduled runs", prefect_server)
+    upcoming = wait_until(scheduled_runs, 120, "the nightly's scheduled runs")
     for start in upcoming:
         local = datetime.fromisoformat(start).astimezone(ZoneInfo(TIMEZONE))
         assert (local.hour, local.minute) == (2, 0)
