@@ -197,7 +197,11 @@ def _real_cells() -> list[Path]:
     return sorted(CNMC.glob("all/*.bmp"))[:3] + sorted(CNMC.glob("hem/*.bmp"))[:3]
 
 
-@pytest.mark.skipif(not _real_cells(), reason="C-NMC sample not available")
+def test_the_real_cell_sample_is_there():
+    """The shared C-NMC copy is part of the test set-up: missing, it must fail, not skip."""
+    assert len(_real_cells()) == 6, f"no C-NMC cells under {CNMC}"
+
+
 @pytest.mark.parametrize("path", _real_cells(), ids=lambda p: p.name)
 def test_real_cells(path: Path):
     from PIL import Image
