@@ -14,7 +14,7 @@ from prefect import flow
 
 from tasks import backbones as bb
 from tasks import score as sc
-from tasks.score_tasks import catalog_collection, featurise, missing_vectors
+from tasks.score_tasks import Compute, catalog_collection, featurise, missing_vectors
 from tasks.storage import open_location
 from tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
 
@@ -33,6 +33,8 @@ def backfill(
     ray_address: str | None = None,
     batch_size: int = 32,
     progress_bar: bool = True,
+    gpu_share: float | None = None,
+    actor_cpus: float | None = None,
 ) -> dict:
     """Catalog IMAGES as `dataset` and extract every missing vector; returns the summary."""
     started = datetime.now(UTC)
@@ -49,7 +51,8 @@ def backfill(
     todo = missing_vectors(root, ids, names, weight_ids, image_size)
     extraction = featurise(
         root, {row["image_id"]: row["uri"] for row in ok}, todo, choice, weight_ids, image_size,
-        batch_size, ray_address, total_images=len(ok), progress_bar=progress_bar,
+        Compute(ray_address, batch_size, gpu_share, actor_cpus), total_images=len(ok),
+        progress_bar=progress_bar,
     )  # fmt: skip
     rejected = extraction["rejected"]
     needing = {image_id for missing in todo.values() for image_id in missing}

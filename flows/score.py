@@ -18,6 +18,7 @@ from tasks import score as sc
 from tasks.explain_tasks import explain_flagged_cells
 from tasks.lease import DEFAULT_TTL_S, SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
 from tasks.score_tasks import (
+    Compute,
     catalog_collection,
     featurise,
     missing_vectors,
@@ -49,6 +50,8 @@ def score_inbox(
     lease_ttl_s: float = DEFAULT_TTL_S,
     explain_flagged: bool = False,
     explain_limit: int = 100,
+    gpu_share: float | None = None,
+    actor_cpus: float | None = None,
 ) -> dict:
     """One sweep of INBOX; its summary (outcome "busy": another sweep holds the lease).
 
@@ -108,8 +111,7 @@ def score_inbox(
                 thresholds,
                 lease,
                 weights_dir,
-                ray_address,
-                batch_size,
+                Compute(ray_address, batch_size, gpu_share, actor_cpus),
                 chunk_size,
                 explain_limit if explain_flagged else 0,
             )
@@ -128,8 +130,7 @@ def _sweep(
     thresholds: sc.DriftThresholds,
     lease: StoreLease,
     weights_dir: str | None,
-    ray_address: str | None,
-    batch_size: int,
+    compute: Compute,
     chunk_size: int,
     explain_limit: int = 0,
 ) -> dict:
@@ -141,9 +142,7 @@ def _sweep(
     sweep.new = len(plan.new_rows)
     scores, feature_mean = [], None
     if plan.new_rows:
-        rows = _featurise_new(
-            sweep, root, recipe, plan.new_rows, weights_dir, ray_address, batch_size
-        )
+        rows = _featurise_new(sweep, root, recipe, plan.new_rows, weights_dir, compute)
         scored = score_new_images(
             root,
             sweep.model_id,
@@ -184,8 +183,7 @@ def _featurise_new(
     recipe: sc.FeatureRecipe,
     rows: list[dict],
     weights_dir: str | None,
-    ray_address: str | None,
-    batch_size: int,
+    compute: Compute,
 ) -> list[dict]:
     """Extract the vectors the new images lack; returns the rows that can be scored."""
     ids = [row["image_id"] for row in rows]
@@ -204,8 +202,7 @@ def _featurise_new(
         choice,
         recipe.weights_ids,
         recipe.image_size,
-        batch_size,
-        ray_address,
+        compute,
         total_images=len(rows),
     )
     sweep.computed = max(sweep.extraction["computed"].values(), default=0)

@@ -121,19 +121,13 @@ def _run(
     gpu_share: float | None = None,
     actor_cpus: float | None = None,
 ) -> dict:
-    from tasks import backbones as bb
     from tasks import calibration, train
-    from tasks.actors import check_actor_resources
 
-    names = bb.parse_backbones(backbones)  # fail fast, before any engine starts
-    bb.check_image_size(names, image_size)
+    names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
     train.make_classifier(classifier)
     train.check_split(split)
     calibration.check_target_sensitivity(target_sensitivity)
-    check_actor_resources(gpu_share, actor_cpus)
-    choice = bb.parse_weights(weights, weights_dir, seed)
-    for name in names:
-        bb.weights_id(bb.BACKBONES[name], choice)
+    _check_actor_shares(gpu_share, actor_cpus)
     label_map = _parse_labels(labels)
     _check_store(store)
 
@@ -158,6 +152,29 @@ def _run(
         gpu_share=gpu_share,
         actor_cpus=actor_cpus,
     )
+
+
+def _check_feature_recipe(
+    backbones: str, image_size: int, weights: str, weights_dir: str | None, seed: int
+) -> list[str]:
+    """The backbone names, once the recipe is known to be buildable: fail fast, before any
+    engine starts, on a name, size or weights file a user got wrong."""
+    from tasks import backbones as bb
+
+    names = bb.parse_backbones(backbones)
+    bb.check_image_size(names, image_size)
+    choice = bb.parse_weights(weights, weights_dir, seed)
+    for name in names:
+        bb.weights_id(bb.BACKBONES[name], choice)
+    return names
+
+
+def _check_actor_shares(gpu_share: float | None, actor_cpus: float | None) -> None:
+    if gpu_share is None and actor_cpus is None:
+        return  # the defaults (and a sweep with nothing new never imports Ray)
+    from tasks.actors import check_actor_resources
+
+    check_actor_resources(gpu_share, actor_cpus)
 
 
 def _check_store(store: str) -> None:
@@ -307,6 +324,8 @@ def score(
             help="Write activation-map PNGs of flagged cells under STORE/explanations/",
         ),
     ] = False,
+    gpu_share: GpuShare = None,
+    actor_cpus: ActorCpus = None,
     as_json: AsJson = False,
 ) -> None:
     """The nightly sweep: score the images of INBOX that the model has not scored yet."""
@@ -326,6 +345,7 @@ def score(
     }
     if weights not in (None, "imagenet", "none"):
         raise LeukoflowError(f"--weights for score is imagenet or none; got {weights!r}")
+    _check_actor_shares(gpu_share, actor_cpus)
     _check_store(store)
 
     from flows.score import score_inbox
@@ -339,7 +359,7 @@ def score(
         feature_drift_threshold=feature_drift_threshold,
         score_drift_threshold=score_drift_threshold, drift_min_cells=drift_min_cells,
         expected_recipe=expected, wait_s=wait, lease_ttl_s=lease_ttl,
-        explain_flagged=explain_flagged,
+        explain_flagged=explain_flagged, gpu_share=gpu_share, actor_cpus=actor_cpus,
     )  # fmt: skip
     if summary["outcome"] == "busy":
         print(f"leukoflow: {summary['message']}", file=sys.stderr)
@@ -367,16 +387,13 @@ def backfill(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr")
     ] = True,
+    gpu_share: GpuShare = None,
+    actor_cpus: ActorCpus = None,
     as_json: AsJson = False,
 ) -> None:
     """Catalog and featurise a whole collection; a re-run computes only what the store lacks."""
-    from tasks import backbones as bb
-
-    names = bb.parse_backbones(backbones)  # fail fast, before any engine starts
-    bb.check_image_size(names, image_size)
-    choice = bb.parse_weights(weights, weights_dir, seed)
-    for name in names:
-        bb.weights_id(bb.BACKBONES[name], choice)
+    names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
+    _check_actor_shares(gpu_share, actor_cpus)
     label_map = _parse_labels(labels)
 
     from flows.backfill import backfill as backfill_flow
@@ -386,6 +403,7 @@ def backfill(
         images=images, store=store, dataset=dataset, backbones=names, weights=weights,
         weights_dir=weights_dir, image_size=image_size, seed=seed, labels=label_map,
         ray_address=ray_address, batch_size=batch_size, progress_bar=progress,
+        gpu_share=gpu_share, actor_cpus=actor_cpus,
     )  # fmt: skip
     if as_json:
         print(json.dumps(summary, default=str))
@@ -455,13 +473,7 @@ def validate(
     as_json: AsJson = False,
 ) -> None:
     """Subject-grouped k-fold metrics of one feature set with the paper's linear SVM."""
-    from tasks import backbones as bb
-
-    names = bb.parse_backbones(backbones)  # fail fast, before any engine starts
-    bb.check_image_size(names, image_size)
-    choice = bb.parse_weights(weights, weights_dir, seed)
-    for name in names:
-        bb.weights_id(bb.BACKBONES[name], choice)
+    names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
 
     from flows.validate import run_validation
 
@@ -522,15 +534,11 @@ def experiments(
     from tasks import backbones as bb
     from tasks import experiments as ex
 
-    names = bb.parse_backbones(backbones)  # fail fast, before any engine starts
-    bb.check_image_size(names, image_size)
+    names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
     classifier_names = ex.parse_classifiers(classifiers)
     ex.check_split_choice(split)
     trio_names = bb.parse_backbones(trio) if trio else None
     ex.feature_sets(names, trio_names)
-    choice = bb.parse_weights(weights, weights_dir, seed)
-    for name in names:
-        bb.weights_id(bb.BACKBONES[name], choice)
 
     from flows.experiments import run_experiments
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +14,8 @@ from tasks.tables import (
     STATUS_DUPLICATE,
     STATUS_OK,
     STATUS_QUARANTINED,
-    features_root,
+    feature_backbones,
+    feature_keys,
     read_catalog,
     read_predictions,
     read_runs,
@@ -53,46 +53,21 @@ def render_run_summary(summary: dict, console: Console | None = None) -> None:
 
 
 def _feature_counts(store: Location) -> dict[str, dict[str, int]]:
-    root = store.child("features")
-    if not root.fs.exists(root.path):
-        return {}
+    """backbone -> {"<weights_id>@<size>px": images with that vector}."""
     counts = {}
-    for path in sorted(root.fs.ls(root.path, detail=False)):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("backbone="):
-            continue
-        backbone = name.removeprefix("backbone=")
-        loc = features_root(store, backbone)
-        table = ds.dataset(loc.path, filesystem=loc.fs, format="parquet").to_table(
-            columns=["image_id", "weights_id", "image_size"]
-        )
-        keys = Counter(
-            f"{w}@{s}px"
-            for w, s in zip(
-                table.column("weights_id").to_pylist(),
-                table.column("image_size").to_pylist(),
-                strict=True,
-            )
-        )
-        counts[backbone] = dict(keys)
+    for backbone in feature_backbones(store):
+        keys = feature_keys(store, backbone)
+        weights, sizes = (keys.column(c).to_pylist() for c in ("weights_id", "image_size"))
+        counts[backbone] = dict(Counter(f"{w}@{s}px" for w, s in zip(weights, sizes, strict=True)))
     return counts
 
 
 def _featurised_ids(store: Location) -> dict[str, set[str]]:
     """backbone -> the image ids holding a vector of it (any weights, any image size)."""
-    root = store.child("features")
-    if not root.fs.exists(root.path):
-        return {}
-    ids = {}
-    for path in sorted(root.fs.ls(root.path, detail=False)):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("backbone="):
-            loc = features_root(store, name.removeprefix("backbone="))
-            table = ds.dataset(loc.path, filesystem=loc.fs, format="parquet").to_table(
-                columns=["image_id"]
-            )
-            ids[name.removeprefix("backbone=")] = set(table.column("image_id").to_pylist())
-    return ids
+    return {
+        backbone: set(feature_keys(store, backbone).column("image_id").to_pylist())
+        for backbone in feature_backbones(store)
+    }
 
 
 def dataset_accounting(catalog, vectors: dict[str, set[str]]) -> dict[str, dict]:

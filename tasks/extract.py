@@ -53,16 +53,19 @@ def load_backbone(
 
 
 def traced_forward(model, image_size: int):
-    """The model's inference graph, traced once, now, for every batch size.
+    """The model's inference graph, traced once, now, for every batch size, and run once.
 
     Keras' predict_on_batch traces the network again for each new batch shape: a run's last,
-    smaller batch cost seconds of tracing per backbone on CPU (see docs/benchmarks.md).
+    smaller batch cost seconds of tracing per backbone on CPU (see docs/benchmarks.md). The
+    first call of a traced graph still picks kernels and lays out weights (0.3-1.1 s per
+    backbone here); one image does that at load, while the other actors are still loading,
+    instead of on the first batch that every backbone must finish before it is written.
     """
     import tensorflow as tf
 
     signature = tf.TensorSpec((None, image_size, image_size, 3), tf.float32)
     forward = tf.function(lambda x: model(x, training=False), input_signature=[signature])
-    forward.get_concrete_function()  # trace at load time, not on the first batch
+    forward(tf.zeros((1, image_size, image_size, 3)))
     return forward
 
 

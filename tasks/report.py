@@ -13,6 +13,7 @@ import html
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -312,6 +313,50 @@ def _confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[int]]]:
     return labels, matrix
 
 
+@dataclass(frozen=True)
+class _ReportContent:
+    """What both renderings of the evaluation report show, computed once."""
+
+    non_clinical: bool
+    facts: list[tuple[str, str]]
+    metrics: Mapping[str, Any]
+    labels: list[str]
+    matrix: list[list[int]]
+    roc: dict | None
+    no_roc_reason: str
+    split: Any
+    accounting_rows: list[tuple[str, str]]
+    accounting_check: str
+    quarantine_rows: list[tuple[str, str]]
+    quarantine_more: int
+    versions: Mapping[str, Any]
+
+
+def _report_content(
+    summary: Mapping[str, Any], y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None
+) -> _ReportContent:
+    metrics = _metrics(summary, y_true, y_pred, scores)
+    labels, matrix = _confusion(metrics)
+    roc, no_roc_reason = _roc(y_true, scores)
+    accounting_rows, accounting_check = _accounting(summary)
+    quarantine_rows, quarantine_more = _quarantine(summary)
+    return _ReportContent(
+        non_clinical=bool(summary.get("non_clinical")),
+        facts=_run_facts(summary),
+        metrics=metrics,
+        labels=labels,
+        matrix=matrix,
+        roc=roc,
+        no_roc_reason=no_roc_reason,
+        split=summary.get("split"),
+        accounting_rows=accounting_rows,
+        accounting_check=accounting_check,
+        quarantine_rows=quarantine_rows,
+        quarantine_more=quarantine_more,
+        versions=summary.get("package_versions") or {},
+    )
+
+
 def render_report(
     summary: dict,
     y_true: np.ndarray,
@@ -327,48 +372,15 @@ def render_report(
     `examples` (optional) adds a gallery of test cells with their class activation maps:
     [{"kind": "TP" | "FP" | "FN", "image_id", "png_data_uri"}] (tasks/explain).
     """
-    metrics = _metrics(summary, y_true, y_pred, scores)
-    labels, matrix = _confusion(metrics)
-    roc, no_roc_reason = _roc(y_true, scores)
-    facts = _run_facts(summary)
-    accounting_rows, accounting_check = _accounting(summary)
-    quarantine_rows, quarantine_more = _quarantine(summary)
-    non_clinical = bool(summary.get("non_clinical"))
-    split = summary.get("split")
-
-    markdown = _render_markdown(
-        non_clinical=non_clinical,
-        facts=facts,
-        metrics=metrics,
-        labels=labels,
-        matrix=matrix,
-        split=split,
-        accounting_rows=accounting_rows,
-        accounting_check=accounting_check,
-        quarantine_rows=quarantine_rows,
-        quarantine_more=quarantine_more,
-        no_roc_reason=no_roc_reason,
-        versions=summary.get("package_versions") or {},
-        risk_lines=_risk_markdown(risk["summary"]) if risk else [],
-    )
-
-    plots = [(figure_to_data_uri(plot_confusion_matrix(matrix, labels)), "Confusion matrix")]
-    if roc is not None:
-        auc = metrics.get("roc_auc")
-        plots.append((figure_to_data_uri(plot_roc(roc["fpr"], roc["tpr"], auc)), "ROC curve"))
+    content = _report_content(summary, y_true, y_pred, scores)
+    markdown = _render_markdown(content, _risk_markdown(risk["summary"]) if risk else [])
+    confusion = figure_to_data_uri(plot_confusion_matrix(content.matrix, content.labels))
+    plots = [(confusion, "Confusion matrix")]
+    if content.roc is not None:
+        fpr, tpr, auc = content.roc["fpr"], content.roc["tpr"], content.metrics.get("roc_auc")
+        plots.append((figure_to_data_uri(plot_roc(fpr, tpr, auc)), "ROC curve"))
     html_text = _render_html(
-        non_clinical=non_clinical,
-        facts=facts,
-        metrics=metrics,
-        labels=labels,
-        matrix=matrix,
-        split=split,
-        accounting_rows=accounting_rows,
-        accounting_check=accounting_check,
-        quarantine_rows=quarantine_rows,
-        quarantine_more=quarantine_more,
-        no_roc_reason=no_roc_reason,
-        versions=summary.get("package_versions") or {},
+        content,
         plots=plots,
         risk_html=_risk_html(risk) if risk else [],
         examples_html=_examples_html(examples) if examples else [],
@@ -411,10 +423,7 @@ def _examples_html(examples: Sequence[Mapping[str, Any]]) -> list[str]:
             if not uri.startswith("data:image/png;base64,"):  # the page must stay self-contained
                 continue
             caption = f"{kind} {str(example.get('image_id'))[:16]}"
-            body.append(
-                f'<figure><img src="{_h(uri)}" alt="{_h(caption)}">'
-                f"<figcaption>{_h(caption)}</figcaption></figure>"
-            )
+            body.append(_figure_html(uri, caption))
     return body
 
 
@@ -531,10 +540,7 @@ def _risk_html(risk: Mapping[str, Any]) -> list[str]:
     body = [f"<h2>{_h(RISK_TITLE)}</h2>", f'<p class="note">{_h(_risk_explanation(summary))}</p>']
     body.append(_html_table(["", "validation (out of fold)", "test"], _risk_rows(summary), 2))
     for uri, caption in _risk_plots(risk):
-        body.append(
-            f'<figure><img src="{uri}" alt="{_h(caption)}">'
-            f"<figcaption>{_h(caption)}</figcaption></figure>"
-        )
+        body.append(_figure_html(uri, caption))
     return body
 
 
@@ -547,61 +553,46 @@ def _split_sentence(split: Any, code: Callable[[str], str]) -> str:
     )
 
 
-def _render_markdown(
-    *,
-    non_clinical: bool,
-    facts: list[tuple[str, str]],
-    metrics: Mapping[str, Any],
-    labels: list[str],
-    matrix: list[list[int]],
-    split: Any,
-    accounting_rows: list[tuple[str, str]],
-    accounting_check: str,
-    quarantine_rows: list[tuple[str, str]],
-    quarantine_more: int,
-    no_roc_reason: str,
-    versions: Mapping[str, Any],
-    risk_lines: Sequence[str] = (),
-) -> str:
+def _render_markdown(c: _ReportContent, risk_lines: Sequence[str] = ()) -> str:
     lines: list[str] = []
-    if non_clinical:
+    if c.non_clinical:
         lines += [f"> **WARNING** {NON_CLINICAL_WARNING}", ""]
     lines += [f"# {TITLE}", ""]
 
     lines += ["## Run", "", "| | |", "|---|---|"]
-    lines += [f"| {_md(k)} | {_md(v)} |" for k, v in facts]
+    lines += [f"| {_md(k)} | {_md(v)} |" for k, v in c.facts]
     # Inside a code span Markdown shows text literally, so only backticks need removing.
-    lines += ["", _split_sentence(split, lambda name: f"`{name.replace('`', '')}`"), ""]
+    lines += ["", _split_sentence(c.split, lambda name: f"`{name.replace('`', '')}`"), ""]
 
     lines += ["## Metrics", "", "| Metric | Value |", "|---|---:|"]
-    lines += [f"| {name} | {_fmt_metric(metrics.get(key))} |" for key, name in METRIC_ROWS]
-    support = metrics.get("support") or {}
+    lines += [f"| {name} | {_fmt_metric(c.metrics.get(key))} |" for key, name in METRIC_ROWS]
+    support = c.metrics.get("support") or {}
     lines += [
         "",
-        f"Test cells: {_fmt(metrics.get('n'))} ({POSITIVE_LABEL}: "
+        f"Test cells: {_fmt(c.metrics.get('n'))} ({POSITIVE_LABEL}: "
         f"{_fmt(support.get(POSITIVE_LABEL))}, {NEGATIVE_LABEL}: "
         f"{_fmt(support.get(NEGATIVE_LABEL))}). Precision, recall and F1 are for the "
         f"`{POSITIVE_LABEL}` (blast) class.",
         "",
     ]
 
-    lines += ["## Confusion matrix", "", "| true \\ predicted | " + " | ".join(labels) + " |"]
-    lines += ["|---|" + "---:|" * len(labels)]
-    for label, row in zip(labels, matrix, strict=False):
+    lines += ["## Confusion matrix", "", "| true \\ predicted | " + " | ".join(c.labels) + " |"]
+    lines += ["|---|" + "---:|" * len(c.labels)]
+    for label, row in zip(c.labels, c.matrix, strict=False):
         lines.append(f"| **{_md(label)}** | " + " | ".join(str(v) for v in row) + " |")
     lines.append("")
-    if no_roc_reason:
-        lines += [no_roc_reason, ""]
+    if c.no_roc_reason:
+        lines += [c.no_roc_reason, ""]
     lines += list(risk_lines)
 
     lines += ["## Images", "", "| | count |", "|---|---:|"]
-    lines += [f"| {k} | {_md(v)} |" for k, v in accounting_rows]
-    lines += ["", _md(accounting_check), ""]
-    lines += _quarantine_markdown(quarantine_rows, quarantine_more)
+    lines += [f"| {k} | {_md(v)} |" for k, v in c.accounting_rows]
+    lines += ["", _md(c.accounting_check), ""]
+    lines += _quarantine_markdown(c.quarantine_rows, c.quarantine_more)
 
-    if versions:
+    if c.versions:
         lines += ["## Package versions", "", "| package | version |", "|---|---|"]
-        lines += [f"| {_md(k)} | {_md(v)} |" for k, v in versions.items()]
+        lines += [f"| {_md(k)} | {_md(v)} |" for k, v in c.versions.items()]
         lines.append("")
     lines += ["_Plots (confusion matrix heatmap, ROC curve) are in the HTML report._", ""]
     return "\n".join(lines)
@@ -616,6 +607,14 @@ def _quarantine_markdown(rows: list[tuple[str, str]], more: int) -> list[str]:
     if more:
         lines += ["", f"... and {more} more."]
     return lines + [""]
+
+
+def _figure_html(uri: str, caption: str) -> str:
+    """An embedded image (a data: URI: the page stays self-contained) with its caption."""
+    return (
+        f'<figure><img src="{_h(uri)}" alt="{_h(caption)}">'
+        f"<figcaption>{_h(caption)}</figcaption></figure>"
+    )
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: int = 0) -> str:
@@ -635,72 +634,59 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: i
 
 
 def _render_html(
-    *,
-    non_clinical: bool,
-    facts: list[tuple[str, str]],
-    metrics: Mapping[str, Any],
-    labels: list[str],
-    matrix: list[list[int]],
-    split: Any,
-    accounting_rows: list[tuple[str, str]],
-    accounting_check: str,
-    quarantine_rows: list[tuple[str, str]],
-    quarantine_more: int,
-    no_roc_reason: str,
-    versions: Mapping[str, Any],
+    c: _ReportContent,
     plots: list[tuple[str, str]],
     risk_html: Sequence[str] = (),
     examples_html: Sequence[str] = (),
 ) -> str:
     body: list[str] = []
-    if non_clinical:
+    if c.non_clinical:
         body.append(f'<div class="warning">{_h(NON_CLINICAL_WARNING)}</div>')
     body.append(f"<h1>{_h(TITLE)}</h1>")
 
     body.append("<h2>Run</h2>")
-    body.append(_html_table([], facts))
-    split_text = _split_sentence(split, lambda name: f"<code>{_h(name)}</code>")
+    body.append(_html_table([], c.facts))
+    split_text = _split_sentence(c.split, lambda name: f"<code>{_h(name)}</code>")
     body.append(f'<p class="note">{split_text}</p>')
 
     body.append("<h2>Metrics</h2>")
-    metric_rows = [(name, _fmt_metric(metrics.get(key))) for key, name in METRIC_ROWS]
+    metric_rows = [(name, _fmt_metric(c.metrics.get(key))) for key, name in METRIC_ROWS]
     body.append(_html_table(["Metric", "Value"], metric_rows, numeric=1))
-    support = metrics.get("support") or {}
+    support = c.metrics.get("support") or {}
     body.append(
-        f'<p class="muted">Test cells: {_h(_fmt(metrics.get("n")))} '
+        f'<p class="muted">Test cells: {_h(_fmt(c.metrics.get("n")))} '
         f"({_h(POSITIVE_LABEL)}: {_h(_fmt(support.get(POSITIVE_LABEL)))}, "
         f"{_h(NEGATIVE_LABEL)}: {_h(_fmt(support.get(NEGATIVE_LABEL)))}). Precision, recall and "
         f"F1 are for the <code>{_h(POSITIVE_LABEL)}</code> (blast) class.</p>"
     )
 
     body.append("<h2>Confusion matrix</h2>")
-    cm_rows = [[label, *(str(v) for v in row)] for label, row in zip(labels, matrix, strict=False)]
-    body.append(_html_table(["true \\ predicted", *labels], cm_rows, numeric=len(labels)))
+    cm_rows = [
+        [label, *(str(v) for v in row)] for label, row in zip(c.labels, c.matrix, strict=False)
+    ]
+    body.append(_html_table(["true \\ predicted", *c.labels], cm_rows, numeric=len(c.labels)))
     for uri, caption in plots:
-        body.append(
-            f'<figure><img src="{uri}" alt="{_h(caption)}">'
-            f"<figcaption>{_h(caption)}</figcaption></figure>"
-        )
-    if no_roc_reason:
-        body.append(f"<p>{_h(no_roc_reason)}</p>")
+        body.append(_figure_html(uri, caption))
+    if c.no_roc_reason:
+        body.append(f"<p>{_h(c.no_roc_reason)}</p>")
     body.extend(risk_html)
     body.extend(examples_html)
 
     body.append("<h2>Images</h2>")
-    body.append(_html_table(["", "count"], accounting_rows, numeric=1))
-    body.append(f"<p>{_h(accounting_check)}</p>")
+    body.append(_html_table(["", "count"], c.accounting_rows, numeric=1))
+    body.append(f"<p>{_h(c.accounting_check)}</p>")
     body.append("<h3>Quarantined images</h3>")
-    if quarantine_rows:
-        body.append(_html_table(["image_id", "reason"], quarantine_rows))
-        if quarantine_more:
-            body.append(f"<p>... and {quarantine_more} more.</p>")
+    if c.quarantine_rows:
+        body.append(_html_table(["image_id", "reason"], c.quarantine_rows))
+        if c.quarantine_more:
+            body.append(f"<p>... and {c.quarantine_more} more.</p>")
     else:
         body.append("<p>None.</p>")
 
-    if versions:
+    if c.versions:
         body.append("<h2>Package versions</h2>")
         body.append(
-            _html_table(["package", "version"], [(k, _fmt(v)) for k, v in versions.items()])
+            _html_table(["package", "version"], [(k, _fmt(v)) for k, v in c.versions.items()])
         )
 
     return (
@@ -803,10 +789,7 @@ def render_experiments_html(summary: Mapping[str, Any]) -> str:
         if points:
             uri = figure_to_data_uri(plot_split_gap(points))
             caption = "Accuracy per cell: random split (x) vs. subject folds (y)"
-            body.append(
-                f'<figure><img src="{uri}" alt="{_h(caption)}">'
-                f"<figcaption>{_h(caption)}</figcaption></figure>"
-            )
+            body.append(_figure_html(uri, caption))
     versions = summary.get("package_versions") or {}
     if versions:
         body.append("<h2>Package versions</h2>")

@@ -106,6 +106,16 @@ def missing_vectors(
     return todo
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where the backbone actors run and how large a share each takes (docs/scaling.md)."""
+
+    ray_address: str | None = None
+    batch_size: int = 32
+    gpu_share: float | None = None
+    actor_cpus: float | None = None
+
+
 @task(name="featurise", cache_policy=NO_CACHE)
 def featurise(
     store: Location,
@@ -114,8 +124,7 @@ def featurise(
     weights: bb.WeightsChoice,
     weight_ids: dict[str, str],
     image_size: int,
-    batch_size: int,
-    ray_address: str | None,
+    compute: Compute,
     total_images: int,
     progress_bar: bool = False,
 ) -> dict:
@@ -128,10 +137,10 @@ def featurise(
     pending = len({i for ids in todo.values() for i in ids})
     logger = get_run_logger()
     with progress_reporter(progress_bar, total_images, total_images - pending, logger) as report:
-        with ray_session(ray_address):
+        with ray_session(compute.ray_address):
             result = extract_features(
-                store, uris, todo, weights, weight_ids, image_size,
-                batch_size=batch_size, on_progress=report,
+                store, uris, todo, weights, weight_ids, image_size, compute.batch_size,
+                gpu_share=compute.gpu_share, actor_cpus=compute.actor_cpus, on_progress=report,
             )  # fmt: skip
     rate = result.images_done / result.seconds if result.seconds else None
     logger.info("featurise: %s in %.1fs", result.computed, result.seconds)

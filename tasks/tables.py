@@ -252,6 +252,24 @@ def featurised_ids(store: Location, backbone: str, weights_id: str, image_size: 
     return set() if ids is None else set(ids.column("image_id").to_pylist())
 
 
+def feature_backbones(store: Location) -> list[str]:
+    """The backbones holding feature files in the store, by name."""
+    root = store.child("features")
+    if not root.fs.exists(root.path):
+        return []
+    names = (posixpath.basename(p.rstrip("/")) for p in root.fs.ls(root.path, detail=False))
+    return sorted(n.removeprefix("backbone=") for n in names if n.startswith("backbone="))
+
+
+def feature_keys(store: Location, backbone: str) -> pa.Table:
+    """(image_id, weights_id, image_size) of every stored vector, each key once."""
+    columns = ["image_id", "weights_id", "image_size"]
+    table = _read_live(store, backbone, lambda d: d.to_table(columns=columns))
+    if table is None:
+        return feature_schema(1).empty_table().select(columns)
+    return table.group_by(columns).aggregate([])
+
+
 def read_features(
     store: Location, backbone: str, weights_id: str, image_size: int, image_ids: Iterable[str]
 ) -> dict[str, np.ndarray]:

@@ -46,6 +46,19 @@ def test_configuration_errors_exit_2_with_one_line(tmp_path, synthetic_images, e
     assert_usage_error(result, *words)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["run", "--weights", "none"], ["backfill", "--dataset", "d", "--weights", "none"], ["score"]],
+)
+def test_every_extracting_command_refuses_an_unschedulable_actor_share(
+    tmp_path, synthetic_images, command
+):
+    name, *options = command
+    base = [name, str(synthetic_images), "--store", str(tmp_path / "store"), *options]
+    assert_usage_error(leukoflow(*base, "--gpu-share", "1.5"), "--gpu-share", "1.5")
+    assert_usage_error(leukoflow(*base, "--actor-cpus", "0"), "--actor-cpus")
+
+
 def test_missing_imagenet_weights_exit_2_naming_the_file(tmp_path, synthetic_images):
     result = leukoflow(
         "run", str(synthetic_images), "--store", str(tmp_path), "--backbones", "densenet121",

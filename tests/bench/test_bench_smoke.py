@@ -61,6 +61,9 @@ def test_the_three_ways_of_extracting_give_sane_numbers(results):
     assert ours["counts"]["featurised"] == 8 and ours["batches_seen"] == 2
     assert _positive(data["ratios"]["leukoflow_over_compute_limit"])
     assert _positive(data["ratios"]["leukoflow_over_plain_script"])
+    # Launch to last Parquet file: inside the run, before its training and report.
+    assert ours["images_per_second_total"] < ours["images_per_second_to_last_vectors"]
+    assert _positive(data["ratios"]["leukoflow_over_plain_script_to_last_vectors"])
 
 
 def test_the_side_goals_are_measured(results):

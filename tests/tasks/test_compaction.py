@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 
+from leukoflow.summary import store_status
 from tasks.storage import open_location
 from tasks.tables import compact_features, featurised_ids, read_features, write_features
 
@@ -68,6 +69,7 @@ def test_replaced_files_still_there_are_never_read_and_are_cleaned_up(tmp_path):
     table_ids = read_features(store, "vgg16", "w", 32, ids)
     assert sorted(table_ids) == sorted(ids)
     assert featurised_ids(store, "vgg16", "w", 32) == set(ids)
+    assert store_status(store)["features"] == {"vgg16": {"w@32px": len(ids)}}
     compact_features(store, "vgg16")  # the next compaction deletes the leftovers
     assert len(_files(tmp_path)) == 1
 
