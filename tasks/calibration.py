@@ -12,9 +12,11 @@ patients the model has not seen, as in a real sweep.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+from joblib import parallel_config
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import brier_score_loss
 from sklearn.pipeline import Pipeline
@@ -42,8 +44,17 @@ def fit_calibrated(
 ) -> Pipeline:
     """Standardise, then `classifier` calibrated on the held-out side of each fold."""
     estimator = train.make_classifier(classifier, seed).named_steps["clf"]
-    calibrated = CalibratedClassifierCV(estimator, method=METHOD, cv=folds.indices, ensemble=True)
-    return Pipeline([("scale", StandardScaler()), ("clf", calibrated)]).fit(x, y)
+    calibrated = CalibratedClassifierCV(
+        estimator, method=METHOD, cv=folds.indices, ensemble=True, n_jobs=_fold_workers(folds)
+    )
+    # Folds fit in threads: liblinear, libsvm and the trees release the GIL, the MLP runs in
+    # BLAS, and threads share `x` instead of copying it to worker processes.
+    with parallel_config(backend="threading"):
+        return Pipeline([("scale", StandardScaler()), ("clf", calibrated)]).fit(x, y)
+
+
+def _fold_workers(folds: train.Folds) -> int:
+    return max(1, min(folds.k, os.cpu_count() or 1))
 
 
 def out_of_fold_probabilities(model: Pipeline, x: np.ndarray, folds: train.Folds) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Calibrated risk score, threshold for a target sensitivity, Brier, reliability, folds, report."""
 
+import os
 import re
 
 import numpy as np
@@ -87,6 +88,29 @@ def test_out_of_fold_probabilities_are_honest_where_in_sample_ones_are_not():
     assert not np.isnan(held_out).any() and ((held_out >= 0) & (held_out <= 1)).all()
     assert roc_auc_score(y, held_out) < 0.75
     assert roc_auc_score(y, model.predict_proba(x)[:, 1]) > 0.9
+
+
+@pytest.mark.parametrize("classifier", ["linear-svm", "forest"])
+def test_folds_fitted_in_parallel_give_the_model_fitted_one_fold_at_a_time(classifier):
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, subjects = subject_data(signal=0.8)
+    folds = train.kfold(y, subjects, 5, seed=0)
+    model = calibration.fit_calibrated(classifier, x, y, folds, seed=0)
+    assert model[-1].n_jobs == min(5, os.cpu_count())
+    estimator = train.make_classifier(classifier, 0).named_steps["clf"]
+    serial = CalibratedClassifierCV(
+        estimator, method=calibration.METHOD, cv=folds.indices, ensemble=True
+    )
+    serial = Pipeline([("scale", StandardScaler()), ("clf", serial)]).fit(x, y)
+    np.testing.assert_allclose(model.predict_proba(x), serial.predict_proba(x), atol=1e-6)
+    np.testing.assert_allclose(
+        calibration.out_of_fold_probabilities(model, x, folds),
+        calibration.out_of_fold_probabilities(serial, x, folds),
+        atol=1e-6,
+    )
 
 
 def test_the_calibrated_model_is_a_probability_pipeline_that_survives_skops():
