@@ -245,8 +245,8 @@ def leukoflow_rates(times: dict[str, list[float]], n: int, batch: int, ready: fl
 
 
 def _to_last_vectors_rate(times: dict[str, list], n: int, measured: Measured) -> float | None:
-    ends = [t[-1] for t in times.values() if t]
-    return n / (max(ends) - measured.started_wall) if ends else None
+    tail = _after(times, measured, first=False)
+    return None if tail is None else n / (measured.wall_seconds - tail)
 
 
 def _after(times: dict[str, list[float]], measured: Measured, first: bool) -> float | None:

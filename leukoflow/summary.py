@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
@@ -52,22 +53,23 @@ def render_run_summary(summary: dict, console: Console | None = None) -> None:
     console.print(f"report: {summary['paths']['report_html']}")
 
 
-def _feature_counts(store: Location) -> dict[str, dict[str, int]]:
+def _stored_feature_keys(store: Location) -> dict[str, pa.Table]:
+    """backbone -> its (image_id, weights_id, image_size) keys, read once for all of status."""
+    return {backbone: feature_keys(store, backbone) for backbone in feature_backbones(store)}
+
+
+def _feature_counts(keys: dict[str, pa.Table]) -> dict[str, dict[str, int]]:
     """backbone -> {"<weights_id>@<size>px": images with that vector}."""
     counts = {}
-    for backbone in feature_backbones(store):
-        keys = feature_keys(store, backbone)
-        weights, sizes = (keys.column(c).to_pylist() for c in ("weights_id", "image_size"))
+    for backbone, table in keys.items():
+        weights, sizes = (table.column(c).to_pylist() for c in ("weights_id", "image_size"))
         counts[backbone] = dict(Counter(f"{w}@{s}px" for w, s in zip(weights, sizes, strict=True)))
     return counts
 
 
-def _featurised_ids(store: Location) -> dict[str, set[str]]:
+def _featurised_ids(keys: dict[str, pa.Table]) -> dict[str, set[str]]:
     """backbone -> the image ids holding a vector of it (any weights, any image size)."""
-    return {
-        backbone: set(feature_keys(store, backbone).column("image_id").to_pylist())
-        for backbone in feature_backbones(store)
-    }
+    return {backbone: set(table.column("image_id").to_pylist()) for backbone, table in keys.items()}
 
 
 def dataset_accounting(catalog, vectors: dict[str, set[str]]) -> dict[str, dict]:
@@ -137,6 +139,7 @@ def store_status(store: Location) -> dict:
         entry[status] += 1
     predictions = read_predictions(store)
     runs = read_runs(store)
+    keys = _stored_feature_keys(store)
     last_run = None
     if runs.num_rows:
         latest = pc.max(runs.column("started_at")).as_py()
@@ -145,7 +148,7 @@ def store_status(store: Location) -> dict:
     return {
         "store": store.uri,
         "datasets": datasets,
-        "features": _feature_counts(store),
+        "features": _feature_counts(keys),
         "models": [m["model_id"] for m in registry.list_models(store)],
         "current_model": registry.current_model_id(store),
         "predictions": predictions.num_rows,
@@ -154,7 +157,7 @@ def store_status(store: Location) -> dict:
         # The invariant every run keeps: each image found is featurised, quarantined or a
         # duplicate linked to its first copy.
         "accounting": {
-            "datasets": dataset_accounting(catalog, _featurised_ids(store)),
+            "datasets": dataset_accounting(catalog, _featurised_ids(keys)),
             "runs": runs_accounting(runs),
         },
     }
