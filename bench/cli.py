@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+from leukoflow.tasks import backbones as bb
 
 from bench import report
 from bench.dataset import source_cells, write_cells
@@ -26,7 +27,6 @@ from bench.runner import (
     run_plain_script,
 )
 from leukoflow.errors import LeukoflowError
-from tasks import backbones as bb
 
 SECTIONS = (
     "compute_limit",
@@ -212,7 +212,7 @@ def score_exists() -> bool:
     """Whether the nightly sweep (flows/score.py, `leukoflow score`) is there to measure."""
     import importlib.util
 
-    return importlib.util.find_spec("flows.score") is not None
+    return importlib.util.find_spec("leukoflow.flows.score") is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Every copy gets one corner pixel of its own, so each file has its own sha256 (leukoflow keys work
 by content: identical bytes would be featurised once) while the cost of decoding and featurising
 stays that of the source cell. Sources are real cells (`--source DIR` with all/ and hem/ folders)
-or, by default, synthetic 450 px cells from tasks.synthetic.
+or, by default, synthetic 450 px cells from leukoflow.tasks.synthetic.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import io
 from pathlib import Path
 
 import numpy as np
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
-from tasks.synthetic import make_synthetic_dataset
 
 SOURCE_SIDE = 450  # C-NMC crops are 450 x 450
 SOURCE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")

@@ -12,19 +12,19 @@ import uuid
 from datetime import UTC, datetime
 
 import numpy as np
+from leukoflow.flows.run import NON_CLINICAL_NOTE, package_versions
+from leukoflow.tasks import augment as aug
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import evaluate, registry
+from leukoflow.tasks import experiments as ex
+from leukoflow.tasks.actors import ray_session
+from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
+from leukoflow.tasks.prefect_tasks import extract, join
+from leukoflow.tasks.storage import Location, open_location
+from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
 from prefect import flow
 
-from flows.run import NON_CLINICAL_NOTE, package_versions
 from leukoflow.errors import LeukoflowError
-from tasks import augment as aug
-from tasks import backbones as bb
-from tasks import evaluate, registry
-from tasks import experiments as ex
-from tasks.actors import ray_session
-from tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
-from tasks.prefect_tasks import extract, join
-from tasks.storage import Location, open_location
-from tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
 
 
 @flow(name="leukoflow-experiments", log_prints=False)

@@ -8,17 +8,23 @@ import uuid
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import calibration, evaluate, registry, train
+from leukoflow.tasks.actors import check_actor_resources
+from leukoflow.tasks.explain_tasks import explain_examples
+from leukoflow.tasks.prefect_tasks import (
+    catalog_images,
+    extract,
+    join,
+    save_and_report,
+    train_and_evaluate,
+)
+from leukoflow.tasks.score import score_reference
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
 from prefect import flow
 
 from leukoflow.errors import LeukoflowError
-from tasks import backbones as bb
-from tasks import calibration, evaluate, registry, train
-from tasks.actors import check_actor_resources
-from tasks.explain_tasks import explain_examples
-from tasks.prefect_tasks import catalog_images, extract, join, save_and_report, train_and_evaluate
-from tasks.score import score_reference
-from tasks.storage import open_location
-from tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
 

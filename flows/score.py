@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from prefect import flow, get_run_logger
-
-from tasks import backbones as bb
-from tasks import registry
-from tasks import score as sc
-from tasks.explain_tasks import explain_flagged_cells
-from tasks.lease import DEFAULT_TTL_S, SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
-from tasks.score_tasks import (
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import registry
+from leukoflow.tasks import score as sc
+from leukoflow.tasks.explain_tasks import explain_flagged_cells
+from leukoflow.tasks.lease import DEFAULT_TTL_S, SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
+from leukoflow.tasks.score_tasks import (
     Compute,
     catalog_collection,
     featurise,
@@ -25,8 +23,9 @@ from tasks.score_tasks import (
     publish_sweep,
     score_new_images,
 )
-from tasks.storage import Location, open_location
-from tasks.tables import read_predictions, scored_image_ids, write_run
+from leukoflow.tasks.storage import Location, open_location
+from leukoflow.tasks.tables import read_predictions, scored_image_ids, write_run
+from prefect import flow, get_run_logger
 
 
 @flow(name="leukoflow-score", log_prints=False)

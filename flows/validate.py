@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from leukoflow.flows.run import NON_CLINICAL_NOTE, package_versions
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import evaluate, validate
+from leukoflow.tasks.prefect_tasks import catalog_images, extract, join
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import STATUS_OK
+from leukoflow.tasks.validate_tasks import cross_validate
 from prefect import flow
-
-from flows.run import NON_CLINICAL_NOTE, package_versions
-from tasks import backbones as bb
-from tasks import evaluate, validate
-from tasks.prefect_tasks import catalog_images, extract, join
-from tasks.storage import open_location
-from tasks.tables import STATUS_OK
-from tasks.validate_tasks import cross_validate
 
 
 @flow(name="leukoflow-validate", log_prints=False)

@@ -29,7 +29,7 @@ def project_dir() -> Path:
     /opt/leukoflow), else the checkout this code runs from."""
     if os.environ.get("LEUKOFLOW_PROJECT_DIR"):
         return Path(os.environ["LEUKOFLOW_PROJECT_DIR"]).resolve()
-    import flows
+    import leukoflow.flows as flows
 
     return Path(flows.__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
-from tasks import registry
-from tasks.storage import Location
-from tasks.tables import (
+from leukoflow.tasks import registry
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import (
     STATUS_DUPLICATE,
     STATUS_OK,
     STATUS_QUARANTINED,

@@ -13,21 +13,23 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks.extract import load_pixels, make_featurizer
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import compact_features, featurised_ids, write_features
 
 from leukoflow.errors import LeukoflowError
-from tasks import backbones as bb
-from tasks.extract import load_pixels, make_featurizer
-from tasks.storage import Location
-from tasks.tables import compact_features, featurised_ids, write_features
 
 log = logging.getLogger("leukoflow.extract")
 
@@ -44,41 +46,61 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        import flows
-        import leukoflow
-        import tasks
-
-        _check_reachable(address)
-        # The cluster's image carries the dependencies; this driver's own code travels with the
-        # job so workers run exactly the version that submitted it. Folders, not module objects:
-        # a Ray Client (ray://) driver must send the runtime env over the wire.
-        packages = [os.path.dirname(p.__file__) for p in (leukoflow, tasks, flows)]
-        try:
+    with ExitStack() as stack:
+        if address and address != "local":
+            _check_reachable(address)
+            # The cluster's image carries the dependencies; this driver's own code travels with
+            # the job so workers run exactly the version that submitted it. A folder, not module
+            # objects: a Ray Client (ray://) driver must send the runtime env over the wire.
+            staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="leukoflow-code-"))
+            try:
+                ray.init(
+                    address=address,
+                    runtime_env={"py_modules": [stage_package(staging)], "env_vars": ACTOR_ENV},
+                    log_to_driver=False,
+                )
+            except (ConnectionError, ray.exceptions.AuthenticationError) as error:
+                # The port answered: most often the cluster wants a token this driver lacks.
+                raise LeukoflowError(
+                    f"cannot join the Ray cluster at {address} ({error}); with token "
+                    "authentication set RAY_AUTH_MODE=token and the cluster's token in "
+                    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+                ) from error
+        else:
+            # address="local": never attach to a stale `ray start` cluster left on this machine.
             ray.init(
-                address=address,
-                runtime_env={"py_modules": packages, "env_vars": ACTOR_ENV},
+                address="local",
+                include_dashboard=False,
                 log_to_driver=False,
+                runtime_env={"env_vars": ACTOR_ENV},
             )
-        except (ConnectionError, ray.exceptions.AuthenticationError) as error:
-            # The port answered: most often the cluster wants a token this driver lacks.
-            raise LeukoflowError(
-                f"cannot join the Ray cluster at {address} ({error}); with token authentication "
-                "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN_PATH or "
-                "RAY_AUTH_TOKEN"
-            ) from error
-    else:
-        # address="local": never attach to a stale `ray start` cluster left on this machine.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": ACTOR_ENV},
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def stage_package(folder: str) -> str:
+    """Copy the installed `leukoflow` package, its tasks and flows included, into `folder`.
+
+    In the repository tasks/ and flows/ sit beside leukoflow/ and are mapped into it by the
+    package-dir of pyproject.toml; a worker needs them nested, as one importable folder.
+    """
+    import leukoflow.flows
+    import leukoflow.tasks
+
+    import leukoflow
+
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    target = os.path.join(folder, "leukoflow")
+    shutil.copytree(os.path.dirname(leukoflow.__file__), target, ignore=skip, dirs_exist_ok=True)
+    for sub in (leukoflow.tasks, leukoflow.flows):
+        name = sub.__name__.rpartition(".")[2]
+        shutil.copytree(
+            os.path.dirname(sub.__file__), os.path.join(target, name), ignore=skip,
+            dirs_exist_ok=True,
+        )  # fmt: skip
+    return target
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

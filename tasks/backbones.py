@@ -76,8 +76,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         # The paper's proposed future work: colour, morphology and texture of the segmented
         # cell (tasks/color_morphology.py); versioned by its feature list, not by weights.
         BackboneSpec(
-            "color_morphology", "tasks.color_morphology", "extract_features", "none", 165, 16,
-            "", None, kind="handcrafted",
+            "color_morphology", "leukoflow.tasks.color_morphology", "extract_features", "none",
+            165, 16, "", None, kind="handcrafted",
         ),
     ]
 }  # fmt: skip

@@ -20,16 +20,16 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from leukoflow.tasks import augment, cam, registry, train
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels
+from leukoflow.tasks.join import join_features
+from leukoflow.tasks.storage import Location, open_location, write_bytes_atomic
+from leukoflow.tasks.tables import STATUS_OK, read_catalog
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from leukoflow.errors import LeukoflowError
-from tasks import augment, cam, registry, train
-from tasks import backbones as bb
-from tasks.images import ImageRejected, decode_image, resize_pixels
-from tasks.join import join_features
-from tasks.storage import Location, open_location, write_bytes_atomic
-from tasks.tables import STATUS_OK, read_catalog
 
 TOP_FEATURES = 8
 # Recomputed features may differ from stored ones by float round-off (another machine, a GPU);
@@ -124,7 +124,9 @@ class Explainer:
             spec = bb.BACKBONES[name]
             choice = weights_for(spec, self.recipe["weights_ids"][name], weights_dir)
             if not spec.full_resolution:
-                from tasks.extract import load_backbone  # loads Keras: only when explaining
+                from leukoflow.tasks.extract import (
+                    load_backbone,  # loads Keras: only when explaining
+                )
 
                 size = int(self.recipe["image_size"])
                 self._map_models[name] = load_backbone(spec, size, choice, pooling=None)

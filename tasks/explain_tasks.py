@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
-from leukoflow.errors import LeukoflowError
-from tasks import cam
-from tasks.explain import (
+from leukoflow.tasks import cam
+from leukoflow.tasks.explain import (
     Explainer,
     example_gallery,
     explain_images,
@@ -16,9 +12,13 @@ from tasks.explain import (
     explanations_folder,
     pick_examples,
 )
-from tasks.score import FLAGGED_LABEL
-from tasks.storage import Location, exists
-from tasks.tables import read_predictions
+from leukoflow.tasks.score import FLAGGED_LABEL
+from leukoflow.tasks.storage import Location, exists
+from leukoflow.tasks.tables import read_predictions
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from leukoflow.errors import LeukoflowError
 
 
 @task(name="explain-examples", cache_policy=NO_CACHE)

@@ -12,11 +12,10 @@ import importlib
 from dataclasses import dataclass, replace
 
 import numpy as np
-
-from tasks import augment
-from tasks import backbones as bb
-from tasks.images import ImageRejected, decode_image, resize_pixels
-from tasks.storage import open_location
+from leukoflow.tasks import augment
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels
+from leukoflow.tasks.storage import open_location
 
 
 class HandcraftedFeaturizer:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from tasks.backbones import BACKBONES, size_key
-from tasks.storage import Location
-from tasks.tables import read_features
+from leukoflow.tasks.backbones import BACKBONES, size_key
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import read_features
 
 
 @dataclass

@@ -10,18 +10,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import calibration, evaluate, registry, train
+from leukoflow.tasks.actors import extract_features, missing_features, ray_session
+from leukoflow.tasks.catalog import build_catalog, catalog_counts
+from leukoflow.tasks.join import JoinedFeatures, join_features
+from leukoflow.tasks.report import render_report
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import STATUS_OK, write_catalog
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-
-from tasks import backbones as bb
-from tasks import calibration, evaluate, registry, train
-from tasks.actors import extract_features, missing_features, ray_session
-from tasks.catalog import build_catalog, catalog_counts
-from tasks.join import JoinedFeatures, join_features
-from tasks.report import render_report
-from tasks.storage import Location
-from tasks.tables import STATUS_OK, write_catalog
 
 
 @task(name="catalog", cache_policy=NO_CACHE)

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import secrets
 
-from tasks.storage import Location, exists, write_bytes_atomic
+from leukoflow.tasks.storage import Location, exists, write_bytes_atomic
 
 SALT_PATH = ("keys", "subject-salt")
 

@@ -14,8 +14,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from leukoflow.tasks.storage import (
+    Location,
+    exists,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
 from leukoflow.errors import LeukoflowError
-from tasks.storage import Location, exists, read_json, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:  # scikit-learn costs seconds to import; a sweep with no work never needs it
     from sklearn.pipeline import Pipeline
@@ -39,7 +46,7 @@ def save_model(store: Location, model_id: str, model: Pipeline, record: dict) ->
         raise LeukoflowError(
             f"model {model_id} already exists in {store.uri}; models are immutable"
         )
-    from tasks.train import model_to_bytes
+    from leukoflow.tasks.train import model_to_bytes
 
     write_bytes_atomic(folder.child("model.skops"), model_to_bytes(model))
     write_json_atomic(folder.child("model.json"), record)
@@ -91,7 +98,7 @@ def load_record(store: Location, model_id: str) -> dict:
 def load_model(store: Location, model_id: str) -> tuple[Pipeline, dict]:
     record = load_record(store, model_id)
     loc = model_folder(store, model_id).child("model.skops")
-    from tasks.train import model_from_bytes
+    from leukoflow.tasks.train import model_from_bytes
 
     return model_from_bytes(loc.fs.cat_file(loc.path)), record
 

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from leukoflow.tasks import experiments as ex
+from leukoflow.tasks.evaluate import (
+    NEGATIVE_LABEL,
+    POSITIVE_LABEL,
+    compute_metrics,
+    pr_points,
+    roc_points,
+)
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from tasks import experiments as ex
-from tasks.evaluate import NEGATIVE_LABEL, POSITIVE_LABEL, compute_metrics, pr_points, roc_points
 
 TITLE = "leukoflow evaluation report"
 NON_CLINICAL_WARNING = (

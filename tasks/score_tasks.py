@@ -14,6 +14,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import score as sc
+from leukoflow.tasks.catalog import build_catalog, catalog_counts
+from leukoflow.tasks.join import join_features
+from leukoflow.tasks.lease import StoreLease
+from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_salt
+from leukoflow.tasks.storage import Location, open_location
+from leukoflow.tasks.tables import (
+    CATALOG_SCHEMA,
+    STATUS_QUARANTINED,
+    featurised_ids,
+    read_catalog,
+    write_catalog,
+    write_predictions,
+)
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -27,21 +42,6 @@ from rich.progress import (
 )
 
 from leukoflow.errors import LeukoflowError
-from tasks import backbones as bb
-from tasks import score as sc
-from tasks.catalog import build_catalog, catalog_counts
-from tasks.join import join_features
-from tasks.lease import StoreLease
-from tasks.pseudonym import pseudonymise_subjects, subject_salt
-from tasks.storage import Location, open_location
-from tasks.tables import (
-    CATALOG_SCHEMA,
-    STATUS_QUARANTINED,
-    featurised_ids,
-    read_catalog,
-    write_catalog,
-    write_predictions,
-)
 
 
 @dataclass
@@ -132,7 +132,10 @@ def featurise(
     empty = {"computed": {}, "rejected": {}, "seconds": 0.0, "images_per_second": None}
     if not any(todo.values()):
         return empty
-    from tasks.actors import extract_features, ray_session  # imports Ray: only with work to do
+    from leukoflow.tasks.actors import (  # imports Ray: only with work to do
+        extract_features,
+        ray_session,
+    )
 
     pending = len({i for ids in todo.values() for i in ids})
     logger = get_run_logger()
@@ -167,7 +170,7 @@ def score_new_images(
     lease: StoreLease,
 ) -> dict:
     """Score `rows` chunk by chunk, each chunk one atomic predictions file (resumable)."""
-    from tasks import registry, train  # scikit-learn and skops: only with work to do
+    from leukoflow.tasks import registry, train  # scikit-learn and skops: only with work to do
 
     logger = get_run_logger()
     model, _ = registry.load_model(store, model_id)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from leukoflow.tasks import validate
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-
-from tasks import validate
 
 
 @task(name="cross-validate", cache_policy=NO_CACHE)

@@ -37,7 +37,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def synthetic_images(tmp_path_factory):
     """A small deterministic C-NMC-like dataset: 6 subjects (3 ALL, 3 normal) x 4 cells."""
-    from tasks.synthetic import make_synthetic_dataset
+    from leukoflow.tasks.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(
         tmp_path_factory.mktemp("images"), n_subjects=6, cells_per_subject=4, image_side=96
@@ -74,7 +74,7 @@ def real_cells(tmp_path_factory):
 def real_cells_store(tmp_path_factory, real_cells, ray_local, prefect_harness):
     """A store whose current model is vgg16 (32 px, random init) + color_morphology, trained by
     the real `run` flow on the real cells; returns (store path, run summary)."""
-    from flows.run import run_pipeline
+    from leukoflow.flows.run import run_pipeline
 
     store = tmp_path_factory.mktemp("real-store")
     summary = run_pipeline(

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
-from tasks.storage import open_location
-from tasks.tables import read_catalog
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import read_catalog
 
 pytestmark = pytest.mark.integration
 

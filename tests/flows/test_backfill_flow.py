@@ -5,10 +5,9 @@ import sys
 
 import pyarrow.dataset as ds
 import pytest
-
-from tasks.storage import open_location
-from tasks.synthetic import make_synthetic_dataset
-from tasks.tables import read_catalog, read_runs
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.tasks.tables import read_catalog, read_runs
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +20,7 @@ def vectors(store, backbone: str) -> list[str]:
 def test_a_backfill_shows_progress_and_a_new_backbone_extracts_only_itself(
     tmp_path, ray_local, prefect_harness, capsys
 ):
-    from flows.backfill import backfill
+    from leukoflow.flows.backfill import backfill
 
     images = make_synthetic_dataset(
         tmp_path / "collection", n_subjects=2, cells_per_subject=3, image_side=64, seed=9

@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-
-from tasks import registry, train
-from tasks.catalog import build_catalog
-from tasks.storage import open_location
-from tasks.tables import read_runs, write_catalog
+from leukoflow.tasks import registry, train
+from leukoflow.tasks.catalog import build_catalog
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import read_runs, write_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +20,7 @@ PAIR = ["vgg16", "densenet121"]
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
-    from flows.experiments import run_experiments
+    from leukoflow.flows.experiments import run_experiments
 
     store = tmp_path_factory.mktemp("store")
     # Experiments read a catalogued dataset; cataloguing alone needs no engine.
@@ -38,7 +37,7 @@ def experiment(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
 def test_a_run_on_the_same_images_reuses_the_features_and_saves_a_calibrated_model(
     experiment, synthetic_images
 ):
-    from flows.run import run_pipeline
+    from leukoflow.flows.run import run_pipeline
 
     store, _ = experiment
     run = run_pipeline(
@@ -99,7 +98,7 @@ def test_tables_reports_and_the_run_row_are_written(experiment):
 
 
 def test_a_second_experiment_extracts_nothing(experiment):
-    from flows.experiments import run_experiments
+    from leukoflow.flows.experiments import run_experiments
 
     store, _ = experiment
     again = run_experiments(

@@ -5,10 +5,9 @@ import json
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-
-from tasks import registry
-from tasks.storage import open_location
-from tasks.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs
+from leukoflow.tasks import registry
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +16,7 @@ TRIO = ["vgg16", "densenet121", "inception_resnet_v2"]
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
-    from flows.run import run_pipeline
+    from leukoflow.flows.run import run_pipeline
 
     store = tmp_path_factory.mktemp("store")
     summary = run_pipeline(
@@ -87,7 +86,7 @@ def test_metrics_and_reports_are_written(first_run):
 
 
 def test_a_second_run_does_no_feature_extraction(first_run, synthetic_images):
-    from flows.run import run_pipeline
+    from leukoflow.flows.run import run_pipeline
 
     store, summary = first_run
     again = run_pipeline(
@@ -108,8 +107,8 @@ def test_a_second_run_does_no_feature_extraction(first_run, synthetic_images):
 def test_color_morphology_runs_in_the_same_machinery_at_full_resolution(
     tmp_path, synthetic_images, ray_local, prefect_harness
 ):
-    from flows.run import run_pipeline
-    from tasks.color_morphology import FEATURE_DIM, FEATURE_VERSION
+    from leukoflow.flows.run import run_pipeline
+    from leukoflow.tasks.color_morphology import FEATURE_DIM, FEATURE_VERSION
 
     summary = run_pipeline(
         images=str(synthetic_images),

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
+from leukoflow.tasks.pseudonym import subject_key, subject_salt
+from leukoflow.tasks.score import SubjectRule, summarize_subjects
+from leukoflow.tasks.storage import open_location, read_json, write_json_atomic
+from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.tasks.tables import featurised_ids, read_catalog, read_predictions, read_runs
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
-from tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
-from tasks.pseudonym import subject_key, subject_salt
-from tasks.score import SubjectRule, summarize_subjects
-from tasks.storage import open_location, read_json, write_json_atomic
-from tasks.synthetic import make_synthetic_dataset
-from tasks.tables import featurised_ids, read_catalog, read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def last_json(stdout: str) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ray_local, prefect_harness):
     """A store with a model trained on 24 synthetic cells (vgg16 at 32 px, random weights)."""
-    from flows.run import run_pipeline
+    from leukoflow.flows.run import run_pipeline
 
     work = tmp_path_factory.mktemp("nightly")
     train = make_synthetic_dataset(
@@ -89,7 +89,7 @@ def world(tmp_path_factory, ray_local, prefect_harness):
 
 
 def sweep(world, date, inbox=None, **options):
-    from flows.score import score_inbox
+    from leukoflow.flows.score import score_inbox
 
     settings = {"chunk_size": 5, "drift_min_cells": 1000, **RULE, **options}
     inbox = str(inbox or world["inbox"])
@@ -99,7 +99,7 @@ def sweep(world, date, inbox=None, **options):
 @pytest.fixture(scope="module")
 def nights(world):
     """Night 1 (twice); the later nights' cells featurised ahead by one backfill; night 2."""
-    from flows.backfill import backfill
+    from leukoflow.flows.backfill import backfill
 
     inbox, work = world["inbox"], world["work"]
     first_cells = night_cells(inbox, "night-1", 1, work)
@@ -339,7 +339,7 @@ def test_a_killed_sweep_is_finished_by_two_racing_sweeps_with_each_row_once(worl
 
 
 def test_the_dashboard_of_this_store_shows_its_nights_and_the_interrupted_sweep(world, nights):
-    from tasks.dashboard import write_dashboard
+    from leukoflow.tasks.dashboard import write_dashboard
 
     out = world["work"] / "dashboard.html"
     facts = write_dashboard(open_location(str(world["store"])), open_location(str(out)))

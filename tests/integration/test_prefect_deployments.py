@@ -13,11 +13,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.tasks.tables import read_predictions, read_runs
 from servers import BIN, Server, http_status, last_json_line, run_cli, server_env, wait_until
-
-from tasks.storage import open_location
-from tasks.synthetic import make_synthetic_dataset
-from tasks.tables import read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.tasks.tables import read_catalog, read_predictions, read_runs
 from servers import last_json_line, run_cli, server_env
-
-from tasks.storage import open_location
-from tasks.synthetic import make_synthetic_dataset
-from tasks.tables import read_catalog, read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 

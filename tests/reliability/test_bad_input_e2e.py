@@ -13,10 +13,9 @@ from collections import Counter
 
 import pyarrow.dataset as ds
 import pytest
-
-from tasks.catalog import reason_code
-from tasks.storage import open_location
-from tasks.tables import read_catalog, read_runs
+from leukoflow.tasks.catalog import reason_code
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import read_catalog, read_runs
 
 from .conftest import FOLDER_DATASET, MANIFEST_DATASET
 from .harness import last_json

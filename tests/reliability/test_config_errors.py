@@ -10,10 +10,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from leukoflow.tasks.backbones import BACKBONES
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 from PIL import Image
-
-from tasks.backbones import BACKBONES
-from tasks.synthetic import make_synthetic_dataset
 
 from .harness import SMALL_RUN, assert_one_line_error, leukoflow
 

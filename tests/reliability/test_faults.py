@@ -20,8 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-
-from tasks.synthetic import make_synthetic_dataset
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 
 from .harness import (
     SMALL_RUN,
@@ -145,7 +144,7 @@ def endpoint(s3_endpoint):
 
 
 def test_the_s3_retry_budget_is_bounded_and_configurable(monkeypatch):
-    from tasks.storage import S3FS_TRIES, open_location
+    from leukoflow.tasks.storage import S3FS_TRIES, open_location
 
     monkeypatch.setenv("LEUKOFLOW_S3_MAX_ATTEMPTS", "3")
     fs = open_location("s3://bucket/store").fs

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import skops.io as sio
-
-from tasks import registry
-from tasks.pseudonym import subject_key, subject_salt
-from tasks.storage import open_location
-from tasks.tables import read_catalog, read_predictions
-from tasks.train import model_to_bytes
+from leukoflow.tasks import registry
+from leukoflow.tasks.pseudonym import subject_key, subject_salt
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import read_catalog, read_predictions
+from leukoflow.tasks.train import model_to_bytes
 
 from .conftest import MANIFEST_DATASET
 from .harness import FAKE_SECRETS, assert_one_line_error, last_json, leukoflow

@@ -4,10 +4,9 @@ import hashlib
 
 import numpy as np
 import pytest
+from leukoflow.tasks import augment
+from leukoflow.tasks.extract import load_pixels
 from PIL import Image
-
-from tasks import augment
-from tasks.extract import load_pixels
 
 
 def test_an_augmented_id_names_its_source_and_transform():

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from skimage.draw import disk
-
-from tasks.color_morphology import (
+from leukoflow.tasks.color_morphology import (
     FEATURE_DIM,
     FEATURE_NAMES,
     FEATURE_VERSION,
@@ -21,6 +19,7 @@ from tasks.color_morphology import (
     extract_features,
     segment_cell,
 )
+from skimage.draw import disk
 
 CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 

@@ -8,12 +8,11 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
-from tasks import score as sc
-from tasks.dashboard import load_sweeps, nightly_series, write_dashboard
-from tasks.lease import SWEEP_LEASE, StoreLease, lease_location
-from tasks.storage import open_location
-from tasks.tables import write_run
+from leukoflow.tasks import score as sc
+from leukoflow.tasks.dashboard import load_sweeps, nightly_series, write_dashboard
+from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import write_run
 
 CHROMIUM = "/usr/bin/chromium"
 PLOTS = ("images-scored", "flagged", "quarantined", "throughput", "drift")

@@ -6,12 +6,9 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from leukoflow.errors import LeukoflowError
-from tasks import registry, train
-from tasks.color_morphology import FEATURE_NAMES
-from tasks.explain import (
+from leukoflow.tasks import registry, train
+from leukoflow.tasks.color_morphology import FEATURE_NAMES
+from leukoflow.tasks.explain import (
     Explainer,
     explain_images,
     pick_examples,
@@ -19,9 +16,12 @@ from tasks.explain import (
     render_explanation,
     stored_vector,
 )
-from tasks.report import render_report
-from tasks.storage import open_location
-from tasks.tables import read_catalog
+from leukoflow.tasks.report import render_report
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import read_catalog
+from PIL import Image
+
+from leukoflow.errors import LeukoflowError
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +122,7 @@ def test_the_nightly_sweep_explains_its_flagged_cells(real_cells_store, real_cel
     import json
     import shutil
 
-    from flows.score import score_inbox
+    from leukoflow.flows.score import score_inbox
 
     store = tmp_path / "store"  # a copy: the sweep writes predictions, a catalog, a threshold
     shutil.copytree(real_cells_store[0], store)

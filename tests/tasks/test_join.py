@@ -1,8 +1,7 @@
 import numpy as np
-
-from tasks.join import concatenate, join_features
-from tasks.storage import open_location
-from tasks.tables import write_features
+from leukoflow.tasks.join import concatenate, join_features
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import write_features
 
 
 def test_vectors_are_concatenated_in_the_given_order():

@@ -6,8 +6,7 @@ import time
 import uuid
 
 import pytest
-
-from tasks.lease import (
+from leukoflow.tasks.lease import (
     LeaseBusy,
     LeaseLost,
     LeaseRecord,
@@ -15,7 +14,7 @@ from tasks.lease import (
     lease_location,
     read_lease,
 )
-from tasks.storage import open_location
+from leukoflow.tasks.storage import open_location
 
 
 @pytest.fixture(scope="module")

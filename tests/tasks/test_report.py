@@ -7,16 +7,15 @@ import re
 
 import numpy as np
 import pytest
-from matplotlib.figure import Figure
-
-from tasks.evaluate import compute_metrics
-from tasks.report import (
+from leukoflow.tasks.evaluate import compute_metrics
+from leukoflow.tasks.report import (
     NON_CLINICAL_WARNING,
     figure_to_data_uri,
     plot_confusion_matrix,
     plot_roc,
     render_report,
 )
+from matplotlib.figure import Figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Y_TRUE = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])

@@ -1,9 +1,8 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from tasks.storage import open_location
-from tasks.tables import (
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import (
     CATALOG_SCHEMA,
     feature_schema,
     featurised_ids,

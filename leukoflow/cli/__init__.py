@@ -121,7 +121,7 @@ def _run(
     gpu_share: float | None = None,
     actor_cpus: float | None = None,
 ) -> dict:
-    from tasks import calibration, train
+    from leukoflow.tasks import calibration, train
 
     names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
     train.make_classifier(classifier)
@@ -131,7 +131,7 @@ def _run(
     label_map = _parse_labels(labels)
     _check_store(store)
 
-    from flows.run import run_pipeline
+    from leukoflow.flows.run import run_pipeline
 
     _hide_tracebacks_of_user_errors()
     return run_pipeline(
@@ -159,7 +159,7 @@ def _check_feature_recipe(
 ) -> list[str]:
     """The backbone names, once the recipe is known to be buildable: fail fast, before any
     engine starts, on a name, size or weights file a user got wrong."""
-    from tasks import backbones as bb
+    from leukoflow.tasks import backbones as bb
 
     names = bb.parse_backbones(backbones)
     bb.check_image_size(names, image_size)
@@ -172,14 +172,14 @@ def _check_feature_recipe(
 def _check_actor_shares(gpu_share: float | None, actor_cpus: float | None) -> None:
     if gpu_share is None and actor_cpus is None:
         return  # the defaults (and a sweep with nothing new never imports Ray)
-    from tasks.actors import check_actor_resources
+    from leukoflow.tasks.actors import check_actor_resources
 
     check_actor_resources(gpu_share, actor_cpus)
 
 
 def _check_store(store: str) -> None:
     """An unreachable or missing store is a configuration error: say so before any work."""
-    from tasks.storage import check_store, open_location
+    from leukoflow.tasks.storage import check_store, open_location
 
     check_store(open_location(store))
 
@@ -240,7 +240,7 @@ def demo(
     as_json: AsJson = False,
 ) -> None:
     """Make a small synthetic C-NMC-like dataset and run the whole pipeline on it."""
-    from tasks.synthetic import make_synthetic_dataset
+    from leukoflow.tasks.synthetic import make_synthetic_dataset
 
     images = make_synthetic_dataset(
         out / "images", n_subjects=subjects, cells_per_subject=cells_per_subject, seed=seed
@@ -256,7 +256,7 @@ def demo(
 def status(store: Store, as_json: AsJson = False) -> None:
     """What the store holds: catalog, features, models, predictions, runs."""
     from leukoflow.summary import render_status, store_status
-    from tasks.storage import open_location
+    from leukoflow.tasks.storage import open_location
 
     report = store_status(open_location(store))
     if as_json:
@@ -331,8 +331,8 @@ def score(
     """The nightly sweep: score the images of INBOX that the model has not scored yet."""
     from datetime import UTC, datetime
 
-    from tasks import backbones as bb
-    from tasks import score as sc
+    from leukoflow.tasks import backbones as bb
+    from leukoflow.tasks import score as sc
 
     # Fail fast, before Prefect starts, on anything a user can get wrong.
     sc.night_of(date, datetime.now(UTC))
@@ -348,7 +348,7 @@ def score(
     _check_actor_shares(gpu_share, actor_cpus)
     _check_store(store)
 
-    from flows.score import score_inbox
+    from leukoflow.flows.score import score_inbox
 
     _hide_tracebacks_of_user_errors()
     summary = score_inbox(
@@ -396,7 +396,7 @@ def backfill(
     _check_actor_shares(gpu_share, actor_cpus)
     label_map = _parse_labels(labels)
 
-    from flows.backfill import backfill as backfill_flow
+    from leukoflow.flows.backfill import backfill as backfill_flow
 
     _hide_tracebacks_of_user_errors()
     summary = backfill_flow(
@@ -421,8 +421,8 @@ def dashboard(
     as_json: AsJson = False,
 ) -> None:
     """One offline HTML page of the nightly sweeps: plots over nights, the last subject table."""
-    from tasks.dashboard import write_dashboard
-    from tasks.storage import open_location
+    from leukoflow.tasks.dashboard import write_dashboard
+    from leukoflow.tasks.storage import open_location
 
     facts = write_dashboard(open_location(store), open_location(out), nights)
     if as_json:
@@ -443,7 +443,7 @@ def explain(
     as_json: AsJson = False,
 ) -> None:
     """One cell's class activation maps under a linear model, as a PNG (docs/explanations.md)."""
-    from tasks.explain import explain_image
+    from leukoflow.tasks.explain import explain_image
 
     result = explain_image(store, image, model=model, out=out, weights_dir=weights_dir)
     if as_json:
@@ -475,7 +475,7 @@ def validate(
     """Subject-grouped k-fold metrics of one feature set with the paper's linear SVM."""
     names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
 
-    from flows.validate import run_validation
+    from leukoflow.flows.validate import run_validation
 
     _hide_tracebacks_of_user_errors()
     summary = run_validation(
@@ -531,8 +531,8 @@ def experiments(
     as_json: AsJson = False,
 ) -> None:
     """The paper's grid (backbones, pairs, trio x classifiers) beside subject-grouped numbers."""
-    from tasks import backbones as bb
-    from tasks import experiments as ex
+    from leukoflow.tasks import backbones as bb
+    from leukoflow.tasks import experiments as ex
 
     names = _check_feature_recipe(backbones, image_size, weights, weights_dir, seed)
     classifier_names = ex.parse_classifiers(classifiers)
@@ -540,7 +540,7 @@ def experiments(
     trio_names = bb.parse_backbones(trio) if trio else None
     ex.feature_sets(names, trio_names)
 
-    from flows.experiments import run_experiments
+    from leukoflow.flows.experiments import run_experiments
 
     _hide_tracebacks_of_user_errors()
     summary = run_experiments(
@@ -560,7 +560,7 @@ def _print_experiments(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import experiments as ex
+    from leukoflow.tasks import experiments as ex
 
     console = Console()
     if summary.get("note"):
@@ -593,8 +593,8 @@ def models_list(store: Store, as_json: AsJson = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import registry
-    from tasks.storage import open_location
+    from leukoflow.tasks import registry
+    from leukoflow.tasks.storage import open_location
 
     root = open_location(store)
     current = registry.current_model_id(root)
@@ -620,8 +620,8 @@ def models_show(model_id: ModelId, store: Store, as_json: AsJson = False) -> Non
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import registry
-    from tasks.storage import open_location
+    from leukoflow.tasks import registry
+    from leukoflow.tasks.storage import open_location
 
     root = open_location(store)
     record = registry.load_record(root, registry.resolve_model_id(root, model_id))
@@ -647,8 +647,8 @@ def models_promote(
     as_json: AsJson = False,
 ) -> None:
     """Make MODEL_ID the model that scoring uses (one atomic write of CURRENT.json)."""
-    from tasks import registry
-    from tasks.storage import open_location
+    from leukoflow.tasks import registry
+    from leukoflow.tasks.storage import open_location
 
     pointer = registry.promote(open_location(store), model_id)
     if as_json:
@@ -799,5 +799,3 @@ def _report_failure(error: BaseException) -> int:
     return 1
 
 
-if __name__ == "__main__":
-    main()
