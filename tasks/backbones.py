@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import random
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from leukoflow.errors import LeukoflowError
+
+log = logging.getLogger("leukoflow.backbones")
 
 
 @dataclass(frozen=True)
@@ -182,14 +185,40 @@ def resolve_weights_file(spec: BackboneSpec, choice: WeightsChoice) -> tuple[Pat
     return path, md5
 
 
-def weights_id(spec: BackboneSpec, choice: WeightsChoice) -> str:
-    """A stable id for the exact weights, so features of different weights never mix."""
+def weights_id(spec: BackboneSpec, choice: WeightsChoice, precision: str = "fp32") -> str:
+    """A stable id for the exact weights and precision, so vectors of either never mix.
+
+    fp32 ids carry no suffix (every vector stored before precision existed is fp32); a CNN run in
+    bf16 gets `+bf16`. Handcrafted extractors have no precision: their id is their version.
+    """
     if spec.full_resolution:
         return importlib.import_module(spec.module).FEATURE_VERSION
     if choice.kind == "none":
-        return f"random-seed{choice.seed}"
-    _, md5 = resolve_weights_file(spec, choice)
-    return f"imagenet-{md5[:12]}"
+        base = f"random-seed{choice.seed}"
+    else:
+        _, md5 = resolve_weights_file(spec, choice)
+        base = f"imagenet-{md5[:12]}"
+    return base if precision == "fp32" else f"{base}+{precision}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_precision() -> str:
+    """`bf16` where this machine runs it natively (AMX or AVX512-BF16 CPUs), else `fp32`."""
+    native = {"amx_bf16", "avx512_bf16"} & cpu_flags()
+    choice = "bf16" if native else "fp32"
+    log.info("precision auto: %s (native bf16 flags: %s)", choice, sorted(native) or "none")
+    return choice
 
 
 # -- models (run inside the actors) ----------------------------------------------------------
