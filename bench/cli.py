@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-from leukoflow.tasks import backbones as bb
 
 from bench import report
 from bench.dataset import source_cells, write_cells
@@ -27,6 +26,7 @@ from bench.runner import (
     run_plain_script,
 )
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import backbones as bb
 
 SECTIONS = (
     "compute_limit",

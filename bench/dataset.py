@@ -12,10 +12,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from leukoflow.tasks.synthetic import make_synthetic_dataset
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 
 SOURCE_SIDE = 450  # C-NMC crops are 450 x 450
 SOURCE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+
     from leukoflow.tasks.backbones import BACKBONES
 
     imported = time.perf_counter()

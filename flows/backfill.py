@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from prefect import flow
+
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.score_tasks import Compute, catalog_collection, featurise, missing_vectors
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
-from prefect import flow
 
 
 @flow(name="leukoflow-backfill", log_prints=False)

@@ -12,6 +12,9 @@ import uuid
 from datetime import UTC, datetime
 
 import numpy as np
+from prefect import flow
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.flows.run import NON_CLINICAL_NOTE, package_versions
 from leukoflow.tasks import augment as aug
 from leukoflow.tasks import backbones as bb
@@ -22,9 +25,6 @@ from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, s
 from leukoflow.tasks.prefect_tasks import extract, join
 from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
-from prefect import flow
-
-from leukoflow.errors import LeukoflowError
 
 
 @flow(name="leukoflow-experiments", log_prints=False)

@@ -8,6 +8,9 @@ import uuid
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
+from prefect import flow
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import calibration, evaluate, registry, train
 from leukoflow.tasks.actors import check_actor_resources
@@ -22,9 +25,6 @@ from leukoflow.tasks.prefect_tasks import (
 from leukoflow.tasks.score import score_reference
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
-from prefect import flow
-
-from leukoflow.errors import LeukoflowError
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from prefect import flow, get_run_logger
+
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import registry
 from leukoflow.tasks import score as sc
@@ -25,7 +27,6 @@ from leukoflow.tasks.score_tasks import (
 )
 from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.tables import read_predictions, scored_image_ids, write_run
-from prefect import flow, get_run_logger
 
 
 @flow(name="leukoflow-score", log_prints=False)

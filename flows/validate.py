@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from prefect import flow
+
 from leukoflow.flows.run import NON_CLINICAL_NOTE, package_versions
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import evaluate, validate
@@ -16,7 +18,6 @@ from leukoflow.tasks.prefect_tasks import catalog_images, extract, join
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import STATUS_OK
 from leukoflow.tasks.validate_tasks import cross_validate
-from prefect import flow
 
 
 @flow(name="leukoflow-validate", log_prints=False)

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.extract import load_pixels, make_featurizer
 from leukoflow.tasks.storage import Location
 from leukoflow.tasks.tables import compact_features, featurised_ids, write_features
-
-from leukoflow.errors import LeukoflowError
 
 log = logging.getLogger("leukoflow.extract")
 
@@ -86,10 +86,9 @@ def stage_package(folder: str) -> str:
     In the repository tasks/ and flows/ sit beside leukoflow/ and are mapped into it by the
     package-dir of pyproject.toml; a worker needs them nested, as one importable folder.
     """
+    import leukoflow
     import leukoflow.flows
     import leukoflow.tasks
-
-    import leukoflow
 
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     target = os.path.join(folder, "leukoflow")

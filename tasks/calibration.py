@@ -16,13 +16,13 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from leukoflow.tasks import evaluate, train
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import brier_score_loss
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import evaluate, train
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
 DEFAULT_CALIBRATION_FOLDS = 5

@@ -23,11 +23,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.images import TOO_LARGE, UNREADABLE, ImageRejected, decode_image
 from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
-
-from leukoflow.errors import LeukoflowError
 
 IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LABELS = ("all", "hem")  # "all": leukemic blast (the positive class); "hem": normal

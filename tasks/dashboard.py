@@ -14,12 +14,13 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from matplotlib.figure import Figure
+
 from leukoflow.tasks.lease import SWEEP_LEASE, lease_location, read_lease
 from leukoflow.tasks.report import figure_to_data_uri
 from leukoflow.tasks.score import short
 from leukoflow.tasks.storage import Location, write_text_atomic
 from leukoflow.tasks.tables import read_runs
-from matplotlib.figure import Figure
 
 TITLE = "leukoflow nightly sweeps"
 RECENT_RUNS = 20

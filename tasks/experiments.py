@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import evaluate, train
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import evaluate, train
 
 SPLIT_CHOICES = ("random", "subject", "both")
 DEFAULT_FOLDS = 5

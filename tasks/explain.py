@@ -20,16 +20,16 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import augment, cam, registry, train
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels
 from leukoflow.tasks.join import join_features
 from leukoflow.tasks.storage import Location, open_location, write_bytes_atomic
 from leukoflow.tasks.tables import STATUS_OK, read_catalog
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from leukoflow.errors import LeukoflowError
 
 TOP_FEATURES = 8
 # Recomputed features may differ from stored ones by float round-off (another machine, a GPU);

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import cam
 from leukoflow.tasks.explain import (
     Explainer,
@@ -15,10 +19,6 @@ from leukoflow.tasks.explain import (
 from leukoflow.tasks.score import FLAGGED_LABEL
 from leukoflow.tasks.storage import Location, exists
 from leukoflow.tasks.tables import read_predictions
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
-from leukoflow.errors import LeukoflowError
 
 
 @task(name="explain-examples", cache_policy=NO_CACHE)

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from leukoflow.tasks import augment
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from leukoflow.tasks.backbones import BACKBONES, size_key
 from leukoflow.tasks.storage import Location
 from leukoflow.tasks.tables import read_features

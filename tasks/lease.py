@@ -34,9 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from leukoflow.tasks.storage import Location
-
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks.storage import Location
 
 DEFAULT_TTL_S = 300.0
 SWEEP_LEASE = "score"  # the lease nightly sweeps of one store share

@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import calibration, evaluate, registry, train
 from leukoflow.tasks.actors import extract_features, missing_features, ray_session
@@ -18,9 +22,6 @@ from leukoflow.tasks.join import JoinedFeatures, join_features
 from leukoflow.tasks.report import render_report
 from leukoflow.tasks.storage import Location
 from leukoflow.tasks.tables import STATUS_OK, write_catalog
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 
 @task(name="catalog", cache_policy=NO_CACHE)

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.storage import (
     Location,
     exists,
@@ -21,8 +22,6 @@ from leukoflow.tasks.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
-
-from leukoflow.errors import LeukoflowError
 
 if TYPE_CHECKING:  # scikit-learn costs seconds to import; a sweep with no work never needs it
     from sklearn.pipeline import Pipeline

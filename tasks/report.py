@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
 from leukoflow.tasks import experiments as ex
 from leukoflow.tasks.evaluate import (
     NEGATIVE_LABEL,
@@ -25,9 +29,6 @@ from leukoflow.tasks.evaluate import (
     pr_points,
     roc_points,
 )
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 TITLE = "leukoflow evaluation report"
 NON_CLINICAL_WARNING = (

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 import numpy as np
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
 FLAGGED_LABEL = "all"

@@ -14,6 +14,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.catalog import build_catalog, catalog_counts
@@ -29,19 +42,6 @@ from leukoflow.tasks.tables import (
     write_catalog,
     write_predictions,
 )
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
-
-from leukoflow.errors import LeukoflowError
 
 
 @dataclass

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
 from leukoflow.tasks.storage import Location, write_parquet_atomic
 
 # -- catalog ---------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ out-of-fold predictions. Plain functions, no engines.
 from __future__ import annotations
 
 import numpy as np
-from leukoflow.tasks import evaluate, train
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import evaluate, train
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc")
 DEFAULT_FOLDS = 5

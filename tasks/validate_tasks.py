@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from leukoflow.tasks import validate
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from leukoflow.tasks import validate
 
 
 @task(name="cross-validate", cache_policy=NO_CACHE)

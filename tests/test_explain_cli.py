@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog
 

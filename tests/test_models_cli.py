@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from leukoflow.tasks import calibration, registry, train
-from leukoflow.tasks.storage import open_location
 
 from leukoflow.cli import main
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import calibration, registry, train
+from leukoflow.tasks.storage import open_location
 
 pytestmark = pytest.mark.integration
 

@@ -797,5 +797,3 @@ def _report_failure(error: BaseException) -> int:
         file=sys.stderr,
     )  # fmt: skip
     return 1
-
-

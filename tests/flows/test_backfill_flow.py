@@ -5,6 +5,7 @@ import sys
 
 import pyarrow.dataset as ds
 import pytest
+
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_catalog, read_runs

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+
 from leukoflow.tasks import registry, train
 from leukoflow.tasks.catalog import build_catalog
 from leukoflow.tasks.storage import open_location

@@ -5,6 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+
 from leukoflow.tasks import registry
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs

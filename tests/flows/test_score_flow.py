@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.score import SubjectRule, summarize_subjects
 from leukoflow.tasks.storage import open_location, read_json, write_json_atomic
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import featurised_ids, read_catalog, read_predictions, read_runs
-from PIL import Image
-
-from leukoflow.errors import LeukoflowError
 
 pytestmark = pytest.mark.integration
 

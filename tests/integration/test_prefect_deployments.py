@@ -13,10 +13,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from servers import BIN, Server, http_status, last_json_line, run_cli, server_env, wait_until
+
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_predictions, read_runs
-from servers import BIN, Server, http_status, last_json_line, run_cli, server_env, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,9 @@ import sys
 import tempfile
 
 import pytest
-from leukoflow.tasks.synthetic import make_synthetic_dataset
 from servers import http_status, kill_processes_naming, last_json_line, run_cli, server_env
+
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 
 pytestmark = pytest.mark.integration
 

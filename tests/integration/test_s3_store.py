@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from servers import last_json_line, run_cli, server_env
+
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_catalog, read_predictions, read_runs
-from servers import last_json_line, run_cli, server_env
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from leukoflow.tasks.synthetic import make_synthetic_dataset
 from PIL import Image
+
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 
 # Distinctive enough to search logs and artifacts for: a real manifest would carry MRNs here.
 SUBJECT_IDS = ("MRN-4471-DOE", "MRN-5820-ROE")

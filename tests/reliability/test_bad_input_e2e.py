@@ -13,6 +13,7 @@ from collections import Counter
 
 import pyarrow.dataset as ds
 import pytest
+
 from leukoflow.tasks.catalog import reason_code
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog, read_runs

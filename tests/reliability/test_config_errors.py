@@ -10,9 +10,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from PIL import Image
+
 from leukoflow.tasks.backbones import BACKBONES
 from leukoflow.tasks.synthetic import make_synthetic_dataset
-from PIL import Image
 
 from .harness import SMALL_RUN, assert_one_line_error, leukoflow
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 
 from .harness import (

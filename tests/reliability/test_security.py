@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import skops.io as sio
+
 from leukoflow.tasks import registry
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.storage import open_location

@@ -1,6 +1,7 @@
 """Threads per backbone actor: the actors of a node together can use all of its cores."""
 
 import pytest
+
 from leukoflow.tasks.actors import ActorPlan
 
 

@@ -4,9 +4,10 @@ import hashlib
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from leukoflow.tasks import augment
 from leukoflow.tasks.extract import load_pixels
-from PIL import Image
 
 
 def test_an_augmented_id_names_its_source_and_transform():

@@ -5,10 +5,10 @@ import dataclasses
 import h5py
 import numpy as np
 import pytest
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks.extract import Featurizer
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks.extract import Featurizer
 
 
 def test_the_paper_trio_is_the_default_and_sums_to_3072():

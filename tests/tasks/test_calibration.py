@@ -5,11 +5,11 @@ import re
 
 import numpy as np
 import pytest
-from leukoflow.tasks import calibration, evaluate, train
-from leukoflow.tasks.report import render_report
 from sklearn.metrics import roc_auc_score
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import calibration, evaluate, train
+from leukoflow.tasks.report import render_report
 
 
 def subject_data(n_subjects=12, cells=15, signal=1.0, dim=8, seed=0):

@@ -3,16 +3,16 @@ feature maps (vgg16, random init, 64 px: a 2x2 map)."""
 
 import numpy as np
 import pytest
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import cam, train
-from leukoflow.tasks.explain import Explainer
-from leukoflow.tasks.extract import Featurizer
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import cam, train
+from leukoflow.tasks.explain import Explainer
+from leukoflow.tasks.extract import Featurizer
 
 RECIPE = {"backbones": ["a", "b"], "dims": [3, 2]}
 
@@ -70,8 +70,9 @@ def test_non_linear_or_mismatched_models_are_refused(fitted):
 
 def test_the_map_of_a_real_cnn_is_exact(synthetic_images):
     """CAM = weights applied to the last conv map; its spatial mean + offset = the decision."""
-    from leukoflow.tasks.images import resize_pixels
     from PIL import Image
+
+    from leukoflow.tasks.images import resize_pixels
 
     files = sorted(synthetic_images.rglob("*.bmp"))[6:18]  # 6 ALL, 6 normal
     cells = [np.asarray(Image.open(f).convert("RGB")) for f in files]

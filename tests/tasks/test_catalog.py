@@ -14,6 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import catalog
 from leukoflow.tasks.catalog import (
     DEFAULT_LABELS,
@@ -25,9 +28,6 @@ from leukoflow.tasks.catalog import (
 from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import CATALOG_SCHEMA, read_catalog, write_catalog
-from PIL import Image
-
-from leukoflow.errors import LeukoflowError
 
 CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 SHA256 = re.compile(r"^[0-9a-f]{64}$")

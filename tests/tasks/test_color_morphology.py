@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skimage.draw import disk
+
 from leukoflow.tasks.color_morphology import (
     FEATURE_DIM,
     FEATURE_NAMES,
@@ -19,7 +21,6 @@ from leukoflow.tasks.color_morphology import (
     extract_features,
     segment_cell,
 )
-from skimage.draw import disk
 
 CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 

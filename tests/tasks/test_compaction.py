@@ -4,10 +4,10 @@ import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import compact_features, featurised_ids, read_features, write_features
 
 from leukoflow.summary import store_status
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import compact_features, featurised_ids, read_features, write_features
 
 
 def _write_batches(store, n_batches: int, per_batch: int = 3) -> list[str]:

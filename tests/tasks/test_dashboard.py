@@ -8,6 +8,7 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.dashboard import load_sweeps, nightly_series, write_dashboard
 from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location

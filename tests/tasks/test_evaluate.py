@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
 from leukoflow.tasks.evaluate import (
     NEGATIVE_LABEL,
     POSITIVE_LABEL,
@@ -15,7 +17,6 @@ from leukoflow.tasks.evaluate import (
     pr_points,
     roc_points,
 )
-from sklearn.metrics import balanced_accuracy_score, f1_score
 
 # Hand-built example: 10 cells, tp=3, fn=1, fp=2, tn=4.
 Y_TRUE = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])

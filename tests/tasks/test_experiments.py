@@ -5,11 +5,11 @@ import io
 
 import numpy as np
 import pytest
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import experiments as ex
 from leukoflow.tasks import train
 from leukoflow.tasks.report import render_experiments_html
-
-from leukoflow.errors import LeukoflowError
 
 TRIO = ["vgg16", "densenet121", "inception_resnet_v2"]
 

@@ -6,6 +6,9 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import registry, train
 from leukoflow.tasks.color_morphology import FEATURE_NAMES
 from leukoflow.tasks.explain import (
@@ -19,9 +22,6 @@ from leukoflow.tasks.explain import (
 from leukoflow.tasks.report import render_report
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog
-from PIL import Image
-
-from leukoflow.errors import LeukoflowError
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,8 @@ import zlib
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFile
+
 from leukoflow.tasks import images
 from leukoflow.tasks.images import (
     DECODE_ERROR,
@@ -25,7 +27,6 @@ from leukoflow.tasks.images import (
     probe_image,
     resize_pixels,
 )
-from PIL import Image, ImageFile
 
 MINIMAL_PDF = b"%PDF-1.4\n1 0 obj <</Type /Catalog>> endobj\ntrailer <</Root 1 0 R>>\n%%EOF\n"
 

@@ -1,4 +1,5 @@
 import numpy as np
+
 from leukoflow.tasks.join import concatenate, join_features
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import write_features

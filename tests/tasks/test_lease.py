@@ -6,6 +6,7 @@ import time
 import uuid
 
 import pytest
+
 from leukoflow.tasks.lease import (
     LeaseBusy,
     LeaseLost,

@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
+
 from leukoflow.tasks.evaluate import compute_metrics
 from leukoflow.tasks.report import (
     NON_CLINICAL_WARNING,
@@ -15,7 +17,6 @@ from leukoflow.tasks.report import (
     plot_roc,
     render_report,
 )
-from matplotlib.figure import Figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Y_TRUE = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])

@@ -8,13 +8,13 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.catalog import build_catalog
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import RUN_SCHEMA, read_runs, write_run
-
-from leukoflow.errors import LeukoflowError
 
 STARTED = datetime(2026, 3, 14, 23, 30, tzinfo=UTC)
 

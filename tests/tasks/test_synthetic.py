@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from leukoflow.tasks.catalog import build_catalog, catalog_counts, parse_subject_id
-from leukoflow.tasks.synthetic import make_synthetic_dataset
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
@@ -17,6 +15,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks.catalog import build_catalog, catalog_counts, parse_subject_id
+from leukoflow.tasks.synthetic import make_synthetic_dataset
 
 
 def digests(root: Path) -> dict[str, str]:

@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import (
     CATALOG_SCHEMA,

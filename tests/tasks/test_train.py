@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import skops.io as sio
-from leukoflow.tasks import train
 from sklearn.svm import LinearSVC
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import train
 
 
 def test_the_papers_classifier_is_pinned():

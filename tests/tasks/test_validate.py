@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from leukoflow.tasks.validate import METRICS, cross_validate, markdown_row
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks.validate import METRICS, cross_validate, markdown_row
 
 
 def _cells(n_subjects: int, per_subject: int, signal: float, seed: int = 0):
