@@ -28,6 +28,7 @@ import ray
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.extract import load_pixels, make_featurizer
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.storage import Location
 from leukoflow.tasks.tables import compact_features, featurised_ids, write_features
 
@@ -177,7 +178,6 @@ class ActorPlan:
 
     @classmethod
     def for_cluster(cls, n_actors: int, gpu_share: float | None, cpus: float | None) -> ActorPlan:
-        check_actor_resources(gpu_share, cpus)
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) > 0:
             return cls(num_cpus=cpus or 1.0, num_gpus=gpu_share or round(1.0 / n_actors, 3))
@@ -187,18 +187,6 @@ class ActorPlan:
         cores = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         node_cpus = min((c for c in cores if c > 0), default=1.0)
         return cls(num_cpus=cpus or max(0.1, round(node_cpus / n_actors, 3) - 0.001), num_gpus=0)
-
-
-def check_actor_resources(gpu_share: float | None, actor_cpus: float | None) -> None:
-    """Reject shares Ray cannot schedule: fractions of one GPU, or whole GPUs; CPUs above 0."""
-    if gpu_share is not None and (
-        gpu_share <= 0 or (gpu_share > 1 and not float(gpu_share).is_integer())
-    ):
-        raise LeukoflowError(
-            f"--gpu-share wants a fraction of one GPU (e.g. 0.33) or whole GPUs, got {gpu_share}"
-        )
-    if actor_cpus is not None and actor_cpus <= 0:
-        raise LeukoflowError(f"--actor-cpus wants a positive number, got {actor_cpus}")
 
 
 @dataclass
@@ -215,14 +203,15 @@ class ExtractionResult:
 
 
 def missing_features(
-    store: Location, names: list[str], weight_ids: dict[str, str], image_size: int, ids: list[str]
+    store: Location, recipe: FeatureRecipe, ids: list[str]
 ) -> dict[str, list[str]]:
-    """For each backbone, the ids (in catalog order) that have no vector for this recipe yet."""
+    """For each backbone with work, the ids (in the given order) lacking a vector of `recipe`."""
     todo = {}
-    for name in names:
-        size = bb.size_key(bb.BACKBONES[name], image_size)
-        done = featurised_ids(store, name, weight_ids[name], size)
-        todo[name] = [i for i in ids if i not in done]
+    for name in recipe.backbones:
+        done = featurised_ids(store, name, *recipe.vector_key(name))
+        missing = [i for i in ids if i not in done]
+        if missing:
+            todo[name] = missing
     return todo
 
 
@@ -230,13 +219,9 @@ def extract_features(
     store: Location,
     uris: dict[str, str],
     todo: dict[str, list[str]],
-    weights: bb.WeightsChoice,
-    weight_ids: dict[str, str],
-    image_size: int,
-    batch_size: int = 32,
+    recipe: FeatureRecipe,
+    compute: Compute,
     max_batches_in_flight: int = 2,
-    gpu_share: float | None = None,
-    actor_cpus: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ExtractionResult:
     """Compute and store the missing vectors; needs a Ray session (see ray_session)."""
@@ -245,14 +230,15 @@ def extract_features(
     if not names:
         return result
     started = time.perf_counter()
-    plan = ActorPlan.for_cluster(len(names), gpu_share, actor_cpus)
+    plan = ActorPlan.for_cluster(len(names), compute.gpu_share, compute.actor_cpus)
+    image_size, batch_size = recipe.image_size, compute.batch_size
     actors = {
         name: BackboneActor.options(
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
             scheduling_strategy="SPREAD",
             runtime_env={"env_vars": plan.env_vars()},
-        ).remote(bb.BACKBONES[name], image_size, weights)
+        ).remote(bb.BACKBONES[name], image_size, recipe.choice)
         for name in names
     }
     loaded = ray.get([actors[n].load.remote() for n in names])
@@ -269,9 +255,8 @@ def extract_features(
         nonlocal done
         batch_ids, futures = in_flight.popleft()
         for name, ids, future in futures:
-            vectors = ray.get(future)
-            size = bb.size_key(bb.BACKBONES[name], image_size)
-            write_features(store, name, weight_ids[name], size, ids, vectors)
+            vectors = ray.get(future, timeout=compute.batch_timeout_s)
+            write_features(store, name, *recipe.vector_key(name), ids, vectors)
             result.computed[name] = result.computed.get(name, 0) + len(ids)
         done += batch_ids
         if on_progress:
