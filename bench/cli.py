@@ -32,6 +32,8 @@ SECTIONS = (
     "compute_limit",
     "plain_script",
     "leukoflow",
+    "precision",
+    "decode_stage",
     "memory",
     "color_morphology",
     "join_train",
@@ -57,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--join-n", type=int, default=10_000, help="Generated images for join + train")
     add("--join-calibration", action="store_true", help="Also time run's calibration folds")
     add("--nightly-new", type=int, default=16, help="New images in the nightly sweep")
+    add("--s3-images", type=int, default=128, help="Objects for the decode stage's S3 reads")
     add("--source", type=Path, default=None, help="Real cells (all/, hem/); default synthetic")
     add("--sections", default=",".join(SECTIONS), help="Comma list of sections to run")
     add("--skip", default="", help="Comma list of sections to leave out")
@@ -86,6 +89,7 @@ def settings_from(args: argparse.Namespace, workdir: Path, images: Path) -> dict
         "join_n": args.join_n,
         "join_calibration": args.join_calibration,
         "nightly_new": args.nightly_new,
+        "s3_images": args.s3_images,
         "images": str(images),
         "workdir": str(workdir),
     }
@@ -172,6 +176,49 @@ class Bench:
         if "peak_rss_mb" not in base:
             raise BenchError("this section builds on the leukoflow section, which failed")
         return base
+
+    def _section(self, name: str) -> dict:
+        """Another section's result, run now if it was not selected (the fp32 side of the
+        precision section)."""
+        if name not in self.results["sections"]:
+            try:
+                self.results["sections"][name] = self.run(name)
+            except (BenchError, TimeoutError) as error:
+                self.results["sections"][name] = {"error": str(error)}
+        found = self.results["sections"][name]
+        if "images_per_second" not in found:
+            raise BenchError(f"the precision section builds on the {name} section, which failed")
+        return found
+
+    def _precision(self) -> dict:
+        """Compute limit, plain script and `leukoflow run` in bf16, beside the fp32 sections of
+        the same run; bf16 counts only on hardware that runs it natively (AMX, AVX512-BF16,
+        GPUs with bf16 tensor cores): elsewhere it is emulated and slower than fp32."""
+        fp32 = {k: self._section(k) for k in ("compute_limit", "plain_script", "leukoflow")}
+        bf16_settings = {**self.settings, "precision": "bf16"}
+        bf16 = {
+            "compute_limit": run_child_section(
+                "compute_limit", bf16_settings, self.workdir, label="compute_limit-bf16"
+            ),
+            "plain_script": run_plain_script(bf16_settings, self.images, self.workdir),
+            "leukoflow": run_leukoflow(
+                bf16_settings, self.images, self.workdir / "store-bf16", self.workdir,
+                "leukoflow-bf16",
+            ),
+        }  # fmt: skip
+        return {
+            "native_precision_here": bb.native_precision(),
+            "bf16_cpu_flags": sorted({"amx_bf16", "amx_tile", "avx512_bf16"} & bb.cpu_flags()),
+            "gpu_compute_capabilities": bb.gpu_compute_capabilities(),
+            "images_per_second": {
+                precision: {k: sections[k]["images_per_second"] for k in sections}
+                for precision, sections in (("fp32", fp32), ("bf16", bf16))
+            },
+            "bf16": bf16,
+        }
+
+    def _decode_stage(self) -> dict:
+        return run_child_section("decode_stage", self.settings, self.workdir)
 
     def _memory(self) -> dict:
         base = self._base_run()

@@ -55,9 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--weights", default="none", help="none (random init, seed 0) or DIR")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+
+    if args.precision == "bf16":
+        # What Keras' mixed-precision guide tells a script author to write: one global policy.
+        keras.config.set_dtype_policy("mixed_bfloat16")
 
     from leukoflow.tasks.backbones import BACKBONES
 
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     timings = {
         "n_images": len(paths),
         "batch_size": args.batch_size,
+        "precision": args.precision,
         "import_seconds": imported - STARTED,
         "decode_seconds": decode_seconds,
         "backbones": per_backbone,

@@ -9,6 +9,12 @@ MAX_MEMORY_GROWTH = 0.10
 MAX_NOTHING_NEW_SECONDS = 20.0
 MAX_JOIN_TRAIN_SECONDS = 30.0
 MIN_CM_IMAGES_PER_SECOND = 20.0
+# Issue 15: on an AMX (or bf16 GPU) machine, bf16 leukoflow against fp32 plain script and
+# against its own compute limit; the decode stage against cores x one core, S3 concurrency.
+MIN_BF16_OVER_FP32_PLAIN = 2.0
+MIN_BF16_OVER_BF16_LIMIT = 0.90
+MIN_DECODE_OVER_CORES = 0.8
+MIN_S3_CONCURRENCY_GAIN = 4.0
 # "n new images among a store of many cost time proportional to n, not to the store": the same
 # n new images on a store FACTOR times larger may cost at most this much more.
 MAX_STORE_EFFECT = 0.15
@@ -53,6 +59,10 @@ def goals(sections: dict, ratio: dict) -> dict:
     color = sections.get("color_morphology") or {}
     nightly = (sections.get("nightly_score") or {}).get("stores") or {}
     nothing_new = [s["nothing_new"]["wall_seconds"] for s in nightly.values()]
+    rates = (sections.get("precision") or {}).get("images_per_second") or {}
+    bf16, fp32 = rates.get("bf16") or {}, rates.get("fp32") or {}
+    decode = sections.get("decode_stage") or {}
+    s3 = decode.get("s3") or {}
     return {
         "end_to_end_vs_compute_limit": _goal(
             ratio["leukoflow_over_compute_limit"], MIN_RATIO_TO_LIMIT, True, "x"
@@ -73,7 +83,21 @@ def goals(sections: dict, ratio: dict) -> dict:
         "color_morphology_images_per_second_per_core": _goal(
             color.get("images_per_second_per_core"), MIN_CM_IMAGES_PER_SECOND, True, "images/s"
         ),
-    }
+        "bf16_leukoflow_over_fp32_plain_script": _goal(
+            _ratio(bf16.get("leukoflow"), fp32.get("plain_script")),
+            MIN_BF16_OVER_FP32_PLAIN, True, "x (AMX / bf16 GPU only)",
+        ),
+        "bf16_leukoflow_over_bf16_compute_limit": _goal(
+            _ratio(bf16.get("leukoflow"), bf16.get("compute_limit")),
+            MIN_BF16_OVER_BF16_LIMIT, True, "x",
+        ),
+        "decode_pipeline_over_cores_x_single_core": _goal(
+            decode.get("pipeline_over_cores_x_single_core"), MIN_DECODE_OVER_CORES, True, "x"
+        ),
+        "decode_s3_concurrent_over_one_at_a_time": _goal(
+            s3.get("concurrent_over_one_at_a_time"), MIN_S3_CONCURRENCY_GAIN, True, "x"
+        ),
+    }  # fmt: skip
 
 
 def _store_effect(nightly: dict) -> float | None:
@@ -118,6 +142,20 @@ def render(results: dict) -> str:
     for name, b in limit.items():
         lines.append(
             f"   {name:<31}{_fmt(b['images_per_second']):>13}   best batch {b['best_batch_size']}"
+        )
+    rates = (sections.get("precision") or {}).get("images_per_second") or {}
+    for precision, found in rates.items():
+        lines.append(
+            f"   {precision}: limit {_fmt(found.get('compute_limit'))}, plain script "
+            f"{_fmt(found.get('plain_script'))}, leukoflow {_fmt(found.get('leukoflow'))} img/s"
+        )
+    decode = sections.get("decode_stage") or {}
+    if "pipeline" in decode:
+        single = decode["single_core"]["images_per_second_wall"]
+        lines.append(
+            f"decode stage: 1 core {_fmt(single)} img/s, {decode['threads']['threads']}"
+            f" threads {_fmt(decode['threads']['images_per_second'])}, trivial pipeline "
+            f"{_fmt(decode['pipeline']['images_per_second'])} img/s on {decode['cores']} cores"
         )
     ratio = results["ratios"]
     lines += [

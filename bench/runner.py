@@ -61,13 +61,15 @@ def child_env() -> dict[str, str]:
 
 
 # -- sections that are plain functions in a child (bench.sections) ----------------------------
-def run_child_section(name: str, settings: dict, workdir: Path) -> dict:
-    """Run bench.sections.<name> in a fresh interpreter; its result plus wall and peak memory."""
-    settings_path = workdir / f"{name}.settings.json"
-    result_path = workdir / f"{name}.result.json"
+def run_child_section(name: str, settings: dict, workdir: Path, label: str | None = None) -> dict:
+    """Run bench.sections.<name> in a fresh interpreter; its result plus wall and peak memory.
+    `label` names its files when one section runs twice (e.g. the compute limit in bf16)."""
+    label = label or name
+    settings_path = workdir / f"{label}.settings.json"
+    result_path = workdir / f"{label}.result.json"
     settings_path.write_text(json.dumps(settings))
     command = [sys.executable, "-m", "bench.child", name, str(settings_path), str(result_path)]
-    measured = run_measured(command, workdir / "logs" / f"{name}.log", env=child_env())
+    measured = run_measured(command, workdir / "logs" / f"{label}.log", env=child_env())
     _check(measured, f"section {name}")
     return {**json.loads(result_path.read_text()), **_costs(measured)}
 
@@ -86,9 +88,10 @@ def run_plain_script(settings: dict, images: Path, workdir: Path) -> dict:
         "--backbones", ",".join(settings["backbones"]),
         "--image-size", str(settings["image_size"]),
         "--batch-size", str(settings["batch_size"]),
-        "--weights", weights,
+        "--weights", weights, "--precision", settings.get("precision", "fp32"),
     ]  # fmt: skip
-    measured = run_measured(command, workdir / "logs" / "plain_script.log", env=child_env())
+    log = workdir / "logs" / f"plain_script-{settings.get('precision', 'fp32')}.log"
+    measured = run_measured(command, log, env=child_env())
     _check(measured, "the plain script")
     timings = json.loads((out / "timings.json").read_text())
     shutil.rmtree(out)
@@ -178,7 +181,8 @@ def run_leukoflow(settings: dict, images: Path, store: Path, workdir: Path, labe
         *leukoflow_command(), "run", str(images), "--store", str(store),
         "--dataset", "bench", "--backbones", ",".join(settings["backbones"]),
         "--weights", settings["weights"], "--image-size", str(settings["image_size"]),
-        "--batch-size", str(settings["batch_size"]), "--json",
+        "--batch-size", str(settings["batch_size"]),
+        "--precision", settings.get("precision", "fp32"), "--json",
     ]  # fmt: skip
     watcher = PartWatcher(store / "features", settings["backbones"])
     log = workdir / "logs" / f"{label}.log"
@@ -234,7 +238,8 @@ def leukoflow_rates(times: dict[str, list[float]], n: int, batch: int, ready: fl
         return {"images_per_second": None, "steady_state": False, "batches_seen": seen}
     last = max(t[-1] for t in times.values())
     first = max(t[0] for t in times.values())
-    after_first = (n - batch) / (last - first) if expected >= 2 else None
+    # Tiny runs can land every batch within one 0.5 s watch tick: no rate after the first then.
+    after_first = (n - batch) / (last - first) if expected >= 2 and last > first else None
     return {
         "images_per_second": after_first if ready is None else n / (last - ready),
         "steady_state": True,

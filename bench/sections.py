@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.decode import decode_stage
+
 
 # -- 1. the compute limit --------------------------------------------------------------------
 def compute_limit(settings: dict) -> dict:
@@ -30,7 +32,9 @@ def compute_limit(settings: dict) -> dict:
         if choice.kind == "imagenet":
             weights_path = str(bb.resolve_weights_file(spec, choice)[0])
         t0 = time.perf_counter()
-        model = bb.build_model(spec, size, weights_path, 0)
+        model = bb.build_model(
+            spec, size, weights_path, 0, precision=settings.get("precision", "fp32")
+        )
         load_seconds = time.perf_counter() - t0
         largest = max(settings["batch_sizes"])
         pixels = rng.uniform(0, 255, size=(largest, size, size, 3)).astype(np.float32)
@@ -49,7 +53,11 @@ def compute_limit(settings: dict) -> dict:
         del model
         _clear_keras()
     seconds_per_image = sum(1.0 / r["images_per_second"] for r in per_backbone.values())
-    return {"backbones": per_backbone, "images_per_second": 1.0 / seconds_per_image}
+    return {
+        "precision": settings.get("precision", "fp32"),
+        "backbones": per_backbone,
+        "images_per_second": 1.0 / seconds_per_image,
+    }
 
 
 def _seconds_per_image(model, batch: np.ndarray, min_seconds: float) -> float:
@@ -125,27 +133,28 @@ def join_train(settings: dict) -> dict:
     """Write generated vectors as extraction would (one file per batch), then join and train."""
     from leukoflow.tasks import evaluate, train
     from leukoflow.tasks.join import join_features
+    from leukoflow.tasks.recipe import FeatureRecipe
     from leukoflow.tasks.storage import open_location
     from leukoflow.tasks.tables import compact_features, write_features
 
     n, batch = settings["join_n"], settings["batch_size"]
     vectors, labels = synthetic_vectors(n, JOIN_DIMS)
     image_ids = [f"{i:064x}" for i in range(n)]
-    weight_ids = dict.fromkeys(JOIN_DIMS, "random-seed0")
+    recipe = FeatureRecipe(tuple(JOIN_DIMS), weights="none", image_size=224)
     with tempfile.TemporaryDirectory(dir=settings["workdir"]) as folder:
         store = open_location(folder)
         for name, matrix in vectors.items():
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
                 ids = image_ids[start:stop]
-                write_features(store, name, "random-seed0", 224, ids, matrix[start:stop])
+                write_features(store, name, *recipe.vector_key(name), ids, matrix[start:stop])
         t0 = time.perf_counter()
-        join_features(store, image_ids, list(JOIN_DIMS), weight_ids, 224)
+        join_features(store, image_ids, recipe)
         t1 = time.perf_counter()
         for name in JOIN_DIMS:
             compact_features(store, name)
         t2 = time.perf_counter()
-        joined = join_features(store, image_ids, list(JOIN_DIMS), weight_ids, 224)
+        joined = join_features(store, image_ids, recipe)
         t3 = time.perf_counter()
     y = labels[np.array([int(i, 16) for i in joined.image_ids])]
     parts = train.split_rows(y, [None] * len(y), "random", seed=0)
@@ -180,6 +189,7 @@ def join_train(settings: dict) -> dict:
 
 SECTIONS = {
     "compute_limit": compute_limit,
+    "decode_stage": decode_stage,
     "color_morphology": color_morphology,
     "join_train": join_train,
 }

@@ -7,7 +7,6 @@ feature set x classifier x evaluation as its own Ray task.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 
@@ -15,82 +14,83 @@ import numpy as np
 from prefect import flow
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.flows.run import NON_CLINICAL_NOTE, package_versions
+from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import augment as aug
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import evaluate, registry
+from leukoflow.tasks import evaluate, records, registry
 from leukoflow.tasks import experiments as ex
 from leukoflow.tasks.actors import ray_session
 from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
-from leukoflow.tasks.prefect_tasks import extract, join
+from leukoflow.tasks.join import featurised_images
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.tasks.stage_tasks import (
+    catalog_images,
+    featurise,
+    join,
+    missing_vectors,
+    quarantine_rejects,
+)
 from leukoflow.tasks.storage import Location, open_location
-from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED, write_run
+from leukoflow.tasks.tables import STATUS_OK, write_run
 
 
 @flow(name="leukoflow-experiments", log_prints=False)
 def run_experiments(
     store: str,
+    recipe: FeatureRecipe = FeatureRecipe(backbones=ex.PAPER_BACKBONES),
+    compute: Compute = Compute(),
     dataset: str = "default",
-    backbones: list[str] | None = None,
     classifiers: list[str] | None = None,
     split: str = "both",
     trio: list[str] | None = None,
     folds: int = ex.DEFAULT_FOLDS,
     augment: bool = False,
-    weights: str = "imagenet",
-    weights_dir: str | None = None,
-    image_size: int = 224,
     seed: int = 0,
-    ray_address: str | None = None,
-    batch_size: int = 32,
     n_boot: int = ex.DEFAULT_BOOTSTRAP,
+    images: str | list[str] | None = None,
 ) -> dict:
-    """Every backbone, pair and trio x every classifier, per evaluation; returns the summary."""
+    """Every backbone of `recipe`, the pairs and the trio x every classifier, per evaluation.
+
+    `images`: folders or manifests to catalogue as `dataset` first; None: the dataset's stored
+    catalog (from an earlier `run`, `backfill` or `validate`).
+    """
+    install_secret_masking()
     started = datetime.now(UTC)
     experiment_id = f"{started.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     # Validate everything a user can get wrong before any work starts.
-    backbones = bb.parse_backbones(backbones or list(ex.PAPER_BACKBONES))
-    bb.check_image_size(backbones, image_size)
+    backbones = list(recipe.backbones)
     classifiers = ex.parse_classifiers(classifiers or list(ex.PAPER_CLASSIFIERS))
     evaluation_names = ex.check_split_choice(split)
     sets = ex.feature_sets(backbones, trio)
     cells = ex.grid(sets, classifiers, evaluation_names)
-    choice = bb.parse_weights(weights, weights_dir, seed)
-    weight_ids = {name: bb.weights_id(bb.BACKBONES[name], choice) for name in backbones}
+    recipe.weights_ids  # noqa: B018 - checks the weights files (MD5) before any work
     root = open_location(store)
 
+    if images is not None:
+        catalog_images(images, root, dataset)
     rows = read_catalog_rows(root, dataset)
     labelled = _labelled(rows)
     # Too few images or subjects for the folds: say so before hours of extraction.
     ex.plan_evaluations(*_targets(labelled), evaluation_names, folds, seed)
     to_featurise = labelled + (_augmented_rows(labelled, seed) if augment else [])
 
-    with ray_session(ray_address):  # one session for extraction and the grid
-        features = extract(
-            root, to_featurise, backbones, choice, weight_ids, image_size, batch_size, ray_address
-        )
+    uris = {r["image_id"]: r["uri"] for r in to_featurise}
+    with ray_session(compute.ray_address):  # one session for extraction and the grid
+        todo = missing_vectors(root, list(uris), recipe)
+        features = featurise(root, uris, todo, recipe, compute)
         usable = [r for r in labelled if r["image_id"] not in features["rejected"]]
-        joined = join(root, [r["image_id"] for r in usable], backbones, weight_ids, image_size)
+        joined = join(root, [r["image_id"] for r in usable], recipe)
         by_id = {r["image_id"]: r for r in usable}
         y, subjects = _targets([by_id[i] for i in joined.image_ids])
         evaluations = ex.plan_evaluations(y, subjects, evaluation_names, folds, seed)
         augmented = None
         if augment:
-            augmented = _join_augmented(
-                root,
-                joined.image_ids,
-                features["rejected"],
-                backbones,
-                weight_ids,
-                image_size,
-                seed,
-            )
+            augmented = _join_augmented(root, joined.image_ids, features["rejected"], recipe, seed)
         results = evaluate_grid(
             joined.matrix, y, subjects, augmented, backbones, joined.dims, cells, evaluations,
-            seed, n_boot, ray_address,
+            seed, n_boot, compute.ray_address,
         )  # fmt: skip
 
-    non_clinical = bb.uses_random_weights(backbones, choice)
+    non_clinical = recipe.non_clinical
     summary = {
         "experiment_id": experiment_id,
         "dataset": dataset,
@@ -110,10 +110,11 @@ def run_experiments(
             }
             for e in evaluations
         ],  # fmt: skip
-        "weights_id": ",".join(weight_ids[n] for n in backbones),
+        "weights_id": recipe.weights_id,
+        "precision": recipe.precision,
         "non_clinical": non_clinical,
-        "note": NON_CLINICAL_NOTE if non_clinical else None,
-        "image_size": image_size,
+        "note": records.non_clinical_note(non_clinical),
+        "image_size": recipe.image_size,
         "seed": seed,
         "augment": augment,
         "n_images": len(joined.image_ids),
@@ -124,32 +125,23 @@ def run_experiments(
         "best": _best(results, evaluation_names),
         "created_at": started.isoformat(),
         "code_version": registry.code_version(),
-        "package_versions": package_versions(),
+        "package_versions": records.package_versions(),
     }
     summary["paths"] = save_experiment(root, experiment_id, summary)
+    rows = quarantine_rejects(root, dataset, rows, features["rejected"])
+    counts = records.account(rows, features["rejected"], featurised_images(root, recipe))
     write_run(
         root,
-        {
-            "run_id": experiment_id,
-            "kind": "experiments",
-            "dataset": dataset,
-            "started_at": started,
-            "finished_at": datetime.now(UTC),
-            "outcome": "completed",
-            "images_found": len(rows),
-            "images_new": max(features["computed"].values(), default=0),
-            "images_featurised": len(joined.image_ids),
-            "images_quarantined": sum(r["status"] == STATUS_QUARANTINED for r in rows)
-            + len(features["rejected"]),
-            "images_duplicate": sum(r["status"] == STATUS_DUPLICATE for r in rows),
-            "images_scored": len(joined.image_ids),
-            "images_skipped": 0,
-            "images_per_second": features["images_per_second"],
-            "model_id": None,
-            "weights_id": summary["weights_id"],
-            "details": json.dumps({"best": summary["best"], "paths": summary["paths"]}),
-        },
-    )
+        records.run_row(
+            experiment_id, "experiments", dataset, started, datetime.now(UTC), "completed",
+            found=counts.found, new=max(features["computed"].values(), default=0),
+            featurised=counts.done, quarantined=counts.quarantined, duplicate=counts.duplicate,
+            missing=counts.missing, scored=len(joined.image_ids),
+            images_per_second=features["images_per_second"], weights_id=recipe.weights_id,
+            details={"best": summary["best"], "paths": summary["paths"],
+                     "feature_recipe": recipe.to_record()},
+        ),
+    )  # fmt: skip
     return summary
 
 
@@ -178,14 +170,12 @@ def _join_augmented(
     root: Location,
     image_ids: list[str],
     rejected: dict[str, str],
-    backbones: list[str],
-    weight_ids: dict[str, str],
-    image_size: int,
+    recipe: FeatureRecipe,
     seed: int,
 ) -> ex.Augmented:
     """The augmented copies' vectors and, for each, the matrix row of its source image."""
     wanted = [i for i in aug.augmented_ids(image_ids, seed) if i not in rejected]
-    joined = join(root, wanted, backbones, weight_ids, image_size)
+    joined = join(root, wanted, recipe)
     row_of = {image_id: row for row, image_id in enumerate(image_ids)}
     sources = [row_of[aug.parse_image_id(i)[0]] for i in joined.image_ids]
     return ex.Augmented(joined.matrix, np.asarray(sources, dtype=np.int64))

@@ -1,8 +1,10 @@
-"""`leukoflow validate`: catalog -> extract -> join -> subject-grouped cross-validation.
+"""`leukoflow validate`: catalog -> featurise -> join -> subject-grouped cross-validation.
 
-The fixed protocol of docs/results.md, as one command: the paper's linear SVM on one feature set,
-k folds grouped by subject, intervals that resample whole subjects. Vectors already in the store
-are reused, so several feature sets of the same images cost one extraction per backbone.
+The fixed protocol of docs/results.md, as one command: the paper's linear SVM on one feature
+recipe, k folds grouped by subject, cell- and patient-level metrics with intervals that resample
+whole subjects (tasks/validate.py, tasks/patient.py). Vectors already in the store are reused,
+so several feature sets of the same images cost one extraction per backbone. Several folders or
+manifests can be validated as one pool.
 """
 
 from __future__ import annotations
@@ -11,59 +13,86 @@ from datetime import UTC, datetime
 
 from prefect import flow
 
-from leukoflow.flows.run import NON_CLINICAL_NOTE, package_versions
-from leukoflow.tasks import backbones as bb
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import evaluate, validate
-from leukoflow.tasks.prefect_tasks import catalog_images, extract, join
+from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_key, subject_salt
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.tasks.records import non_clinical_note, package_versions
+from leukoflow.tasks.stage_tasks import catalog_images, featurise, join, missing_vectors
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import STATUS_OK
 from leukoflow.tasks.validate_tasks import cross_validate
 
+LABELS = (evaluate.POSITIVE_LABEL, evaluate.NEGATIVE_LABEL)
+
 
 @flow(name="leukoflow-validate", log_prints=False)
 def run_validation(
-    images: str,
+    images: str | list[str],
     store: str,
+    recipe: FeatureRecipe = FeatureRecipe(),  # noqa: B008 - frozen, validated once at import
+    compute: Compute = Compute(),  # noqa: B008
     dataset: str = "default",
-    backbones: list[str] | None = None,
-    weights: str = "imagenet",
-    weights_dir: str | None = None,
-    image_size: int = 224,
     folds: int = validate.DEFAULT_FOLDS,
     seed: int = 0,
     n_boot: int = validate.DEFAULT_BOOTSTRAP,
     labels: dict[str, str] | None = None,
-    ray_address: str | None = None,
-    batch_size: int = 32,
 ) -> dict:
-    """Cross-validated metrics of one feature set under subject-grouped folds."""
-    backbones = bb.parse_backbones(backbones or list(bb.DEFAULT_BACKBONES))
-    bb.check_image_size(backbones, image_size)
-    choice = bb.parse_weights(weights, weights_dir, seed)
-    weight_ids = {name: bb.weights_id(bb.BACKBONES[name], choice) for name in backbones}
-    root = open_location(store)
+    """Cross-validated cell- and patient-level metrics of one feature recipe, subject-grouped.
 
-    rows = catalog_images(images, root, dataset, labels)
-    labelled = [r for r in rows if r["status"] == STATUS_OK and r["label"] in ("all", "hem")]
-    features = extract(root, labelled, backbones, choice, weight_ids, image_size, batch_size,
-                       ray_address)  # fmt: skip
-    usable = [r["image_id"] for r in labelled if r["image_id"] not in features["rejected"]]
-    joined = join(root, usable, backbones, weight_ids, image_size)
-    by_id = {r["image_id"]: r for r in labelled}
+    Every image found is accounted for in `counts`: catalogued (ok, quarantined, duplicate),
+    unlabelled, set aside by the extractor, or without a vector at the join.
+    """
+    root = open_location(store)
+    catalog = catalog_images(images, root, dataset, labels)
+    ok = [row for row in catalog.rows if row["status"] == STATUS_OK]
+    labelled = [row for row in ok if row["label"] in LABELS]
+    if not labelled:
+        raise LeukoflowError(
+            "validate needs labelled images (all/hem from C-NMC names, class folders or a "
+            f"manifest's label column); none of the {len(ok)} usable images has a label"
+        )
+    image_ids = [row["image_id"] for row in labelled]
+    todo = missing_vectors(root, image_ids, recipe)
+    uris = {row["image_id"]: row["uri"] for row in labelled}
+    features = featurise(root, uris, todo, recipe, compute, total_images=len(image_ids))
+    usable = [i for i in image_ids if i not in features["rejected"]]
+    joined = join(root, usable, recipe)
+    by_id = {row["image_id"]: row for row in labelled}
     y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
     subjects = [by_id[i]["subject_id"] for i in joined.image_ids]
     result = cross_validate(joined.matrix, y, subjects, folds, seed, n_boot)
-    non_clinical = bb.uses_random_weights(backbones, choice)
+
+    # Raw subject ids stay in the store's tables; what this flow returns is printed.
+    level = result["patient_level"]
+    salt = subject_salt(root)
+    level["patients"] = pseudonymise_subjects(level["patients"], salt)
+    level["excluded"] = [
+        {"subject_id": subject_key(subject, salt), "reason": reason}
+        for subject, reason in level["excluded"].items()
+    ]
     return {
         **result,
         "dataset": dataset,
+        "images": images,
         "store": root.uri,
-        "backbones": backbones,
+        "counts": {
+            # Counts only: the names of ignored files stay in the catalog pass's log.
+            **{k: v for k, v in catalog.counts.items() if k not in ("reasons", "ignored_files")},
+            "quarantine_reasons": catalog.counts.get("reasons", {}),
+            "unlabelled": len(ok) - len(labelled),
+            "rejected_by_extractor": len(features["rejected"]),
+            "missing_vectors": len(joined.missing),
+            "validated": len(joined.image_ids),
+        },
+        "featurise": {k: features[k] for k in ("computed", "seconds", "images_per_second")},
+        "feature_recipe": recipe.to_record(),
+        "backbones": list(recipe.backbones),
         "feature_dim": int(joined.matrix.shape[1]),
-        "weights_id": ",".join(weight_ids[n] for n in backbones),
-        "image_size": image_size,
-        "non_clinical": non_clinical,
-        "note": NON_CLINICAL_NOTE if non_clinical else None,
+        "weights_id": recipe.weights_id,
+        "image_size": recipe.image_size,
+        "non_clinical": recipe.non_clinical,
+        "note": non_clinical_note(recipe.non_clinical),
         "created_at": datetime.now(UTC).isoformat(),
         "package_versions": package_versions(),
     }

@@ -129,8 +129,14 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 class BackboneActor:
     """Hosts one backbone for the whole run (the model is loaded once per process)."""
 
-    def __init__(self, spec: bb.BackboneSpec, image_size: int, weights: bb.WeightsChoice):
-        self._args = (spec, image_size, weights)
+    def __init__(
+        self,
+        spec: bb.BackboneSpec,
+        image_size: int,
+        weights: bb.WeightsChoice,
+        precision: str = "fp32",
+    ):
+        self._args = (spec, image_size, weights, precision)
         self._featurizer = None
 
     def _ensure_loaded(self):
@@ -156,6 +162,11 @@ class BackboneActor:
         if isinstance(pixels, list):
             return featurizer([pixels[k] for k in rows])
         return featurizer(pixels[rows])
+
+    def feature_maps(self, pixels: np.ndarray) -> np.ndarray:
+        """Last convolutional feature maps (N, h, w, C) of resized pixels, from the loaded model
+        (explanations reuse the model that made the vectors instead of building another)."""
+        return self._ensure_loaded().feature_maps(pixels)
 
 
 @dataclass
@@ -215,6 +226,94 @@ def missing_features(
     return todo
 
 
+class BackbonePool:
+    """The backbone actors of one recipe, started on first use and kept until `close`.
+
+    Extraction and the explanations that follow it (the report's examples, a sweep's flagged
+    cells) share the actors, so each network is built once per run, in an actor: the driver
+    never loads TensorFlow (whose log lines would reach the user's terminal). Needs a Ray
+    cluster: inside a ray_session it uses that one; otherwise it joins `compute.ray_address`
+    (or starts a private local Ray) on first use only, and leaves it at `close`, so a flow can
+    hold a pool from its start and pay for Ray only when some vector or map is needed.
+    """
+
+    def __init__(self, recipe: FeatureRecipe, compute: Compute):
+        self.recipe = recipe
+        self.compute = compute
+        self.plan: ActorPlan | None = None
+        self._actors: dict[str, ray.actor.ActorHandle] = {}
+        self.loaded: dict[str, dict] = {}
+        self._session: ExitStack | None = None
+
+    def actors(self, names: list[str]) -> dict[str, ray.actor.ActorHandle]:
+        """Loaded actors for `names`, starting the missing ones.
+
+        Actors are sized for the set they are started with; asking for a backbone the pool
+        lacks restarts the pool for the new set, so the cores are never promised twice (Ray
+        would wait forever for a share no actor gives back).
+        """
+        if self._actors and not ray.is_initialized():
+            # The Ray session they lived in was closed by someone else: they went with it.
+            self._actors, self.loaded = {}, {}
+        if all(name in self._actors for name in names):
+            return {name: self._actors[name] for name in names}
+        self._stop_actors()
+        if self._session is None:
+            self._session = ExitStack()
+            self._session.enter_context(ray_session(self.compute.ray_address))
+        self.plan = ActorPlan.for_cluster(len(names), self.compute.gpu_share,
+                                          self.compute.actor_cpus)  # fmt: skip
+        recipe = self.recipe
+        self._actors = {
+            name: BackboneActor.options(
+                num_cpus=self.plan.num_cpus,
+                num_gpus=self.plan.num_gpus,
+                scheduling_strategy="SPREAD",
+                runtime_env={"env_vars": self.plan.env_vars()},
+            ).remote(bb.BACKBONES[name], recipe.image_size, recipe.choice, recipe.precision)
+            for name in names
+        }
+        infos = ray.get([self._actors[n].load.remote() for n in names])
+        self.loaded = dict(zip(names, infos, strict=True))
+        return dict(self._actors)
+
+    def feature_maps(self, names: list[str], pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Each CNN's last feature maps (N, h, w, C) for resized pixels (N, S, S, 3)."""
+        cnns = [n for n in names if not bb.BACKBONES[n].full_resolution]
+        if not cnns:
+            return {}
+        actors = self.actors(cnns)
+        pixels_ref = ray.put(np.asarray(pixels, np.float32))
+        maps = ray.get([actors[n].feature_maps.remote(pixels_ref) for n in cnns],
+                       timeout=self.compute.batch_timeout_s)  # fmt: skip
+        return dict(zip(cnns, maps, strict=True))
+
+    def _stop_actors(self) -> None:
+        if ray.is_initialized():
+            for actor in self._actors.values():
+                ray.kill(actor)
+        self._actors, self.loaded = {}, {}
+
+    def close(self) -> None:
+        """Stop the actors, and the Ray session if this pool started it."""
+        try:
+            self._stop_actors()
+        finally:
+            session, self._session = self._session, None
+            if session is not None:
+                session.close()
+
+
+@contextmanager
+def backbone_pool(recipe: FeatureRecipe, compute: Compute) -> Iterator[BackbonePool]:
+    """A BackbonePool for the duration of the block; Ray starts only if the pool is used."""
+    pool = BackbonePool(recipe, compute)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 def extract_features(
     store: Location,
     uris: dict[str, str],
@@ -223,29 +322,42 @@ def extract_features(
     compute: Compute,
     max_batches_in_flight: int = 2,
     on_progress: Callable[[int, int], None] | None = None,
+    pool: BackbonePool | None = None,
 ) -> ExtractionResult:
-    """Compute and store the missing vectors; needs a Ray session (see ray_session)."""
+    """Compute and store the missing vectors on the current Ray session (see ray_session).
+
+    With `pool`, the actors are taken from it and left running for later explanations (the
+    pool starts Ray itself if no session is open); without, they are private to this call and
+    stopped at its end.
+    """
     result = ExtractionResult()
     names = [n for n, ids in todo.items() if ids]
     if not names:
         return result
     started = time.perf_counter()
-    plan = ActorPlan.for_cluster(len(names), compute.gpu_share, compute.actor_cpus)
-    image_size, batch_size = recipe.image_size, compute.batch_size
-    actors = {
-        name: BackboneActor.options(
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus,
-            scheduling_strategy="SPREAD",
-            runtime_env={"env_vars": plan.env_vars()},
-        ).remote(bb.BACKBONES[name], image_size, recipe.choice)
-        for name in names
-    }
-    loaded = ray.get([actors[n].load.remote() for n in names])
-    result.actor_nodes = {n: info["node_id"] for n, info in zip(names, loaded, strict=True)}
-    result.actor_code_dirs = {n: info["code_dir"] for n, info in zip(names, loaded, strict=True)}
-    log.info("extract: actors %s, %s per actor", result.actor_nodes, plan)
+    private = pool is None
+    pool = pool or BackbonePool(recipe, compute)
+    try:
+        actors = pool.actors(names)
+        result.actor_nodes = {n: pool.loaded[n]["node_id"] for n in names}
+        result.actor_code_dirs = {n: pool.loaded[n]["code_dir"] for n in names}
+        # bench/runner.py times steady state from this line: keep its start.
+        log.info("extract: actors %s, %s per actor", result.actor_nodes, pool.plan)
+        _stream(store, uris, todo, recipe, compute, names, actors, result,
+                max_batches_in_flight, on_progress)  # fmt: skip
+    finally:
+        if private:
+            pool.close()
+    for name in result.computed:
+        # One file per batch is what streaming needs; readers want few, larger files.
+        compact_features(store, name)
+    result.seconds = time.perf_counter() - started
+    return result
 
+
+def _stream(store, uris, todo, recipe, compute, names, actors, result, max_in_flight, on_progress):
+    """Decode batches in the driver and feed every actor; write each batch once it is back."""
+    image_size, batch_size = recipe.image_size, compute.batch_size
     wanted = {name: set(todo[name]) for name in names}
     all_ids = list(dict.fromkeys(i for name in names for i in todo[name]))
     in_flight: deque = deque()
@@ -278,14 +390,7 @@ def extract_features(
                 source = originals_ref if name in full_resolution else pixels_ref
                 futures.append((name, ids, actors[name].featurize.remote(source, rows)))
         in_flight.append((len(batch.image_ids) + len(batch.rejected), futures))
-        while len(in_flight) > max_batches_in_flight:
+        while len(in_flight) > max_in_flight:
             drain_one()
     while in_flight:
         drain_one()
-    for actor in actors.values():
-        ray.kill(actor)
-    for name in result.computed:
-        # One file per batch is what streaming needs; readers want few, larger files.
-        compact_features(store, name)
-    result.seconds = time.perf_counter() - started
-    return result

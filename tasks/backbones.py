@@ -13,6 +13,8 @@ import importlib
 import logging
 import os
 import random
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -213,11 +215,52 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def gpu_compute_capabilities() -> list[float]:
+    """Compute capability of each GPU this process may use (empty without a visible NVIDIA GPU).
+
+    Asks nvidia-smi rather than TensorFlow: the driver decides the precision and must not load
+    TensorFlow (it costs seconds and prints log lines on the user's terminal).
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return []  # GPUs hidden from this process on purpose
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        answer = subprocess.run(
+            [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    capabilities = []
+    for line in answer.stdout.splitlines():
+        try:
+            capabilities.append(float(line.strip()))
+        except ValueError:
+            continue  # "[N/A]" on drivers too old to report it: counts as no bf16
+    return capabilities
+
+
+# Ampere (8.0) and later run bf16 on tensor cores; older cards emulate it slower than fp32.
+BF16_MIN_COMPUTE_CAPABILITY = 8.0
+
+
 def native_precision() -> str:
-    """`bf16` where this machine runs it natively (AMX or AVX512-BF16 CPUs), else `fp32`."""
-    native = {"amx_bf16", "avx512_bf16"} & cpu_flags()
-    choice = "bf16" if native else "fp32"
-    log.info("precision auto: %s (native bf16 flags: %s)", choice, sorted(native) or "none")
+    """`bf16` where this machine runs it natively, else `fp32`; the choice is logged.
+
+    With a visible GPU the models run there: bf16 when every card has bf16 tensor cores
+    (compute capability >= 8.0). Without one: AMX or AVX512-BF16 CPUs.
+    """
+    gpus = gpu_compute_capabilities()
+    if gpus:
+        native = all(c >= BF16_MIN_COMPUTE_CAPABILITY for c in gpus)
+        choice = "bf16" if native else "fp32"
+        log.info("precision auto: %s (GPU compute capabilities %s)", choice, gpus)
+        return choice
+    flags = sorted({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    choice = "bf16" if flags else "fp32"
+    log.info("precision auto: %s (no GPU; native bf16 CPU flags: %s)", choice, flags or "none")
     return choice
 
 
@@ -228,11 +271,15 @@ def build_model(
     weights_path: str | None,
     seed: int,
     pooling: str | None = "avg",
+    precision: str = "fp32",
 ):
     """The headless Keras application with a GAP layer; random-init from `seed` when no file.
 
     pooling=None returns the last convolutional feature map instead (its spatial mean is the GAP
-    vector): the class activation maps of tasks/cam need it.
+    vector): the class activation maps of tasks/cam need it. precision "bf16" builds the model
+    under Keras' `mixed_bfloat16` policy (bf16 arithmetic, float32 weights, so the same files
+    and the same random init load); its GAP layer stays float32 so that the mean over the map is
+    not rounded to bf16's 8 significant bits, and the output is float32 either way.
     """
     import keras
 
@@ -242,13 +289,41 @@ def build_model(
         "include_top": False,
         "weights": weights_path,
         "input_shape": (image_size, image_size, 3),
-        "pooling": pooling,
+        "pooling": None if precision == "bf16" else pooling,
     }
-    if weights_path is not None:
-        return constructor(**arguments)
-    keras.utils.set_random_seed(seed)
-    with _private_initializer_seeds(seed):
-        return constructor(**arguments)
+    with _dtype_policy(precision):
+        if weights_path is not None:
+            model = constructor(**arguments)
+        else:
+            keras.utils.set_random_seed(seed)
+            with _private_initializer_seeds(seed):
+                model = constructor(**arguments)
+    if precision != "bf16":
+        return model
+    head = model.output
+    if pooling == "avg":
+        head = keras.layers.GlobalAveragePooling2D(dtype="float32", name="gap_float32")(head)
+    else:
+        head = keras.layers.Activation("linear", dtype="float32", name="map_float32")(head)
+    return keras.Model(model.input, head, name=f"{model.name}_bf16")
+
+
+PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+
+
+@contextmanager
+def _dtype_policy(precision: str) -> Iterator[None]:
+    """Keras' dtype policy for one model's construction only (it is thread-local in Keras 3)."""
+    import keras
+
+    if precision not in PRECISION_POLICIES:
+        raise ValueError(f"unknown precision {precision!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISION_POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 _SEEDING = threading.Lock()

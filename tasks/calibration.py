@@ -127,6 +127,9 @@ class CalibratedModel:
     threshold: float
     test_probabilities: np.ndarray
     summary: dict  # JSON-ready: method, folds, validation and test operating points, Brier
+    # Out-of-fold probabilities of the training cells: what later choices (the patient-level
+    # threshold) may be fitted on without touching the test side.
+    validation_probabilities: np.ndarray | None = None
 
 
 def calibrate_and_choose_threshold(
@@ -169,4 +172,4 @@ def calibrate_and_choose_threshold(
             "metrics": evaluate.compute_metrics(y_test, flagged, test_probabilities),
         },
     }
-    return CalibratedModel(model, threshold, test_probabilities, summary)
+    return CalibratedModel(model, threshold, test_probabilities, summary, validation_probabilities)

@@ -1,10 +1,26 @@
-"""Discovering the images of a dataset: one catalog row per file found, never a silent drop.
+"""Discovering the images of a dataset: one catalog row per image file found, never a silent drop.
 
-IMAGES is either a CSV manifest (`path,label[,subject_id,...]`) or a folder in one of two
-layouts: the C-NMC training layout `fold_*/<class>/...` or plain class folders `<class>/...`.
-Folders that are not a class (and files directly under the root) give unlabelled rows: that is
-what a nightly inbox looks like. Every file is fully decoded once, so a row with status "ok" is
-an image the feature step can read.
+IMAGES is one source or a list of them, each a CSV manifest (`path,label[,subject_id,...]`) or a
+folder in one of two layouts: the C-NMC training layout `fold_*/<class>/...` or plain class
+folders `<class>/...`. Folders that are not a class (and files directly under the root) give
+unlabelled rows: that is what a nightly inbox looks like. Every image is fully decoded once, so a
+row with status "ok" is an image the feature step can read. Several sources give one catalog:
+the same bytes found twice (in two sources or one) are marked duplicate, as within one source.
+
+Every file under a folder is accounted for. A file with an image suffix (IMAGE_SUFFIXES) is
+catalogued; any other file is probed by content (its first 16 bytes, against the signatures of
+the formats Pillow decodes here), so `cell.dat` holding a PNG is catalogued too. Files that are
+not images (README.txt, .DS_Store, a MANIFEST.csv beside the cells) get no row but are listed in
+`catalog_counts(rows)["ignored_files"]` and counted under "ignored". A multi-frame file (GIF,
+TIFF stack, animated WebP) is catalogued by its first frame, noted in the row's reason
+(`first_frame_of_N`).
+
+Nothing outside the images root is read (the folder given, or a manifest's folder). Locally,
+real paths are compared: a manifest row whose path leaves the folder, lexically or through a
+symbolic link, and a link found in a folder walk (to a file or a folder) whose target is outside
+the root, are quarantined with reason `outside_root`, never read or listed. Links that stay
+inside the root are followed (a folder reached twice, through a link loop, is walked once).
+Object stores have no links; keys with "." or ".." segments are refused the same way.
 """
 
 from __future__ import annotations
@@ -19,21 +35,32 @@ import posixpath
 import re
 import stat
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks.images import TOO_LARGE, UNREADABLE, ImageRejected, decode_image
+from leukoflow.tasks.images import (
+    HEADER_BYTES,
+    TOO_LARGE,
+    UNREADABLE,
+    ImageRejected,
+    decode_image,
+    sniff_format,
+)
 from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
 
-IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Suffixes catalogued without a look at the content; other files are probed (sniff_format).
+IMAGE_SUFFIXES = (
+    ".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".jpx",
+)  # fmt: skip
 LABELS = ("all", "hem")  # "all": leukemic blast (the positive class); "hem": normal
 DEFAULT_LABELS = {"all": "all", "hem": "hem"}
 
-# Manifest-only reason codes (the image reason codes live in tasks.images).
-PATH_ESCAPE = "path_escape"
+# Catalog reason codes (the image reason codes live in tasks.images).
+OUTSIDE_ROOT = "outside_root"
 UNKNOWN_LABEL = "unknown_label"
 MISSING_PATH = "missing_path"
 DUPLICATE_OF = "duplicate_of"
@@ -60,47 +87,58 @@ def parse_subject_id(filename: str) -> str | None:
     return subject
 
 
+class CatalogRows(list):
+    """build_catalog's rows (a list of CATALOG_SCHEMA dicts), plus the uris of the files it
+    looked at and ignored because they are not images (they get no row)."""
+
+    def __init__(self, rows: list[dict], ignored_files: list[str] | None = None) -> None:
+        super().__init__(rows)
+        self.ignored_files = list(ignored_files or [])
+
+
 def build_catalog(
-    images_uri: str,
+    images: str | Sequence[str],
     dataset: str,
     labels: dict[str, str] | None = None,
     known_rows: Mapping[str, dict] | None = None,
     allow_empty: bool = False,
-) -> list[dict]:
-    """One CATALOG_SCHEMA row per image file under IMAGES (folder or .csv manifest), by uri.
+) -> CatalogRows:
+    """One CATALOG_SCHEMA row per image file under IMAGES (one folder or .csv manifest, or a list
+    of them), by uri; `rows.ignored_files` lists the files that are not images.
 
     known_rows (uri -> an earlier catalog row) lets a re-run reuse the row of a file whose size
     and modification time are unchanged, without reading, hashing or decoding it again.
     allow_empty accepts a folder without images (a quiet night's inbox).
     """
     mapping = _check_labels(labels)
-    root = open_location(images_uri)
-    if not root.fs.exists(root.path):
-        raise LeukoflowError(f"IMAGES {root.uri} does not exist.")
-    if root.fs.isdir(root.path):
-        entries = list(_folder_entries(root, mapping))
-        if not entries and not allow_empty:
-            raise LeukoflowError(
-                f"no images found under {root.uri} (looked for {', '.join(IMAGE_SUFFIXES)})."
-            )
-    elif root.path.lower().endswith(".csv"):
-        entries = _manifest_entries(root, mapping)
-    else:
-        raise LeukoflowError(f"IMAGES {root.uri} must be a folder or a .csv manifest.")
+    sources = [images] if isinstance(images, str) else list(images)
+    if not sources:
+        raise LeukoflowError("no IMAGES given: name at least one folder or .csv manifest.")
+    entries: list[_Entry] = []
+    ignored: list[str] = []
+    for source in sources:
+        found, not_images = _source_entries(source, mapping, allow_empty)
+        entries.extend(found)
+        ignored.extend(not_images)
+    entries = _one_entry_per_uri(entries)
     discovered_at = datetime.now(UTC)
     # Of several copies of the same bytes, the one kept as "ok" is the first labelled one by
     # uri, so an unlabelled inbox copy never hides a training label.
     entries.sort(key=lambda entry: (entry.label is None, entry.uri))
     rows = _rows(entries, dataset, discovered_at, known_rows or {})
-    return sorted(rows, key=lambda row: row["uri"])
+    # A file a manifest lists is an image to account for, even where a folder walk ignored it.
+    not_images = set(ignored) - {entry.uri for entry in entries}
+    return CatalogRows(sorted(rows, key=lambda row: row["uri"]), sorted(not_images))
 
 
 def catalog_counts(rows: list[dict]) -> dict:
-    """Counts by status, conversions among ok rows, and non-ok rows per reason code."""
+    """Counts by status, conversions among ok rows, non-ok rows per reason code, and the files
+    ignored as not images (known only for build_catalog's own result)."""
     statuses = Counter(row["status"] for row in rows)
     reasons = Counter(
         reason_code(row["reason"]) for row in rows if row["status"] != STATUS_OK and row["reason"]
     )
+    ignored = list(getattr(rows, "ignored_files", []))
     return {
         "found": len(rows),
         "ok": statuses[STATUS_OK],
@@ -108,6 +146,8 @@ def catalog_counts(rows: list[dict]) -> dict:
         "duplicate": statuses[STATUS_DUPLICATE],
         "converted": sum(1 for row in rows if row["status"] == STATUS_OK and row["reason"]),
         "reasons": dict(sorted(reasons.items())),
+        "ignored": len(ignored),
+        "ignored_files": ignored,
     }
 
 
@@ -117,6 +157,48 @@ def reason_code(reason: str) -> str:
 
 
 # -- discovery -------------------------------------------------------------------------------
+def _source_entries(
+    uri: str, mapping: dict[str, str], allow_empty: bool
+) -> tuple[list[_Entry], list[str]]:
+    """The entries of one source, and the uris of the files in it that are not images."""
+    root = open_location(uri)
+    if not root.fs.exists(root.path):
+        raise LeukoflowError(f"IMAGES {root.uri} does not exist.")
+    if root.fs.isdir(root.path):
+        entries, ignored = _folder_entries(root, mapping)
+        if not entries and not allow_empty:
+            others = f"; {len(ignored)} other file(s) ignored" if ignored else ""
+            raise LeukoflowError(
+                f"no images found under {root.uri} (no file is an image Pillow decodes{others})."
+            )
+        return entries, ignored
+    if root.path.lower().endswith(".csv"):
+        return _manifest_entries(root, mapping), []
+    raise LeukoflowError(f"IMAGES {root.uri} must be a folder or a .csv manifest.")
+
+
+def _one_entry_per_uri(entries: list[_Entry]) -> list[_Entry]:
+    """One entry per file named by several sources: the first labelled one wins; sources that
+    label the same file differently quarantine it."""
+    kept: dict[str, _Entry] = {}
+    for entry in entries:
+        first = kept.get(entry.uri)
+        if first is None:
+            kept[entry.uri] = entry
+            continue
+        if first.label is None and entry.label is not None:
+            entry.subject_id = entry.subject_id or first.subject_id
+            kept[entry.uri] = entry
+        elif entry.label is not None and entry.label != first.label and first.refused is None:
+            first.refused = (
+                f"{LABEL_CONFLICT}: two sources give different labels ({first.label} vs "
+                f"{entry.label})"
+            )
+        first = kept[entry.uri]
+        first.subject_id = first.subject_id or entry.subject_id
+    return list(kept.values())
+
+
 @dataclass
 class _Entry:
     """A file to catalog; `refused` is set when it must be quarantined without being read."""
@@ -129,6 +211,7 @@ class _Entry:
     size: int | None = None
     image_id: str | None = None  # set for refused manifest rows, whose uri is not a file
     modified: datetime | None = None  # from an object store's listing (local files are stat'ed)
+    root_real: str | None = None  # a local file's images root, resolved: it must stay inside
 
 
 def _check_labels(labels: dict[str, str] | None) -> dict[str, str]:
@@ -155,25 +238,51 @@ def _folder_label(relative: str, mapping: dict[str, str]) -> str | None:
     return mapping.get(parts[0].lower()) if parts else None
 
 
-def _folder_entries(root: Location, mapping: dict[str, str]) -> Iterator[_Entry]:
+def _folder_entries(root: Location, mapping: dict[str, str]) -> tuple[list[_Entry], list[str]]:
+    """Entries for the image files of a folder, and the uris of its files that are not images."""
     listing = _walk_local(root.path) if root.is_local else _walk_remote(root)
+    root_real = os.path.realpath(root.path) if root.is_local else None
+    entries, ignored = [], []
     for path, size, error, modified in listing:
-        uri = Location(root.fs, path).uri
+        loc = Location(root.fs, path)
+        utf8 = _is_utf8(path)
+        uri = loc.uri if utf8 else os.fsencode(path).decode("utf-8", "backslashreplace")
+        if error is None and utf8 and not path.lower().endswith(IMAGE_SUFFIXES):
+            # Not named like an image: its first bytes decide (an unreadable one is kept as a
+            # row: it may be an image we cannot see).
+            try:
+                if sniff_format(_read_header(loc)) is None:
+                    ignored.append(uri)
+                    continue
+            except OSError as failure:
+                error = f"{UNREADABLE}: {_describe(failure)}"
         relative = path[len(root.path) :].lstrip("/")  # listings only yield paths under root
         entry = _Entry(
             uri=uri,
-            loc=Location(root.fs, path),
+            loc=loc,
             label=_folder_label(relative, mapping),
             subject_id=parse_subject_id(path),
             size=size,
             refused=error,
             modified=modified,
+            root_real=root_real,
         )
-        if not _is_utf8(path):
+        if not utf8:
             # The uri could not be stored or reopened; keep the file visible but never read it.
-            entry.uri = os.fsencode(path).decode("utf-8", "backslashreplace")
             entry.refused = f"{UNREADABLE}: file name is not valid UTF-8"
-        yield entry
+        entries.append(entry)
+    return entries, ignored
+
+
+def _read_header(loc: Location) -> bytes:
+    """The first bytes of a file; OSError when it is not a regular file or cannot be read."""
+    if loc.is_local:
+        info = os.stat(loc.path)  # follows links: a dangling one fails here
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(info.st_mode)})")
+        with open(loc.path, "rb") as handle:
+            return handle.read(HEADER_BYTES)
+    return loc.fs.cat_file(loc.path, start=0, end=HEADER_BYTES)
 
 
 def _is_utf8(text: str) -> bool:
@@ -185,7 +294,9 @@ def _is_utf8(text: str) -> bool:
 
 
 def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None, datetime | None]]:
-    """(path, None, error, None) for every image-suffixed entry, following links, no loops."""
+    """(path, None, error, None) for every file under root, following links that stay inside
+    it (each folder once); a link whose target is outside comes with an outside_root error."""
+    real_root = os.path.realpath(root)
     top = os.stat(root)
     visited = {(top.st_dev, top.st_ino)}
     stack = [root]
@@ -202,6 +313,10 @@ def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None, dateti
             continue
         subfolders = []
         for entry in entries:
+            # A plain entry of a folder inside the root is inside too; only a link can leave.
+            if entry.is_symlink() and not _inside(os.path.realpath(entry.path), real_root):
+                yield entry.path, None, f"{OUTSIDE_ROOT}: {_OUTSIDE_LINK}", None
+                continue
             try:
                 is_dir = entry.is_dir()  # follows symlinks
                 info = entry.stat() if is_dir else None
@@ -213,17 +328,44 @@ def _walk_local(root: str) -> Iterator[tuple[str, int | None, str | None, dateti
                 if key not in visited:
                     visited.add(key)
                     subfolders.append(entry.path)
-            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            else:
                 yield entry.path, None, None, None
         stack.extend(reversed(subfolders))
+
+
+_OUTSIDE_LINK = "a symbolic link to a place outside the images root"
+_OUTSIDE_PATH = "the path leads outside the images root (through a symbolic link)"
+
+
+def _real_path(path: str, real_folders: dict[str, str]) -> str:
+    """os.path.realpath(path), resolving each folder once per pass (a pass reads thousands of
+    files from a few folders): only the file's own name is looked at per file."""
+    folder, name = os.path.split(path)
+    real_folder = real_folders.get(folder)
+    if real_folder is None:
+        real_folder = real_folders[folder] = os.path.realpath(folder)
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        is_link = False  # nothing there: the read reports it
+    return os.path.realpath(path) if is_link else os.path.join(real_folder, name)
+
+
+def _inside(path: str, real_root: str) -> bool:
+    """Whether a real (resolved) path is the root or under it."""
+    return os.path.commonpath([path, real_root]) == real_root
 
 
 def _walk_remote(root: Location) -> Iterator[tuple[str, int | None, str | None, datetime | None]]:
     # Object stores have no links or special files: a flat recursive listing is the whole tree.
     found = root.fs.find(root.path, withdirs=False, detail=True)
     for path, info in sorted(found.items()):
-        if path.lower().endswith(IMAGE_SUFFIXES):
-            yield path, info.get("size"), None, _listed_mtime(info)
+        relative = path[len(root.path) :].lstrip("/")
+        if any(part in (".", "..") for part in relative.split("/")):
+            # A key such as "a/../../b" would name another prefix wherever a layer normalises it.
+            yield path, None, f"{OUTSIDE_ROOT}: the key has '.' or '..' segments", None
+            continue
+        yield path, info.get("size"), None, _listed_mtime(info)
 
 
 def _manifest_entries(manifest: Location, mapping: dict[str, str]) -> list[_Entry]:
@@ -274,10 +416,12 @@ def _manifest_entry(
     )
     if escapes:
         # The row's uri keeps the raw path; reasons reach reports and artifacts, paths must not.
-        reason = f"{PATH_ESCAPE}: the path leaves the manifest's folder"
+        reason = f"{OUTSIDE_ROOT}: the path leaves the manifest's folder"
         return _Entry(raw, None, label, subject, reason, image_id=_path_id(raw))
     loc = Location(manifest.fs, posixpath.join(folder, relative))
-    entry = _Entry(loc.uri, loc, label, subject)
+    # Lexically inside; whether a link on the way leads out is checked right before reading.
+    root_real = os.path.realpath(folder) if loc.is_local else None
+    entry = _Entry(loc.uri, loc, label, subject, root_real=root_real)
     if label_text and label is None:
         entry.refused = f"{UNKNOWN_LABEL}: {label_text!r} is not one of {', '.join(mapping)}"
     return entry
@@ -289,6 +433,7 @@ def _rows(
 ) -> list[dict]:
     rows = []
     first_by_hash: dict[str, dict] = {}
+    real_folders: dict[str, str] = {}
     for entry in entries:
         row = {
             "image_id": None,
@@ -307,6 +452,14 @@ def _rows(
         rows.append(row)
         if entry.refused is not None or entry.loc is None:
             row["image_id"] = entry.image_id or _path_id(entry.uri)
+            continue
+        if entry.root_real is not None and not _inside(
+            _real_path(entry.loc.path, real_folders), entry.root_real
+        ):
+            # Checked here, just before any stat or read, so a file swapped for a link out of
+            # the root after the walk is refused too (not stat'ed, not read).
+            row["image_id"] = _path_id(entry.uri)
+            row["reason"] = f"{OUTSIDE_ROOT}: {_OUTSIDE_PATH}"
             continue
         # Stamp before reading: a file changed after the stamp is simply read again next time.
         size, row["modified_at"] = _stamp(entry)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.cluster.vq import ClusterError, kmeans2, vq
-from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage import color, filters, measure, morphology
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 
@@ -84,6 +84,121 @@ GLCM_LEVELS = 32
 LBP_P, LBP_R = 8, 1.0
 # method="uniform" with P=8 gives codes 0..8 (uniform patterns, by number of set bits) and 9.
 _LBP_BINS = LBP_P + 2
+# cm-2: nucleus-to-cytoplasm and chromatin features of the nucleus (group, unit, meaning).
+_NC_CHROMATIN: dict[str, tuple[str, str, str]] = {
+    "nuc_cyto_log_area_ratio": (
+        "morphology",
+        "log ratio",
+        "log((nucleus area + 1) / (cytoplasm area + 1)): N:C ratio, unbounded",
+    ),
+    "nuc_cell_diameter_ratio": (
+        "morphology",
+        "ratio",
+        "sqrt(nucleus area / cell area): equivalent-diameter N:C ratio",
+    ),
+    "cyto_rim_mean": (
+        "morphology",
+        "ratio",
+        "mean distance from the cell outline to the nucleus / cell equivalent radius "
+        "(cytoplasm rim width)",
+    ),
+    "cyto_rim_std": (
+        "morphology",
+        "ratio",
+        "std of the distance from the cell outline to the nucleus / cell equivalent radius "
+        "(rim evenness)",
+    ),
+    "nuc_od_mean": (
+        "texture",
+        "OD",
+        "mean optical density of the nucleus, -log10((v+1)/256) summed over R, G, B",
+    ),
+    "nuc_od_std": ("texture", "OD", "std of the optical density over the nucleus"),
+    "nuc_od_share": (
+        "texture",
+        "fraction",
+        "nucleus share of the cell's integrated optical density",
+    ),
+    "nuc_L_skewness": ("texture", "moment", "skewness of L* over the nucleus"),
+    "nuc_L_kurtosis": ("texture", "moment", "excess kurtosis of L* over the nucleus"),
+    "nuc_L_entropy": (
+        "texture",
+        "bits",
+        "Shannon entropy of the 32-bin histogram of contrast-stretched nucleus L*",
+    ),
+    "nuc_dark_fraction": (
+        "texture",
+        "fraction",
+        "share of nucleus pixels over 10 L* units darker than the nucleus median "
+        "(dense chromatin clumps)",
+    ),
+    "nuc_light_fraction": (
+        "texture",
+        "fraction",
+        "share of nucleus pixels over 10 L* units lighter than the nucleus median "
+        "(open chromatin, nucleoli)",
+    ),
+    "nuc_light_spots": (
+        "texture",
+        "count",
+        "light spots (over 10 L* units above the median, at least 10 px) inside the "
+        "nucleus: nucleolus-like",
+    ),
+    "nuc_granularity_fine": (
+        "texture",
+        "L*",
+        "std of L* minus its 1-px Gaussian blur inside the nucleus (fine chromatin grain)",
+    ),
+    "nuc_granularity_coarse": (
+        "texture",
+        "L*",
+        "std of the 2-px minus 6-px Gaussian band of L* inside the nucleus "
+        "(coarse chromatin pattern)",
+    ),
+}
+_CHROMATIN_BINS = 32
+_CHROMATIN_STEP = 10.0  # L* units: a clearly visible step in lightness
+_MIN_SPOT = 10  # px: smaller light specks are noise
+# cm-2: shape of the outline of the nucleus and the cell (unit, meaning).
+_FD_HARMONICS = 8
+_FD_POINTS = 128
+_SMOOTH_PX = 3.0
+_BENDING_HARMONICS = 16
+_CONCAVITY_DEPTH = 0.1  # of the equivalent radius: a visible notch or cleft
+_CONTOUR_PROPS: dict[str, tuple[str, str]] = {
+    **{
+        f"fd_{k}": (
+            "ratio",
+            f"Fourier descriptor {k}: magnitude of harmonic {k} of the centroid-distance "
+            "signature (128 points at equal arc length) / its mean; invariant to size, "
+            "rotation and starting point",
+        )
+        for k in range(1, _FD_HARMONICS + 1)
+    },
+    "roughness": (
+        "ratio",
+        "outline length / length of the outline smoothed over 3 px, minus 1; 0 for a smooth edge",
+    ),
+    "bending_energy": (
+        "ratio",
+        "mean squared curvature of the outline (first 16 harmonics) x (length / 2 pi)^2; "
+        "1 for a circle",
+    ),
+    "concavities": (
+        "count",
+        "convex-hull edges under which the outline dips more than 0.1 equivalent radius "
+        "(notches, clefts)",
+    ),
+    "max_concavity_depth": (
+        "ratio",
+        "deepest dip of the outline below its convex hull / equivalent radius",
+    ),
+    "inscribed_ratio": (
+        "ratio",
+        "radius of the largest inscribed circle / largest centroid-outline distance; 1 for a disk",
+    ),
+}
+CONTOUR_OBJECTS = ("nuc", "cell")
 # Colour columns per pixel, in vector order: L*, a*, b*, h, s, v, r, g, b.
 _HUE_COLUMN = 3
 _COLOR_PER_SEGMENT = 8 * len(_LINEAR_STATS) + len(_HUE_STATS)
@@ -101,7 +216,7 @@ def _color_names() -> list[tuple[str, str, str]]:
     return out
 
 
-def _build_catalogue() -> list[dict[str, str]]:
+def _build_base_catalogue() -> list[dict[str, str]]:
     rows = [{"name": n, "group": "color", "unit": u, "meaning": m} for n, u, m in _color_names()]
     rows += [
         {"name": n, "group": "color", "unit": u, "meaning": m} for n, (u, m) in _CONTRAST.items()
@@ -143,7 +258,35 @@ def _build_catalogue() -> list[dict[str, str]]:
     return rows
 
 
-_CATALOGUE = _build_catalogue()
+def _build_nc_catalogue() -> list[dict[str, str]]:
+    return [
+        {"name": n, "group": g, "unit": u, "meaning": m} for n, (g, u, m) in _NC_CHROMATIN.items()
+    ]
+
+
+def _build_contour_catalogue() -> list[dict[str, str]]:
+    return [
+        {
+            "name": f"{obj}_contour_{prop}",
+            "group": "contour",
+            "unit": unit,
+            "meaning": f"{_SEGMENT_MEANING[obj]} outline (largest component, filled): {meaning}",
+        }
+        for obj in CONTOUR_OBJECTS
+        for prop, (unit, meaning) in _CONTOUR_PROPS.items()
+    ]
+
+
+# Feature blocks, in vector order; bench/cm_validate.py compares versions built from them.
+BLOCK_CATALOGUES: dict[str, list[dict[str, str]]] = {
+    "base": _build_base_catalogue(),  # the 165 features of cm-1
+    "nc": _build_nc_catalogue(),
+    "contour": _build_contour_catalogue(),
+}
+# What this FEATURE_VERSION ships: its blocks and whether colours are normalised first.
+SHIPPED_BLOCKS: tuple[str, ...] = ("base", "nc", "contour")
+SHIPPED_NORMALISE = True
+_CATALOGUE = [row for block in SHIPPED_BLOCKS for row in BLOCK_CATALOGUES[block]]
 FEATURE_NAMES: tuple[str, ...] = tuple(row["name"] for row in _CATALOGUE)
 FEATURE_DIM = len(FEATURE_NAMES)
 
@@ -171,6 +314,11 @@ _MIN_COLOR_SPREAD = 1.0
 # the channel's std, while HSV conversion and percentiles of every pixel of every segment would
 # cost ~20 ms of the 50 ms budget.
 _COLOR_SAMPLE = 5_000
+# Colour normalisation target (R, G, B) for the cell's pixels: the medians, over the 103 sample
+# C-NMC cells, of each cell's own channel mean and std. Any fixed value would do for a
+# standardised linear model; typical values keep clipping at 0/255 as rare as it is in the data.
+_TARGET_MEAN = np.array([[67.0], [28.0], [78.0]], np.float32)
+_TARGET_STD = np.array([[11.0], [9.0], [10.0]], np.float32)
 
 
 @dataclass
@@ -254,6 +402,20 @@ def _sample_indices(n: int, limit: int) -> np.ndarray:
     return np.sort(np.random.default_rng(_SAMPLE_SEED).choice(n, limit, replace=False))
 
 
+def _normalise_colors(rgb: np.ndarray) -> np.ndarray:
+    """Per-image colour normalisation of the cell's pixels (3 x N, 0-255): each RGB channel is
+    shifted and scaled to a fixed target mean and std (Reinhard-style, in RGB).
+
+    Any global per-channel gain and offset (a colour cast, lamp brightness, stain strength of a
+    batch) is removed by construction, so the features do not carry it: stain batches differ
+    between patients, and a model should not learn a patient's batch instead of the cell.
+    """
+    mean = rgb.mean(axis=1, keepdims=True)
+    std = rgb.std(axis=1, keepdims=True)
+    scale = np.where(std > 1e-3, _TARGET_STD / np.maximum(std, 1e-3), 1.0)
+    return np.clip((rgb - mean) * scale + _TARGET_MEAN, 0.0, 255.0).astype(np.float32)
+
+
 def _split_nucleus(lab: np.ndarray) -> np.ndarray:
     """Boolean per cell pixel: True for the nucleus cluster. `lab` is N x 3 L*a*b*."""
     lab = np.ascontiguousarray(lab, dtype=np.float64)
@@ -277,13 +439,15 @@ def _split_nucleus(lab: np.ndarray) -> np.ndarray:
     return labels == int(np.argmin(centres[:, 0]))  # lower L* = more stained = nucleus
 
 
-def _segment(pixels: np.ndarray) -> _CellCrop | None:
+def _segment(pixels: np.ndarray, normalise: bool) -> _CellCrop | None:
     found = _cell_mask(pixels)
     if found is None:
         return None
     mask, box = found
     cell = mask[box]
     rgb = pixels[box][cell].T.astype(np.float32)  # 3 x N
+    if normalise:
+        rgb = _normalise_colors(rgb)
     # float32 in 0-1: skimage keeps float32 (uint8 input is converted to float64, slower).
     lab = color.rgb2lab(rgb / 255.0, channel_axis=0)
     nucleus = np.zeros_like(cell)
@@ -306,7 +470,7 @@ def segment_cell(pixels: np.ndarray) -> Segmentation:
     pixels = _check_pixels(pixels)
     shape = pixels.shape[:2]
     cell, nucleus = np.zeros(shape, bool), np.zeros(shape, bool)
-    crop = _segment(pixels)
+    crop = _segment(pixels, SHIPPED_NORMALISE)
     if crop is not None:
         cell[crop.box], nucleus[crop.box] = crop.cell, crop.nucleus
     return Segmentation(cell_mask=cell, nucleus_mask=nucleus, cytoplasm_mask=cell & ~nucleus)
@@ -346,10 +510,18 @@ def _color_stats(values: np.ndarray | None) -> list[float]:
     return [float(v) for v in out]
 
 
-def _morphology(mask: np.ndarray, has_holes: bool = True) -> list[float]:
-    """The _MORPH_PROPS of the union of the True pixels (zeros if empty)."""
+@dataclass
+class _Outline:
+    """Sub-pixel outlines (closed polygons, box coordinates) of a filled mask, and the mask."""
+
+    contours: list[np.ndarray]
+    filled: np.ndarray  # bool, the region's own bounding box (holes filled when asked)
+
+
+def _morphology(mask: np.ndarray, has_holes: bool = True) -> tuple[list[float], _Outline | None]:
+    """The _MORPH_PROPS of the union of the True pixels (zeros if empty), and its outline."""
     if not mask.any():
-        return [0.0] * len(_MORPH_PROPS)
+        return [0.0] * len(_MORPH_PROPS), None
     region = measure.regionprops(mask.astype(np.uint8))[0]
     area, perimeter = float(region.area), float(region.perimeter)
     circularity = 4 * np.pi * area / perimeter**2 if perimeter > 0 else 0.0
@@ -368,7 +540,7 @@ def _morphology(mask: np.ndarray, has_holes: bool = True) -> list[float]:
     deficit = float(np.clip(1 - hull_perimeter / outline, 0, 1)) if outline > 0 else 0.0
     radii = np.linalg.norm(points - np.asarray(region.centroid_local), axis=1)
     radial_cv = float(radii.std() / radii.mean()) if radii.mean() > 0 else 0.0
-    return [
+    values = [
         area,
         perimeter,
         circularity,
@@ -379,6 +551,8 @@ def _morphology(mask: np.ndarray, has_holes: bool = True) -> list[float]:
         radial_cv,
         deficit,
     ]
+    offset = np.asarray(region.bbox[:2], np.float64)
+    return values, _Outline([c + offset for c in contours], filled[1:-1, 1:-1] > 0)
 
 
 def _shape_extra(cell: np.ndarray, nucleus: np.ndarray) -> list[float]:
@@ -431,11 +605,144 @@ def _texture(nuc_lightness: np.ndarray, nucleus: np.ndarray) -> list[float]:
     return glcm_feats + (hist / hist.sum()).tolist()
 
 
-def extract_features(pixels: np.ndarray) -> np.ndarray:
-    """The FEATURE_NAMES vector (float32, finite, deterministic) of one HxWx3 uint8 RGB crop."""
-    crop = _segment(_check_pixels(pixels))
+# -- cm-2 blocks: nucleus-to-cytoplasm and chromatin; contour shape ----------------------------
+def _nc_chromatin(
+    crop: _CellCrop,
+    in_nucleus: np.ndarray,
+    cell_outline: _Outline | None,
+    nuc_outline: _Outline | None,
+) -> list[float]:
+    """The _NC_CHROMATIN features (zeros when the nucleus is empty or tiny)."""
+    cell, nucleus = crop.cell, crop.nucleus
+    cell_area, nuc_area = int(cell.sum()), int(nucleus.sum())
+    if nuc_area < 16:
+        return [0.0] * len(_NC_CHROMATIN)
+    radius = np.sqrt(cell_area / np.pi)
+    cyto_area = cell_area - nuc_area
+    # Cytoplasm rim: distance from each point of the cell's outline to the nucleus outline.
+    rim = np.zeros(0)
+    if cell_outline is not None and nuc_outline is not None:
+        tree = cKDTree(np.concatenate(nuc_outline.contours))
+        rim = tree.query(np.concatenate(cell_outline.contours))[0] / radius
+    # Optical density (Beer-Lambert, summed over R, G, B): how much stain a pixel holds.
+    od = -np.log10((crop.rgb.astype(np.float64) + 1.0) / 256.0).sum(axis=0)
+    nuc_od = od[in_nucleus]
+    lightness = crop.lab[0, in_nucleus].astype(np.float64)
+    mean, std = lightness.mean(), lightness.std()
+    z = (lightness - mean) / std if std > 1e-6 else np.zeros_like(lightness)
+    hist = np.histogram(_stretch(lightness), bins=_CHROMATIN_BINS, range=(0.0, 1.0))[0]
+    p = hist[hist > 0] / lightness.size
+    median = float(np.median(lightness))
+    # Light spots in the chromatin (nucleoli, open chromatin) and dark clumps, in L* units.
+    image = np.full(nucleus.shape, mean)
+    image[nucleus] = lightness
+    light = nucleus & (image > median + _CHROMATIN_STEP)
+    spots = measure.label(light, connectivity=2)
+    n_spots = int((np.bincount(spots.ravel())[1:] >= _MIN_SPOT).sum())
+    # Granularity: fine (1 px) and coarse (2-6 px) band-pass energy of L* inside the nucleus,
+    # away from its edge; the surroundings are set to the nucleus mean so the edge does not ring.
+    inner = ndi.binary_erosion(nucleus, structure=np.ones((5, 5), bool))
+    fine = coarse = 0.0
+    if inner.any():
+        smooth1, smooth2 = ndi.gaussian_filter(image, 1.0), ndi.gaussian_filter(image, 2.0)
+        fine = float((image - smooth1)[inner].std())
+        coarse = float((smooth2 - ndi.gaussian_filter(image, 6.0))[inner].std())
+    return [
+        float(np.log((nuc_area + 1) / (cyto_area + 1))),
+        float(np.sqrt(nuc_area / cell_area)),
+        float(rim.mean()) if rim.size else 0.0,
+        float(rim.std()) if rim.size else 0.0,
+        float(nuc_od.mean()),
+        float(nuc_od.std()),
+        float(nuc_od.sum() / od.sum()) if od.sum() > 0 else 0.0,
+        float((z**3).mean()),
+        float((z**4).mean() - 3.0),
+        float(-(p * np.log2(p)).sum()),
+        float((lightness < median - _CHROMATIN_STEP).mean()),
+        float((lightness > median + _CHROMATIN_STEP).mean()),
+        float(n_spots),
+        fine,
+        coarse,
+    ]
+
+
+def _contour_shape(outline: _Outline | None) -> list[float]:
+    """The _CONTOUR_PROPS of the longest outline (zeros without a usable one)."""
+    if outline is None or outline.filled.sum() < 16:
+        return [0.0] * len(_CONTOUR_PROPS)
+    points = max(outline.contours, key=len)
+    if np.allclose(points[0], points[-1]):
+        points = points[:-1]
+    if len(points) < 8:
+        return [0.0] * len(_CONTOUR_PROPS)
+    closed = np.vstack([points, points[:1]])
+    # Area and centroid of the polygon itself (shoelace), so a lobe is described on its own.
+    cross = closed[:-1, 0] * closed[1:, 1] - closed[1:, 0] * closed[:-1, 1]
+    area = 0.5 * float(cross.sum())
+    if abs(area) < 8:
+        return [0.0] * len(_CONTOUR_PROPS)
+    centroid = ((closed[:-1] + closed[1:]) * cross[:, None]).sum(axis=0) / (6 * area)
+    radius = np.sqrt(abs(area) / np.pi)
+    steps = np.linalg.norm(np.diff(closed, axis=0), axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    length = float(arc[-1])
+    # The outline at _FD_POINTS equal arc-length steps: Fourier descriptors of its centroid
+    # distances (magnitudes over the mean: invariant to size, rotation and starting point) and
+    # its curvature (steps of a few px, so pixel staircase noise does not dominate).
+    t = np.linspace(0.0, length, _FD_POINTS, endpoint=False)
+    even = np.stack([np.interp(t, arc, closed[:, 0]), np.interp(t, arc, closed[:, 1])], axis=1)
+    spectrum = np.abs(np.fft.rfft(np.hypot(*(even - centroid).T)))
+    descriptors = spectrum[1 : _FD_HARMONICS + 1] / max(float(spectrum[0]), 1e-12)
+    # Curvature from the outline's first _BENDING_HARMONICS harmonics (exact derivatives of a
+    # smooth curve): finite differences of a digitised outline measure its pixel staircase.
+    z = np.fft.fft(even[:, 0] + 1j * even[:, 1])
+    k = np.fft.fftfreq(_FD_POINTS, 1.0 / _FD_POINTS)
+    z[np.abs(k) > _BENDING_HARMONICS] = 0
+    d1, d2 = np.fft.ifft(1j * k * z), np.fft.ifft(-(k**2) * z)
+    speed = np.maximum(np.abs(d1), 1e-12)
+    curvature = (np.conj(d1) * d2).imag / speed**3
+    bending = float((curvature**2).mean() * (length / (2 * np.pi)) ** 2)
+    # Roughness: the ~1 px outline against itself smoothed over _SMOOTH_PX.
+    smooth = ndi.gaussian_filter1d(points, _SMOOTH_PX, axis=0, mode="wrap")
+    smooth_length = float(np.linalg.norm(smooth - np.roll(smooth, 1, axis=0), axis=1).sum())
+    roughness = length / smooth_length - 1.0 if smooth_length > 0 else 0.0
+    # Concavities: how deep the outline dips below each edge of its convex hull.
+    try:
+        vertices = np.sort(ConvexHull(points).vertices)
+    except QhullError:
+        vertices = np.array([], np.intp)
+    depths = [0.0]
+    for start, stop in zip(vertices, np.roll(vertices, -1), strict=True):
+        if stop > start:
+            between = points[start : stop + 1]
+        else:
+            between = np.vstack([points[start:], points[: stop + 1]])
+        chord = points[stop] - points[start]
+        norm = float(np.hypot(*chord))
+        if norm > 0 and len(between) > 2:
+            rel = between - points[start]
+            depths.append(float(np.abs(rel[:, 0] * chord[1] - rel[:, 1] * chord[0]).max() / norm))
+    relative_depths = np.asarray(depths) / radius
+    # Largest inscribed circle from the distance transform at half resolution (4x cheaper;
+    # the radius is off by at most ~1 px).
+    half = np.pad(outline.filled[::2, ::2], 1)
+    inscribed = 2.0 * float(ndi.distance_transform_edt(half).max())
+    circumscribed = float(np.hypot(*(points - centroid).T).max())
+    return [float(v) for v in descriptors] + [
+        float(roughness),
+        bending,
+        float((relative_depths > _CONCAVITY_DEPTH).sum()),
+        float(relative_depths.max()),
+        min(inscribed / circumscribed, 1.0) if circumscribed > 0 else 0.0,
+    ]
+
+
+def feature_blocks(pixels: np.ndarray, normalise: bool) -> dict[str, np.ndarray]:
+    """Every block of BLOCK_CATALOGUES (float64, finite) of one crop, with or without colour
+    normalisation: what extract_features assembles, and what bench/cm_validate.py compares."""
+    crop = _segment(_check_pixels(pixels), normalise)
     if crop is None:
-        return np.zeros(FEATURE_DIM, dtype=np.float32)
+        return {name: np.zeros(len(rows)) for name, rows in BLOCK_CATALOGUES.items()}
     cell, nucleus = crop.cell, crop.nucleus
     in_nucleus = nucleus[cell]  # per cell pixel, same order as crop.rgb / crop.lab
     members = {
@@ -451,12 +758,27 @@ def extract_features(pixels: np.ndarray) -> np.ndarray:
     else:
         feats += [0.0] * len(_CONTRAST)
     # The cell mask is hole-free by construction; the nucleus may have holes (light chromatin).
-    feats += _morphology(cell, has_holes=False) + _morphology(nucleus)
+    cell_morph, cell_outline = _morphology(cell, has_holes=False)
+    nuc_morph, nuc_outline = _morphology(nucleus)
+    feats += cell_morph + nuc_morph
     feats += _shape_extra(cell, nucleus)
     feats += _texture(crop.lab[0, in_nucleus], nucleus)
+    blocks = {
+        "base": feats,
+        "nc": _nc_chromatin(crop, in_nucleus, cell_outline, nuc_outline),
+        "contour": _contour_shape(nuc_outline) + _contour_shape(cell_outline),
+    }
+    out = {}
+    for name, values in blocks.items():
+        vector = np.asarray(values, dtype=np.float64)
+        if vector.shape != (len(BLOCK_CATALOGUES[name]),):  # a programming error
+            raise AssertionError(f"block {name}: built {vector.shape[0]} features")
+        # Last line of defence: never hand NaN/inf to the concatenated feature table.
+        out[name] = np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
 
-    vector = np.asarray(feats, dtype=np.float64)
-    if vector.shape != (FEATURE_DIM,):  # a programming error, not a data error
-        raise AssertionError(f"built {vector.shape[0]} features, expected {FEATURE_DIM}")
-    # Last line of defence: never hand NaN/inf to the concatenated feature table.
-    return np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+def extract_features(pixels: np.ndarray) -> np.ndarray:
+    """The FEATURE_NAMES vector (float32, finite, deterministic) of one HxWx3 uint8 RGB crop."""
+    blocks = feature_blocks(pixels, SHIPPED_NORMALISE)
+    return np.concatenate([blocks[name] for name in SHIPPED_BLOCKS]).astype(np.float32)

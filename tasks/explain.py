@@ -1,9 +1,10 @@
 """Explanations of single cells: class activation maps per CNN backbone, the segmentation and
 the features that moved the score for `color_morphology`, rendered as one PNG.
 
-The maps are exact for the saved linear model (tasks/cam): every backbone is rebuilt from the
-weights recorded with the model (the checked ImageNet file, or the random init of the recorded
-seed), run without its pooling layer, and its last feature map weighted by the model's weights.
+The maps are exact for the saved linear model (tasks/cam): each backbone's last feature map (the
+input of its GAP layer), from the weights and precision recorded with the model, weighted by the
+model's weights. The maps come from the run's backbone actors, which already hold the networks
+(tasks.actors.BackbonePool), or from networks built once per process (LocalFeatureMaps).
 Where the store holds the cell's features, the recomputed ones are checked against them, so a
 map never claims to explain features the model did not see. Figures are matplotlib `Figure`
 objects (never pyplot), so rendering touches no global state.
@@ -12,12 +13,14 @@ objects (never pyplot), so rendering touches no global state.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib
 import io
 import posixpath
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -81,11 +84,14 @@ class CellExplanation:
         }
 
 
-# -- rebuilding the model's feature extractors -----------------------------------------------
+# -- the model's feature extractors ----------------------------------------------------------
 def weights_for(
     spec: bb.BackboneSpec, recorded_id: str, weights_dir: str | None
 ) -> bb.WeightsChoice:
-    """The weights that produced features with `recorded_id`, or a clear error if unavailable."""
+    """The weights that produced features with `recorded_id`, or a clear error if unavailable.
+
+    A precision suffix (`+bf16`) names how the same weights were run, not other weights.
+    """
     if spec.full_resolution:
         current = bb.weights_id(spec, bb.WeightsChoice("none"))
         if current != recorded_id:
@@ -93,62 +99,102 @@ def weights_for(
                 f"the model used {spec.name} features {recorded_id}, this code computes {current}"
             )
         return bb.WeightsChoice("none")
-    seed = re.fullmatch(r"random-seed(-?\d+)", recorded_id)
+    recorded_weights = recorded_id.partition("+")[0]
+    seed = re.fullmatch(r"random-seed(-?\d+)", recorded_weights)
     if seed:
         return bb.WeightsChoice("none", seed=int(seed.group(1)))
-    if recorded_id.startswith("imagenet-"):
+    if recorded_weights.startswith("imagenet-"):
         choice = bb.WeightsChoice("imagenet", folder=weights_dir)
         found = bb.weights_id(spec, choice)  # checks the file and its MD5
-        if found != recorded_id:
+        if found != recorded_weights:
             raise LeukoflowError(
-                f"the model used {spec.name} weights {recorded_id}, but the weights file found "
-                f"is {found}; pass --weights-dir with the file the model was trained with"
+                f"the model used {spec.name} weights {recorded_weights}, but the weights file "
+                f"found is {found}; pass --weights-dir with the file the model was trained with"
             )
         return choice
     raise LeukoflowError(f"unknown weights id {recorded_id!r} for {spec.name} in the model record")
 
 
+class FeatureMapSource(Protocol):
+    """Something holding the CNNs that gives their last feature maps: the run's backbone actors
+    (tasks.actors.BackbonePool) or, in a process of its own, LocalFeatureMaps."""
+
+    def feature_maps(self, names: list[str], pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """name -> (N, h, w, C) maps of resized pixels (N, S, S, 3) in 0..255."""
+        ...
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_featurizer(name: str, image_size: int, choice: bb.WeightsChoice, precision: str):
+    from leukoflow.tasks.extract import Featurizer  # loads Keras: only when explaining
+
+    return Featurizer(bb.BACKBONES[name], image_size, choice, precision)
+
+
+class LocalFeatureMaps:
+    """The CNNs built in this process, once per process (cached): for `leukoflow explain` and
+    other single-process callers. A flow that has backbone actors passes those instead."""
+
+    def __init__(self, image_size: int, choices: dict[str, bb.WeightsChoice], precision: str):
+        self.image_size = image_size
+        self.choices = choices
+        self.precision = precision
+
+    def feature_maps(self, names: list[str], pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            name: _cached_featurizer(
+                name, self.image_size, self.choices[name], self.precision
+            ).feature_maps(pixels)
+            for name in names
+        }
+
+
 class Explainer:
-    """A saved model and its backbones rebuilt as feature-map models, loaded once."""
+    """A saved model and the source of its backbones' feature maps."""
 
     def __init__(
-        self, model, record: dict, weights_dir: str | None = None, top_k: int = TOP_FEATURES
+        self,
+        model,
+        record: dict,
+        weights_dir: str | None = None,
+        top_k: int = TOP_FEATURES,
+        maps: FeatureMapSource | None = None,
     ):
         self.model = model
         self.record = record
         self.recipe = record["feature_recipe"]
         self.linear = cam.linear_model(model, self.recipe)
         self.top_k = top_k
-        self._map_models = {}
-        for name in self.recipe["backbones"]:
-            spec = bb.BACKBONES[name]
-            choice = weights_for(spec, self.recipe["weights_ids"][name], weights_dir)
-            if not spec.full_resolution:
-                from leukoflow.tasks.extract import (
-                    load_backbone,  # loads Keras: only when explaining
-                )
-
-                size = int(self.recipe["image_size"])
-                self._map_models[name] = load_backbone(spec, size, choice, pooling=None)
+        size = int(self.recipe["image_size"])
+        precision = str(self.recipe.get("precision", "fp32"))
+        choices = {
+            name: weights_for(bb.BACKBONES[name], self.recipe["weights_ids"][name], weights_dir)
+            for name in self.recipe["backbones"]
+        }
+        self._cnns = [n for n in self.recipe["backbones"] if not bb.BACKBONES[n].full_resolution]
+        if maps is not None:
+            _check_same_recipe(maps, self.recipe, self._cnns)
+        self._maps = maps or LocalFeatureMaps(size, choices, precision)
 
     @classmethod
     def from_store(
-        cls, store: Location, model: str = "current", weights_dir: str | None = None
+        cls,
+        store: Location,
+        model: str = "current",
+        weights_dir: str | None = None,
+        maps: FeatureMapSource | None = None,
     ) -> Explainer:
         model_id = registry.resolve_model_id(store, model)
         fitted, record = registry.load_model(store, model_id)
-        return cls(fitted, record, weights_dir)
+        return cls(fitted, record, weights_dir, maps=maps)
 
     def feature_maps(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Each CNN's last feature map (h, w, C) for one full-resolution RGB uint8 cell."""
-        size = int(self.recipe["image_size"])
-        batch = resize_pixels(pixels, size)[None]
-        return {
-            name: np.asarray(
-                model.predict_on_batch(bb.preprocess(bb.BACKBONES[name], batch)), np.float64
-            )[0]
-            for name, model in self._map_models.items()
-        }
+        if not self._cnns:
+            return {}
+        batch = resize_pixels(pixels, int(self.recipe["image_size"]))[None]
+        maps = self._maps.feature_maps(self._cnns, batch)
+        return {name: np.asarray(maps[name], np.float64)[0] for name in self._cnns}
 
     def explain(
         self, image_id: str, pixels: np.ndarray, stored: np.ndarray | None = None
@@ -209,6 +255,21 @@ class Explainer:
                     f"{gap:.1%}: the weights or the feature code changed since this model was "
                     "trained, so its map would not explain the model"
                 )
+
+
+def _check_same_recipe(maps: FeatureMapSource, recipe: dict, cnns: list[str]) -> None:
+    """Backbone actors of another recipe (weights, size, precision) would explain features the
+    model never saw: refuse them in one line."""
+    theirs = getattr(maps, "recipe", None)
+    if theirs is None:
+        return
+    for name in cnns:
+        key = (recipe["weights_ids"][name], int(recipe["image_size"]))
+        if name not in theirs.backbones or theirs.vector_key(name) != key:
+            raise LeukoflowError(
+                f"the running {name} actor computes other features than the model's "
+                f"({theirs.vector_key(name) if name in theirs.backbones else 'none'} vs {key})"
+            )
 
 
 def _handcrafted_module(name: str):
@@ -367,12 +428,17 @@ def explain_images(
     image_ids: list[str],
     out_folder: str,
     weights_dir: str | None = None,
+    maps: FeatureMapSource | None = None,
 ) -> list[str]:
-    """One PNG per catalogued image id under `out_folder` (local or s3://); returns their uris."""
+    """One PNG per catalogued image id under `out_folder` (local or s3://); returns their uris.
+
+    `maps`: the running backbone actors (tasks.actors.BackbonePool); without, the CNNs are built
+    once in this process.
+    """
     root = open_location(store) if isinstance(store, str) else store
     if not image_ids:
         return []
-    explainer = Explainer.from_store(root, model_id, weights_dir)
+    explainer = Explainer.from_store(root, model_id, weights_dir, maps=maps)
     uris = catalog_uris(root, image_ids)
     folder = open_location(out_folder)
     written = []

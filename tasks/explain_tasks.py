@@ -10,6 +10,7 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import cam
 from leukoflow.tasks.explain import (
     Explainer,
+    FeatureMapSource,
     example_gallery,
     explain_images,
     explanation_name,
@@ -32,9 +33,14 @@ def explain_examples(
     vectors: dict[str, np.ndarray],
     weights_dir: str | None,
     per_kind: int = 3,
+    maps: FeatureMapSource | None = None,
 ) -> list[dict]:
     """Activation maps of up to `per_kind` true positives, false positives and false negatives of
-    the saved model (`scores` are its test scores, read against record["threshold"])."""
+    the saved model (`scores` are its test scores, read against record["threshold"]).
+
+    `maps`: the run's backbone actors (tasks.actors.BackbonePool), so that no network is built
+    again; without, each CNN is built once in this process.
+    """
     logger = get_run_logger()
     y_pred = (np.asarray(scores) >= float(record["threshold"])).astype(int)
     cases = pick_examples(test_ids, y_true, y_pred, scores, per_kind)
@@ -45,17 +51,24 @@ def explain_examples(
     except LeukoflowError as why:  # a non-linear classifier has no exact activation map
         logger.info("examples: none in the report (%s)", why)
         return []
-    gallery = example_gallery(Explainer(model, record, weights_dir), cases, uris, vectors)
+    explainer = Explainer(model, record, weights_dir, maps=maps)
+    gallery = example_gallery(explainer, cases, uris, vectors)
     logger.info("examples: %s", ", ".join(f"{e['kind']} {e['image_id'][:12]}" for e in gallery))
     return gallery
 
 
 @task(name="explain-flagged", cache_policy=NO_CACHE)
 def explain_flagged_cells(
-    store: Location, model_id: str, night: str, limit: int, weights_dir: str | None
+    store: Location,
+    model_id: str,
+    night: str,
+    limit: int,
+    weights_dir: str | None,
+    maps: FeatureMapSource | None = None,
 ) -> dict:
     """PNGs for the night's flagged cells that have none yet, most ALL-like first, `limit` at
-    most per sweep (a resumed or repeated sweep continues where the last one stopped)."""
+    most per sweep (a resumed or repeated sweep continues where the last one stopped).
+    `maps`: the sweep's backbone actors, as for explain_examples."""
     logger = get_run_logger()
     columns = ["image_id", "score", "predicted_label"]
     rows = read_predictions(store, night, model_id, columns=columns).to_pylist()
@@ -65,7 +78,7 @@ def explain_flagged_cells(
     missing = [
         r["image_id"] for r in flagged if not exists(folder.child(explanation_name(r["image_id"])))
     ]
-    written = explain_images(store, model_id, missing[:limit], folder.uri, weights_dir)
+    written = explain_images(store, model_id, missing[:limit], folder.uri, weights_dir, maps=maps)
     logger.info("explain: %d flagged cells, %d PNGs written to %s", len(flagged), len(written),
                 folder.uri)  # fmt: skip
     return {

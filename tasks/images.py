@@ -31,6 +31,9 @@ MIN_SIDE = 16
 # (Camera JPEGs that Pillow reports as "MPO" are opened by the JPEG plugin.)
 ACCEPTED_FORMATS = ("BMP", "PNG", "JPEG", "TIFF", "GIF", "WEBP", "PPM", "JPEG2000")
 
+# What Image.open itself reads to pick a plugin; enough for sniff_format.
+HEADER_BYTES = 16
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -84,6 +87,21 @@ def decode_image(data: bytes) -> DecodedImage:
                 raise
             except Exception as error:  # Pillow raises many types for corrupt data
                 raise _classify(error) from error
+
+
+def sniff_format(header: bytes) -> str | None:
+    """The accepted format whose signature the first HEADER_BYTES of a file carry, else None.
+
+    Pillow's own plugin checks, on the same prefix Image.open reads: a cheap way to tell an image
+    with an unusual name (`cell.dat` holding a PNG) from a text or system file, without decoding.
+    """
+    Image.init()
+    prefix = header[:HEADER_BYTES]
+    for name in ACCEPTED_FORMATS:
+        accept = Image.OPEN.get(name, (None, None))[1]
+        if accept is not None and prefix and accept(prefix):
+            return name
+    return None
 
 
 def probe_image(data: bytes) -> DecodedImage:
@@ -147,7 +165,8 @@ def _classify(error: Exception) -> ImageRejected:
 def _to_rgb(image: Image.Image, image_format: str) -> DecodedImage:
     steps: list[str] = []
     if getattr(image, "n_frames", 1) > 1:
-        steps.append(f"first of {image.n_frames} frames")
+        # Microscopes write one cell per file; a stack or animation is scored by its first frame.
+        steps.append(f"first_frame_of_{image.n_frames}")
     try:
         orientation = image.getexif().get(0x0112, 1)
     except Exception:  # broken metadata must not cost a good image its pixels

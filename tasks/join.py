@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leukoflow.tasks.backbones import BACKBONES, size_key
+from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import Location
-from leukoflow.tasks.tables import read_features
+from leukoflow.tasks.tables import featurised_ids, read_features
 
 
 @dataclass
@@ -44,18 +44,19 @@ def concatenate(
     return JoinedFeatures(complete, matrix, list(backbones), dims, missing)
 
 
-def join_features(
-    store: Location,
-    image_ids: list[str],
-    backbones: list[str],
-    weight_ids: dict[str, str],
-    image_size: int,
-) -> JoinedFeatures:
-    """Read each backbone's vectors for `image_ids` from the store and concatenate them."""
+def join_features(store: Location, image_ids: list[str], recipe: FeatureRecipe) -> JoinedFeatures:
+    """Read each backbone's vectors of `recipe` for `image_ids` and concatenate them."""
     vectors = {
-        name: read_features(
-            store, name, weight_ids[name], size_key(BACKBONES[name], image_size), image_ids
-        )
-        for name in backbones
+        name: read_features(store, name, *recipe.vector_key(name), image_ids)
+        for name in recipe.backbones
     }
-    return concatenate(image_ids, vectors, backbones)
+    return concatenate(image_ids, vectors, list(recipe.backbones))
+
+
+def featurised_images(store: Location, recipe: FeatureRecipe) -> set[str]:
+    """The images holding a vector of every backbone of `recipe`, read from the features table."""
+    held: set[str] | None = None
+    for name in recipe.backbones:
+        ids = featurised_ids(store, name, *recipe.vector_key(name))
+        held = ids if held is None else held & ids
+    return held or set()

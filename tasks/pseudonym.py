@@ -4,6 +4,8 @@ Subject ids can carry patient identifiers (a manifest may hold medical record nu
 store keeps them, in its tables; anything published outside it shows `subject_key(id)` instead:
 "S-" and the first 12 hex digits of HMAC-SHA256(salt, id). The salt is 32 random bytes kept in
 the store at keys/subject-salt, made on first use, so a subject keeps one key night after night.
+The salt is created with the storage layer's create-if-absent, so of two first uses at once (two
+sweeps, a sweep and a dashboard) exactly one writes it, and both then read back the one that won.
 Whoever can read the store can map a key back (compute the keys of the subject ids in its
 tables); without the salt nobody can, not even by trying every plausible id.
 """
@@ -14,7 +16,8 @@ import hashlib
 import hmac
 import secrets
 
-from leukoflow.tasks.storage import Location, exists, write_bytes_atomic
+from leukoflow.errors import LeukoflowError
+from leukoflow.tasks.storage import Location, create_if_absent, exists
 
 SALT_PATH = ("keys", "subject-salt")
 
@@ -23,9 +26,17 @@ def subject_salt(store: Location) -> bytes:
     """The store's salt for subject keys, created on first use."""
     loc = store.child(*SALT_PATH)
     if not exists(loc):
-        write_bytes_atomic(loc, secrets.token_hex(32).encode("ascii"))
-    # Read back what is there: of two first uses at once, both then use the one that won.
-    return bytes.fromhex(loc.fs.cat_file(loc.path).decode("ascii").strip())
+        # Losing the race is fine: the salt the winner wrote is read back below.
+        create_if_absent(loc, secrets.token_hex(32).encode("ascii"))
+    text = loc.fs.cat_file(loc.path).decode("ascii", "replace").strip()
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        salt = b""
+    if len(salt) != 32:
+        # Never make a new one over it: every pseudonym published so far would change meaning.
+        raise LeukoflowError(f"the subject salt {loc.uri} is damaged (not 64 hex digits)")
+    return salt
 
 
 def subject_key(subject_id: str | None, salt: bytes) -> str | None:

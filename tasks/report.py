@@ -1,7 +1,10 @@
-"""Evaluation report for one trained model: Markdown plus a self-contained HTML page.
+"""Evaluation report for one trained model (Markdown plus a self-contained HTML page), and the
+experiments page.
 
-The HTML must open offline from a laptop or an S3 console download, so it carries its CSS inline
-and its plots as base64 PNG data URIs, with no scripts, external links or web fonts. Plots use
+Both are built in two steps: a view model (plain dataclasses: tables of text, plots as data URIs)
+computed here, then laid out by the templates in tasks/templates (report.html, report.md,
+experiments.html; see tasks/pages). The HTML must open offline from a laptop or an S3 console
+download: inline CSS, base64 PNG data URIs, no scripts, external links or web fonts. Plots use
 `matplotlib.figure.Figure` objects directly (never pyplot), so reports can be rendered from worker
 threads without touching global state or needing a display.
 """
@@ -9,10 +12,9 @@ threads without touching global state or needing a display.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from leukoflow.tasks import experiments as ex
+from leukoflow.tasks import pages
 from leukoflow.tasks.evaluate import (
     NEGATIVE_LABEL,
     POSITIVE_LABEL,
@@ -29,6 +32,7 @@ from leukoflow.tasks.evaluate import (
     pr_points,
     roc_points,
 )
+from leukoflow.tasks.pages import DATA_URI_PREFIX, Plot, Table, table
 
 TITLE = "leukoflow evaluation report"
 NON_CLINICAL_WARNING = (
@@ -48,26 +52,6 @@ METRIC_ROWS: tuple[tuple[str, str], ...] = (
     ("f1_weighted", "Weighted F1"),
     ("roc_auc", "ROC AUC"),
 )
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
-  max-width: 960px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-h1 { font-size: 1.7em; margin-bottom: 0.2em; }
-h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: 0.6em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }
-th { background: #f3f4f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code { background: #f3f4f6; padding: 0 0.25em; border-radius: 3px; }
-.warning { background: #fde8e8; border: 2px solid #c81e1e; color: #7f1d1d; padding: 0.8em 1em;
-  font-weight: bold; font-size: 1.1em; border-radius: 4px; margin-bottom: 1em; }
-.note { background: #fff8e1; border-left: 4px solid #f0b429; padding: 0.5em 0.8em; }
-.muted { color: #666; font-size: 0.9em; }
-figure { margin: 0.8em 0; display: inline-block; vertical-align: top; }
-figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; text-align: center; }
-tr.best th, tr.best td { background: #e6f4ea; font-weight: bold; }
-"""
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -215,15 +199,6 @@ def _fmt_params(params: Any) -> str:
     return str(params)
 
 
-def _md(text: Any) -> str:
-    # Markdown is often rendered to HTML, so escape markup too; pipes would break table cells.
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
-
-
-def _h(text: Any) -> str:
-    return html.escape(str(text))
-
-
 def _int_or_none(value: Any) -> int | None:
     try:
         return int(value)
@@ -231,14 +206,101 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+def _versions(summary: Mapping[str, Any]) -> Table | None:
+    versions = summary.get("package_versions") or {}
+    if not versions:
+        return None
+    return table(["package", "version"], [(k, _fmt(v)) for k, v in versions.items()])
+
+
+def _plot(fig: Figure, caption: str) -> Plot:
+    return Plot(figure_to_data_uri(fig), caption)
+
+
+# -- the view model --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Confusion:
+    """A confusion matrix (rows = true class, columns = predicted) as both pages show it."""
+
+    labels: tuple[str, ...]
+    matrix: tuple[tuple[int, ...], ...]
+
+    def table(self) -> Table:
+        rows = [[label, *row] for label, row in zip(self.labels, self.matrix, strict=False)]
+        return table(["true \\ predicted", *self.labels], rows, numeric=len(self.labels))
+
+
+@dataclass(frozen=True)
+class OperatingPointView:
+    """The saved model at its threshold on the held-out split, per cell and per patient."""
+
+    title: str
+    table: Table
+    patient_confusion: Confusion | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RiskView:
+    """The saved, calibrated model at its operating point."""
+
+    title: str
+    explanation: str
+    table: Table
+    confusion: Confusion
+    plots: tuple[Plot, ...]
+
+
+@dataclass(frozen=True)
+class ExampleGroup:
+    """Test cells of one kind (TP, FP, FN) with their activation maps."""
+
+    kind: str
+    meaning: str
+    plots: tuple[Plot, ...]
+
+
+@dataclass(frozen=True)
+class ExamplesView:
+    title: str
+    groups: tuple[ExampleGroup, ...]
+    rows: Table  # kind and image id of every example, for the Markdown report
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """Everything the evaluation report shows, in both its HTML and Markdown forms."""
+
+    title: str
+    warning: str | None
+    facts: Table
+    split: str
+    metrics: Table
+    n_test: str
+    support: tuple[tuple[str, str], ...]  # (class label, cells of that class) in the test split
+    positive_label: str
+    confusion: Confusion
+    plots: tuple[Plot, ...]
+    no_roc_reason: str
+    risk: RiskView | None
+    operating_point: OperatingPointView | None
+    saved_model_first: bool  # the saved model's sections lead, the paper's method follows
+    examples: ExamplesView | None
+    accounting: Table
+    accounting_check: str
+    quarantine: Table | None
+    quarantine_more: int
+    versions: Table | None
+
+
 # -- report content --------------------------------------------------------------------------
-def _run_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _run_facts(summary: Mapping[str, Any]) -> Table:
     backbones = list(summary.get("backbones") or [])
     backbone_text = " + ".join(f"{i}. {b}" for i, b in enumerate(backbones, 1)) or "n/a"
     weights = summary.get("weights_id")
     if summary.get("non_clinical"):
         weights = f"{_fmt(weights)} (random initialisation, non-clinical)"
-    return [
+    rows = [
         ("Model id", _fmt(summary.get("model_id"))),
         ("Dataset", _fmt(summary.get("dataset"))),
         ("Backbones (concatenation order)", backbone_text),
@@ -253,13 +315,14 @@ def _run_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Test cells", _fmt(summary.get("n_test"))),
         ("Created at", _fmt(summary.get("created_at"))),
     ]
+    return table([], rows)
 
 
-def _accounting(summary: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str]:
+def _accounting(summary: Mapping[str, Any]) -> tuple[Table, str]:
     counts = summary.get("counts") or {}
     names = ("found", "featurised", "quarantined", "duplicate")
     values = {name: _int_or_none(counts.get(name)) for name in names}
-    rows = [(name, _fmt(values[name])) for name in names]
+    rows = table(["", "count"], [(name, _fmt(values[name])) for name in names], numeric=1)
     parts = [values[n] for n in names[1:]]
     if values["found"] is None or any(v is None for v in parts):
         check = "The image accounting is incomplete, so found = featurised + quarantined + "
@@ -277,7 +340,7 @@ def _accounting(summary: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str]
     return rows, check
 
 
-def _quarantine(summary: Mapping[str, Any]) -> tuple[list[tuple[str, str]], int]:
+def _quarantine(summary: Mapping[str, Any]) -> tuple[Table | None, int]:
     items = list(summary.get("quarantined") or [])
     shown = [
         (_fmt(item.get("image_id")), _fmt(item.get("reason")))
@@ -285,7 +348,8 @@ def _quarantine(summary: Mapping[str, Any]) -> tuple[list[tuple[str, str]], int]
         else (_fmt(item), "n/a")
         for item in items[:MAX_QUARANTINE_SHOWN]
     ]
-    return shown, max(0, len(items) - MAX_QUARANTINE_SHOWN)
+    more = max(0, len(items) - MAX_QUARANTINE_SHOWN)
+    return (table(["image_id", "reason"], shown) if shown else None), more
 
 
 def _roc(y_true: np.ndarray, scores: np.ndarray | None) -> tuple[dict | None, str]:
@@ -312,54 +376,62 @@ def _metrics(
     return compute_metrics(y_true, y_pred, scores)
 
 
-def _confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[int]]]:
+def _confusion(metrics: Mapping[str, Any]) -> Confusion:
     cm = metrics.get("confusion_matrix") or {}
-    labels = list(cm.get("labels") or [NEGATIVE_LABEL, POSITIVE_LABEL])
-    matrix = [[int(v) for v in row] for row in (cm.get("matrix") or [[0, 0], [0, 0]])]
-    return labels, matrix
+    labels = tuple(str(label) for label in cm.get("labels") or [NEGATIVE_LABEL, POSITIVE_LABEL])
+    matrix = tuple(tuple(int(v) for v in row) for row in (cm.get("matrix") or [[0, 0], [0, 0]]))
+    return Confusion(labels, matrix)
 
 
-@dataclass(frozen=True)
-class _ReportContent:
-    """What both renderings of the evaluation report show, computed once."""
-
-    non_clinical: bool
-    facts: list[tuple[str, str]]
-    metrics: Mapping[str, Any]
-    labels: list[str]
-    matrix: list[list[int]]
-    roc: dict | None
-    no_roc_reason: str
-    split: Any
-    accounting_rows: list[tuple[str, str]]
-    accounting_check: str
-    quarantine_rows: list[tuple[str, str]]
-    quarantine_more: int
-    versions: Mapping[str, Any]
-
-
-def _report_content(
-    summary: Mapping[str, Any], y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None
-) -> _ReportContent:
+def report_view(
+    summary: Mapping[str, Any],
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    scores: np.ndarray | None,
+    risk: Mapping[str, Any] | None = None,
+    examples: Sequence[Mapping[str, Any]] | None = None,
+    operating_point: Mapping[str, Any] | None = None,
+    patient_level: Mapping[str, Any] | None = None,
+    saved_model_first: bool = False,
+) -> ReportView:
+    """Compute what the evaluation report shows, plots included, once for both renderings."""
     metrics = _metrics(summary, y_true, y_pred, scores)
-    labels, matrix = _confusion(metrics)
+    confusion = _confusion(metrics)
     roc, no_roc_reason = _roc(y_true, scores)
-    accounting_rows, accounting_check = _accounting(summary)
-    quarantine_rows, quarantine_more = _quarantine(summary)
-    return _ReportContent(
-        non_clinical=bool(summary.get("non_clinical")),
+    plots = [_plot(plot_confusion_matrix(confusion.matrix, confusion.labels), "Confusion matrix")]
+    if roc is not None:
+        figure = plot_roc(roc["fpr"], roc["tpr"], metrics.get("roc_auc"))
+        plots.append(_plot(figure, "ROC curve"))
+    accounting, accounting_check = _accounting(summary)
+    quarantine, quarantine_more = _quarantine(summary)
+    support = metrics.get("support") or {}
+    return ReportView(
+        title=TITLE,
+        warning=NON_CLINICAL_WARNING if summary.get("non_clinical") else None,
         facts=_run_facts(summary),
-        metrics=metrics,
-        labels=labels,
-        matrix=matrix,
-        roc=roc,
+        split=_fmt(summary.get("split")),
+        metrics=table(
+            ["Metric", "Value"],
+            [(name, _fmt_metric(metrics.get(key))) for key, name in METRIC_ROWS],
+            numeric=1,
+        ),
+        n_test=_fmt(metrics.get("n")),
+        support=tuple(
+            (label, _fmt(support.get(label))) for label in (POSITIVE_LABEL, NEGATIVE_LABEL)
+        ),
+        positive_label=POSITIVE_LABEL,
+        confusion=confusion,
+        plots=tuple(plots),
         no_roc_reason=no_roc_reason,
-        split=summary.get("split"),
-        accounting_rows=accounting_rows,
+        risk=_risk_view(risk, "below" if saved_model_first else "above") if risk else None,
+        operating_point=_operating_point_view(operating_point, patient_level),
+        saved_model_first=saved_model_first and bool(risk or operating_point or patient_level),
+        examples=_examples_view(examples) if examples else None,
+        accounting=accounting,
         accounting_check=accounting_check,
-        quarantine_rows=quarantine_rows,
+        quarantine=quarantine,
         quarantine_more=quarantine_more,
-        versions=summary.get("package_versions") or {},
+        versions=_versions(summary),
     )
 
 
@@ -370,30 +442,30 @@ def render_report(
     scores: np.ndarray | None,
     risk: Mapping[str, Any] | None = None,
     examples: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    operating_point: Mapping[str, Any] | None = None,
+    patient_level: Mapping[str, Any] | None = None,
+    saved_model_first: bool = False,
 ) -> tuple[str, str]:
     """Build the evaluation report; returns (markdown, html). The HTML is fully self-contained.
 
     `risk` (optional) adds the calibrated score and operating point: {"summary": the calibration
     summary, "y_true": test labels, "probabilities": calibrated test probabilities}.
     `examples` (optional) adds a gallery of test cells with their class activation maps:
-    [{"kind": "TP" | "FP" | "FN", "image_id", "png_data_uri"}] (tasks/explain).
+    [{"kind": "TP" | "FP" | "FN", "image_id", "png_data_uri"}, optionally "subject_key",
+    "file_name", "score", "threshold"] (tasks/explain).
+    `operating_point` (optional) adds the saved model at its threshold on the held-out split,
+    per cell and per patient, in tasks/fit's form: {"threshold", "cells": {"sensitivity",
+    "sensitivity_ci", "sensitivity_n", "specificity", ..., "n"}, "patients": tasks/patient's
+    patient_metrics() or None}. `patient_level` (optional) is that "patients" part on its own
+    (it wins over operating_point["patients"]). Per-patient rows are never shown: they hold ids.
+    `saved_model_first` puts those sections (and the risk section) before the paper's method.
     """
-    content = _report_content(summary, y_true, y_pred, scores)
-    markdown = _render_markdown(content, _risk_markdown(risk["summary"]) if risk else [])
-    confusion = figure_to_data_uri(plot_confusion_matrix(content.matrix, content.labels))
-    plots = [(confusion, "Confusion matrix")]
-    if content.roc is not None:
-        fpr, tpr, auc = content.roc["fpr"], content.roc["tpr"], content.metrics.get("roc_auc")
-        plots.append((figure_to_data_uri(plot_roc(fpr, tpr, auc)), "ROC curve"))
-    html_text = _render_html(
-        content,
-        plots=plots,
-        risk_html=_risk_html(risk) if risk else [],
-        examples_html=_examples_html(examples) if examples else [],
-    )
-    if examples:
-        markdown += "\n".join(_examples_markdown(examples))
-    return markdown, html_text
+    view = report_view(
+        summary, y_true, y_pred, scores, risk, examples, operating_point, patient_level,
+        saved_model_first,
+    )  # fmt: skip
+    return pages.render("report.md", report=view), pages.render("report.html", report=view)
 
 
 # -- examples: test cells with their class activation maps -----------------------------------
@@ -405,39 +477,45 @@ _EXAMPLE_KINDS = {
 }
 
 
-def _examples_markdown(examples: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = [f"## {EXAMPLES_TITLE}", "", "| kind | image_id |", "|---|---|"]
-    lines += [f"| {_md(e.get('kind'))} | {_md(e.get('image_id'))} |" for e in examples]
-    return lines + ["", "_The maps are in the HTML report._", ""]
+def example_caption(example: Mapping[str, Any]) -> str:
+    """Kind and short image id, then what is known of the cell: subject key, file, score."""
+    caption = f"{example.get('kind')} {str(example.get('image_id'))[:16]}"
+    extras = []
+    if example.get("subject_key"):
+        extras.append(f"subject {example['subject_key']}")
+    if example.get("file_name"):
+        extras.append(str(example["file_name"]))
+    if example.get("score") is not None:
+        score = f"score {_fmt_metric(example['score'])}"
+        if example.get("threshold") is not None:
+            score += f" (threshold {_fmt_metric(example['threshold'])})"
+        extras.append(score)
+    return caption + (f": {', '.join(extras)}" if extras else "")
 
 
-def _examples_html(examples: Sequence[Mapping[str, Any]]) -> list[str]:
-    body = [f"<h2>{_h(EXAMPLES_TITLE)}</h2>"]
-    body.append(
-        '<p class="muted">Test cells with the class activation map of each CNN (red: towards '
-        "ALL, blue: towards normal, relative to the average training cell) and, for "
-        "<code>color_morphology</code>, the segmentation and the features that moved the score "
-        "most. See docs/explanations.md.</p>"
-    )
+def _examples_view(examples: Sequence[Mapping[str, Any]]) -> ExamplesView:
+    groups = []
     for kind, meaning in _EXAMPLE_KINDS.items():
-        chosen = [e for e in examples if e.get("kind") == kind]
-        body.append(f"<h3>{_h(kind)}: {_h(meaning)}</h3>")
-        if not chosen:
-            body.append("<p>None in the test split.</p>")
-        for example in chosen:
-            uri = str(example.get("png_data_uri") or "")
-            if not uri.startswith("data:image/png;base64,"):  # the page must stay self-contained
-                continue
-            caption = f"{kind} {str(example.get('image_id'))[:16]}"
-            body.append(_figure_html(uri, caption))
-    return body
+        plots = tuple(
+            Plot(str(e["png_data_uri"]), example_caption(e))
+            for e in examples
+            if e.get("kind") == kind
+            # The page must stay self-contained: anything but an inline PNG is left out.
+            and str(e.get("png_data_uri") or "").startswith(DATA_URI_PREFIX)
+        )
+        groups.append(ExampleGroup(kind, meaning, plots))
+    rows = table(
+        ["kind", "image_id"], [(_fmt(e.get("kind")), _fmt(e.get("image_id"))) for e in examples]
+    )
+    return ExamplesView(EXAMPLES_TITLE, tuple(groups), rows)
 
 
 # -- the calibrated risk score and its operating point ---------------------------------------
 RISK_TITLE = "Risk score and operating point"
 
 
-def _risk_explanation(risk: Mapping[str, Any]) -> str:
+def _risk_explanation(risk: Mapping[str, Any], paper: str = "above") -> str:
+    """What the calibrated score is; `paper` says where the paper's metrics are on the page."""
     grouping = "grouped by subject" if risk.get("grouping") == "subject" else "of images"
     note = (
         f" (not grouped by subject: {risk['grouping_note']})" if risk.get("grouping_note") else ""
@@ -448,8 +526,14 @@ def _risk_explanation(risk: Mapping[str, Any]) -> str:
         f"{grouping}{note}). A cell is flagged when its probability is at least the threshold "
         f"{_fmt_metric(risk.get('threshold'))}, chosen on those folds (out of fold, never on the "
         f"test split) to reach a sensitivity of {_fmt_metric(risk.get('target_sensitivity'))} for "
-        "ALL. The metrics above are the paper's plain classifier; those below are the calibrated "
-        "model at this threshold."
+        "ALL. "
+        + (
+            "The metrics above are the paper's plain classifier; those below are the calibrated "
+            "model at this threshold."
+            if paper == "above"
+            else "These are the calibrated model at this threshold; the paper's plain classifier "
+            "is measured further down."
+        )
     )
 
 
@@ -475,27 +559,15 @@ def _risk_rows(risk: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
-def _risk_markdown(risk: Mapping[str, Any]) -> list[str]:
-    lines = [f"## {RISK_TITLE}", "", _md(_risk_explanation(risk)), ""]
-    lines += ["| | validation (out of fold) | test |", "|---|---:|---:|"]
-    lines += [f"| {a} | {_md(b)} | {_md(c)} |" for a, b, c in _risk_rows(risk)]
-    labels, matrix = _confusion((risk.get("test") or {}).get("metrics") or {})
-    lines += ["", "Confusion matrix on the test split at the threshold:", ""]
-    lines += ["| true \\ predicted | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    for label, row in zip(labels, matrix, strict=False):
-        lines.append(f"| **{_md(label)}** | " + " | ".join(str(v) for v in row) + " |")
-    return lines + [""]
-
-
-def _risk_plots(risk: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _risk_plots(risk: Mapping[str, Any]) -> list[Plot]:
     """ROC and PR of the calibrated test probabilities with the operating point, calibration
     curves and the confusion matrix at the threshold."""
     summary = risk["summary"]
     test = summary.get("test") or {}
-    labels, matrix = _confusion(test.get("metrics") or {})
+    confusion = _confusion(test.get("metrics") or {})
     plots = [
-        (
-            figure_to_data_uri(plot_confusion_matrix(matrix, labels)),
+        _plot(
+            plot_confusion_matrix(confusion.matrix, confusion.labels),
             f"Confusion matrix at threshold {_fmt_metric(summary.get('threshold'))}",
         )
     ]
@@ -509,9 +581,7 @@ def _risk_plots(risk: Mapping[str, Any]) -> list[tuple[str, str]]:
     }
     if curves:
         brier = _fmt_metric(test.get("brier"))
-        plots.append(
-            (figure_to_data_uri(plot_reliability(curves)), f"Calibration (test Brier {brier})")
-        )
+        plots.append(_plot(plot_reliability(curves), f"Calibration (test Brier {brier})"))
     y_true = np.asarray(risk["y_true"]).ravel()
     probabilities = np.asarray(risk["probabilities"]).ravel()
     if set(np.unique(y_true).tolist()) == {0, 1}:
@@ -524,183 +594,96 @@ def _risk_plots(risk: Mapping[str, Any]) -> list[tuple[str, str]]:
         roc = roc_points(y_true, probabilities)
         auc = (test.get("metrics") or {}).get("roc_auc")
         plots.append(
-            (
-                figure_to_data_uri(plot_roc(roc["fpr"], roc["tpr"], auc, roc_point)),
+            _plot(
+                plot_roc(roc["fpr"], roc["tpr"], auc, roc_point),
                 "ROC of the calibrated score, operating point marked",
             )
         )
         pr = pr_points(y_true, probabilities)
-        prevalence = float(y_true.mean())
-        figure = plot_precision_recall(pr["recall"], pr["precision"], prevalence, pr_point)
-        plots.append(
-            (
-                figure_to_data_uri(figure),
-                "Precision-recall of the calibrated score, operating point",
-            )
+        figure = plot_precision_recall(
+            pr["recall"], pr["precision"], float(y_true.mean()), pr_point
         )
+        plots.append(_plot(figure, "Precision-recall of the calibrated score, operating point"))
     return plots
 
 
-def _risk_html(risk: Mapping[str, Any]) -> list[str]:
-    summary = risk["summary"]
-    body = [f"<h2>{_h(RISK_TITLE)}</h2>", f'<p class="note">{_h(_risk_explanation(summary))}</p>']
-    body.append(_html_table(["", "validation (out of fold)", "test"], _risk_rows(summary), 2))
-    for uri, caption in _risk_plots(risk):
-        body.append(_figure_html(uri, caption))
-    return body
+def _rate(value: Any, interval: Any, n: Any) -> str:
+    """A rate as "0.9500 [0.9000, 0.9800] (n=40)": the interval and n when known."""
+    if value is None:
+        return "n/a" + (f" (n={n})" if n is not None else "")
+    text = _fmt_metric(value)
+    if interval and len(interval) == 2 and None not in interval:
+        text += f" [{_fmt_metric(interval[0])}, {_fmt_metric(interval[1])}]"
+    return text + (f" (n={n})" if n is not None else "")
 
 
-def _split_sentence(split: Any, code: Callable[[str], str]) -> str:
-    """Why the split matters; `code` formats a split name (Markdown backticks or HTML <code>)."""
-    return (
-        f"This run used the {code(_fmt(split))} split. Under the {code('random')} split, cells "
-        "of the same subject can fall on both sides of the train/test split, which inflates "
-        f"accuracy; the {code('subject')} split keeps each subject on one side."
-    )
+OPERATING_POINT_TITLE = "At the operating point: cells and patients"
 
 
-def _render_markdown(c: _ReportContent, risk_lines: Sequence[str] = ()) -> str:
-    lines: list[str] = []
-    if c.non_clinical:
-        lines += [f"> **WARNING** {NON_CLINICAL_WARNING}", ""]
-    lines += [f"# {TITLE}", ""]
+def _operating_point_view(
+    operating_point: Mapping[str, Any] | None, patient_level: Mapping[str, Any] | None
+) -> OperatingPointView | None:
+    cells = (operating_point or {}).get("cells") or {}
+    patients = patient_level or (operating_point or {}).get("patients") or {}
+    if not cells and not patients:
+        return None
+    metrics = patients.get("metrics") or {}
+    support = patients.get("support") or {}
 
-    lines += ["## Run", "", "| | |", "|---|---|"]
-    lines += [f"| {_md(k)} | {_md(v)} |" for k, v in c.facts]
-    # Inside a code span Markdown shows text literally, so only backticks need removing.
-    lines += ["", _split_sentence(c.split, lambda name: f"`{name.replace('`', '')}`"), ""]
+    def cell_rate(key: str) -> str:
+        return _rate(cells.get(key), cells.get(f"{key}_ci"), cells.get(f"{key}_n"))
 
-    lines += ["## Metrics", "", "| Metric | Value |", "|---|---:|"]
-    lines += [f"| {name} | {_fmt_metric(c.metrics.get(key))} |" for key, name in METRIC_ROWS]
-    support = c.metrics.get("support") or {}
-    lines += [
-        "",
-        f"Test cells: {_fmt(c.metrics.get('n'))} ({POSITIVE_LABEL}: "
-        f"{_fmt(support.get(POSITIVE_LABEL))}, {NEGATIVE_LABEL}: "
-        f"{_fmt(support.get(NEGATIVE_LABEL))}). Precision, recall and F1 are for the "
-        f"`{POSITIVE_LABEL}` (blast) class.",
-        "",
+    def patient_rate(key: str, label: str) -> str:
+        m = metrics.get(key) or {}
+        return _rate(m.get("value"), (m.get("low"), m.get("high")), support.get(label))
+
+    rows = [
+        (
+            "Sensitivity (ALL flagged)",
+            _rate(
+                cells.get("sensitivity"), cells.get("sensitivity_ci"), cells.get("sensitivity_n")
+            ),
+            patient_rate("sensitivity", POSITIVE_LABEL),
+        ),
+        (
+            "Specificity (normal passed)",
+            _rate(
+                cells.get("specificity"), cells.get("specificity_ci"), cells.get("specificity_n")
+            ),
+            patient_rate("specificity", NEGATIVE_LABEL),
+        ),
+        ("Count", _fmt(cells.get("n")), _fmt(patients.get("n_patients"))),
     ]
-
-    lines += ["## Confusion matrix", "", "| true \\ predicted | " + " | ".join(c.labels) + " |"]
-    lines += ["|---|" + "---:|" * len(c.labels)]
-    for label, row in zip(c.labels, c.matrix, strict=False):
-        lines.append(f"| **{_md(label)}** | " + " | ".join(str(v) for v in row) + " |")
-    lines.append("")
-    if c.no_roc_reason:
-        lines += [c.no_roc_reason, ""]
-    lines += list(risk_lines)
-
-    lines += ["## Images", "", "| | count |", "|---|---:|"]
-    lines += [f"| {k} | {_md(v)} |" for k, v in c.accounting_rows]
-    lines += ["", _md(c.accounting_check), ""]
-    lines += _quarantine_markdown(c.quarantine_rows, c.quarantine_more)
-
-    if c.versions:
-        lines += ["## Package versions", "", "| package | version |", "|---|---|"]
-        lines += [f"| {_md(k)} | {_md(v)} |" for k, v in c.versions.items()]
-        lines.append("")
-    lines += ["_Plots (confusion matrix heatmap, ROC curve) are in the HTML report._", ""]
-    return "\n".join(lines)
-
-
-def _quarantine_markdown(rows: list[tuple[str, str]], more: int) -> list[str]:
-    lines = ["### Quarantined images", ""]
-    if not rows:
-        return lines + ["None.", ""]
-    lines += ["| image_id | reason |", "|---|---|"]
-    lines += [f"| {_md(image_id)} | {_md(reason)} |" for image_id, reason in rows]
-    if more:
-        lines += ["", f"... and {more} more."]
-    return lines + [""]
-
-
-def _figure_html(uri: str, caption: str) -> str:
-    """An embedded image (a data: URI: the page stays self-contained) with its caption."""
-    return (
-        f'<figure><img src="{_h(uri)}" alt="{_h(caption)}">'
-        f"<figcaption>{_h(caption)}</figcaption></figure>"
-    )
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: int = 0) -> str:
-    """A table of escaped cells; the last `numeric` columns are right-aligned."""
-    parts = ["<table>"]
-    if header:
-        parts.append("<tr>" + "".join(f"<th>{_h(c)}</th>" for c in header) + "</tr>")
-    for row in rows:
-        # The first cell names the row; the rest are data cells.
-        cells = [f"<th>{_h(row[0])}</th>"]
-        for i, cell in enumerate(row[1:], start=1):
-            cls = ' class="num"' if i >= len(row) - numeric else ""
-            cells.append(f"<td{cls}>{_h(cell)}</td>")
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</table>")
-    return "\n".join(parts)
-
-
-def _render_html(
-    c: _ReportContent,
-    plots: list[tuple[str, str]],
-    risk_html: Sequence[str] = (),
-    examples_html: Sequence[str] = (),
-) -> str:
-    body: list[str] = []
-    if c.non_clinical:
-        body.append(f'<div class="warning">{_h(NON_CLINICAL_WARNING)}</div>')
-    body.append(f"<h1>{_h(TITLE)}</h1>")
-
-    body.append("<h2>Run</h2>")
-    body.append(_html_table([], c.facts))
-    split_text = _split_sentence(c.split, lambda name: f"<code>{_h(name)}</code>")
-    body.append(f'<p class="note">{split_text}</p>')
-
-    body.append("<h2>Metrics</h2>")
-    metric_rows = [(name, _fmt_metric(c.metrics.get(key))) for key, name in METRIC_ROWS]
-    body.append(_html_table(["Metric", "Value"], metric_rows, numeric=1))
-    support = c.metrics.get("support") or {}
-    body.append(
-        f'<p class="muted">Test cells: {_h(_fmt(c.metrics.get("n")))} '
-        f"({_h(POSITIVE_LABEL)}: {_h(_fmt(support.get(POSITIVE_LABEL)))}, "
-        f"{_h(NEGATIVE_LABEL)}: {_h(_fmt(support.get(NEGATIVE_LABEL)))}). Precision, recall and "
-        f"F1 are for the <code>{_h(POSITIVE_LABEL)}</code> (blast) class.</p>"
-    )
-
-    body.append("<h2>Confusion matrix</h2>")
-    cm_rows = [
-        [label, *(str(v) for v in row)] for label, row in zip(c.labels, c.matrix, strict=False)
-    ]
-    body.append(_html_table(["true \\ predicted", *c.labels], cm_rows, numeric=len(c.labels)))
-    for uri, caption in plots:
-        body.append(_figure_html(uri, caption))
-    if c.no_roc_reason:
-        body.append(f"<p>{_h(c.no_roc_reason)}</p>")
-    body.extend(risk_html)
-    body.extend(examples_html)
-
-    body.append("<h2>Images</h2>")
-    body.append(_html_table(["", "count"], c.accounting_rows, numeric=1))
-    body.append(f"<p>{_h(c.accounting_check)}</p>")
-    body.append("<h3>Quarantined images</h3>")
-    if c.quarantine_rows:
-        body.append(_html_table(["image_id", "reason"], c.quarantine_rows))
-        if c.quarantine_more:
-            body.append(f"<p>... and {c.quarantine_more} more.</p>")
-    else:
-        body.append("<p>None.</p>")
-
-    if c.versions:
-        body.append("<h2>Package versions</h2>")
-        body.append(
-            _html_table(["package", "version"], [(k, _fmt(v)) for k, v in c.versions.items()])
+    notes = []
+    threshold = (operating_point or {}).get("threshold")
+    if threshold is not None:
+        notes.append(f"Cell threshold {_fmt_metric(threshold)} on the calibrated probability.")
+    if patients:
+        notes.append(
+            f"A patient is flagged when the share of their cells flagged reaches the patient "
+            f"threshold chosen on training patients; {_fmt(patients.get('n_cells'))} test cells "
+            f"from {_fmt(patients.get('n_patients'))} patients. Intervals: 95% bootstrap, "
+            "resampling patients."
         )
+    else:
+        notes.append("No patient-level result: the test cells carry no subject ids.")
+    confusion = _confusion(patients) if patients.get("confusion_matrix") else None
+    return OperatingPointView(
+        OPERATING_POINT_TITLE,
+        table(["", "cells", "patients"], rows, numeric=2),
+        confusion,
+        tuple(notes),
+    )
 
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_h(TITLE)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
+
+def _risk_view(risk: Mapping[str, Any], paper: str) -> RiskView:
+    summary = risk["summary"]
+    return RiskView(
+        title=RISK_TITLE,
+        explanation=_risk_explanation(summary, paper),
+        table=table(["", "validation (out of fold)", "test"], _risk_rows(summary), numeric=2),
+        confusion=_confusion((summary.get("test") or {}).get("metrics") or {}),
+        plots=tuple(_risk_plots(risk)),
     )
 
 
@@ -708,12 +691,35 @@ def _render_html(
 EXPERIMENTS_TITLE = "leukoflow experiments"
 
 
-def _experiment_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class EvaluationView:
+    """One evaluation's grid (the paper's random split, or subject-grouped folds)."""
+
+    title: str
+    method: str
+    note: str | None
+    table: Table
+
+
+@dataclass(frozen=True)
+class ExperimentsView:
+    title: str
+    warning: str | None
+    facts: Table
+    evaluations: tuple[EvaluationView, ...]
+    ranking: str
+    gap_explanation: str
+    gap: Table | None
+    gap_plot: Plot | None
+    versions: Table | None
+
+
+def _experiment_facts(summary: Mapping[str, Any]) -> Table:
     augment = "on: hflip, vflip, rotation (training side only)" if summary.get("augment") else "off"
     weights = _fmt(summary.get("weights_id"))
     if summary.get("non_clinical"):
         weights += " (random initialisation, non-clinical)"
-    return [
+    rows = [
         ("Experiment id", _fmt(summary.get("experiment_id"))),
         ("Dataset", _fmt(summary.get("dataset"))),
         ("Images (labelled, with features)", _fmt(summary.get("n_images"))),
@@ -726,86 +732,68 @@ def _experiment_facts(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Code version", _fmt(summary.get("code_version"))),
         ("Created at", _fmt(summary.get("created_at"))),
     ]
+    return table([], rows)
 
 
-def _grid_table_html(header: Sequence[str], rows: Sequence[Sequence[str]], best: int | None) -> str:
-    parts = ["<table>", "<tr>" + "".join(f"<th>{_h(c)}</th>" for c in header) + "</tr>"]
-    for i, row in enumerate(rows):
-        css = ' class="best"' if i == best else ""
-        mark = "\u2605 " if i == best else ""
-        cells = [f"<th>{_h(mark + row[0])}</th>", f"<td>{_h(row[1])}</td>"]
-        cells += [f'<td class="num">{_h(c)}</td>' for c in row[2:]]
-        parts.append(f"<tr{css}>" + "".join(cells) + "</tr>")
-    parts.append("</table>")
-    return "\n".join(parts)
+def _evaluation_view(summary: Mapping[str, Any], evaluation: Mapping[str, Any]) -> EvaluationView:
+    header, rows, best = ex.display_table(ex.results_for(summary["cells"], evaluation["name"]))
+    rows = [[f"\u2605 {row[0]}" if i == best else row[0], *row[1:]] for i, row in enumerate(rows)]
+    note = None
+    if evaluation["name"] == "subject":
+        how = ", resampling subjects" if evaluation["grouping"] == "subject" else ""
+        method = f"Mean ± std over folds, then [bootstrap 95% interval{how}]."
+        if evaluation["grouping"] != "subject":
+            note = ex.NO_SUBJECTS_NOTE.format(why=evaluation["note"])
+    else:
+        method = "Test-set value [bootstrap 95% interval, resampling cells]."
+    return EvaluationView(
+        title=evaluation["label"].capitalize(),
+        method=method,
+        note=note,
+        table=table(header, rows, numeric=len(header) - 2, best=best),
+    )
+
+
+def experiments_view(summary: Mapping[str, Any]) -> ExperimentsView:
+    """What the experiments page shows: a table per evaluation, then random vs. subject split."""
+    gap = ex.comparison(summary.get("cells") or [])
+    header = ["Features", "Classifier", "Accuracy, random", "Accuracy, subject", "Gap"]
+    header += ["F1, random", "F1, subject", "F1 gap"]
+    rows = [
+        [
+            row["feature_set"],
+            row["classifier"],
+            *(
+                _fmt_metric(row[f"{key}_{side}"])
+                for key in ("accuracy", "f1")
+                for side in ("random", "subject", "gap")
+            ),
+        ]
+        for row in gap
+    ]
+    points = [
+        (f"{r['feature_set']} {r['classifier']}", r["accuracy_random"], r["accuracy_subject"])
+        for r in gap
+        if r["accuracy_random"] is not None and r["accuracy_subject"] is not None
+    ]
+    gap_plot = (
+        _plot(plot_split_gap(points), "Accuracy per cell: random split (x) vs. subject folds (y)")
+        if points
+        else None
+    )
+    return ExperimentsView(
+        title=EXPERIMENTS_TITLE,
+        warning=summary.get("note") or None,
+        facts=_experiment_facts(summary),
+        evaluations=tuple(_evaluation_view(summary, e) for e in summary.get("evaluations") or []),
+        ranking=f"\u2605 best cell: highest {ex.RANKING_METRIC}, then F1.",
+        gap_explanation=ex.SPLIT_GAP_EXPLANATION,
+        gap=table(header, rows, numeric=len(header) - 2) if gap else None,
+        gap_plot=gap_plot,
+        versions=_versions(summary),
+    )
 
 
 def render_experiments_html(summary: Mapping[str, Any]) -> str:
     """The experiment grid as a self-contained HTML page: a table per evaluation, best marked."""
-    body: list[str] = []
-    if summary.get("note"):
-        body.append(f'<div class="warning">{_h(summary["note"])}</div>')
-    body += [f"<h1>{_h(EXPERIMENTS_TITLE)}</h1>", _html_table([], _experiment_facts(summary))]
-    for evaluation in summary.get("evaluations") or []:
-        results = ex.results_for(summary["cells"], evaluation["name"])
-        header, rows, best = ex.display_table(results)
-        body.append(f"<h2>{_h(evaluation['label'].capitalize())}</h2>")
-        if evaluation["name"] == "subject":
-            how = ", resampling subjects" if evaluation["grouping"] == "subject" else ""
-            body.append(f"<p>Mean ± std over folds, then [bootstrap 95% interval{how}].</p>")
-            if evaluation["grouping"] != "subject":
-                note = ex.NO_SUBJECTS_NOTE.format(why=evaluation["note"])
-                body.append(f'<p class="note">{_h(note)}</p>')
-        else:
-            body.append("<p>Test-set value [bootstrap 95% interval, resampling cells].</p>")
-        body.append(_grid_table_html(header, rows, best))
-        body.append(
-            f'<p class="muted">\u2605 best cell: highest {_h(ex.RANKING_METRIC)}, then F1.</p>'
-        )
-    gap = ex.comparison(summary.get("cells") or [])
-    if gap:
-        body += [
-            "<h2>Random split vs. subject split</h2>",
-            f"<p>{_h(ex.SPLIT_GAP_EXPLANATION)}</p>",
-        ]
-        header = ["Features", "Classifier", "Accuracy, random", "Accuracy, subject", "Gap"]
-        header += ["F1, random", "F1, subject", "F1 gap"]
-        rows = [
-            [
-                row["feature_set"],
-                row["classifier"],
-                *(
-                    text
-                    for key in ("accuracy", "f1")
-                    for text in (
-                        _fmt_metric(row[f"{key}_random"]),
-                        _fmt_metric(row[f"{key}_subject"]),
-                        _fmt_metric(row[f"{key}_gap"]),
-                    )
-                ),
-            ]
-            for row in gap
-        ]
-        body.append(_grid_table_html(header, rows, None))
-        points = [
-            (f"{r['feature_set']} {r['classifier']}", r["accuracy_random"], r["accuracy_subject"])
-            for r in gap
-            if r["accuracy_random"] is not None and r["accuracy_subject"] is not None
-        ]
-        if points:
-            uri = figure_to_data_uri(plot_split_gap(points))
-            caption = "Accuracy per cell: random split (x) vs. subject folds (y)"
-            body.append(_figure_html(uri, caption))
-    versions = summary.get("package_versions") or {}
-    if versions:
-        body.append("<h2>Package versions</h2>")
-        body.append(
-            _html_table(["package", "version"], [(k, _fmt(v)) for k, v in versions.items()])
-        )
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_h(EXPERIMENTS_TITLE)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
-    )
+    return pages.render("experiments.html", page=experiments_view(summary))

@@ -7,7 +7,7 @@ must start and finish in seconds, and every function can be tested on small arra
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import re
 import uuid
@@ -18,7 +18,8 @@ from datetime import UTC, date, datetime
 import numpy as np
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import backbones as bb
+from leukoflow.tasks.recipe import FeatureRecipe
+from leukoflow.tasks.records import Accounting, run_row
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
@@ -47,61 +48,14 @@ def night_of(text: str | None, started: datetime) -> str:
         raise LeukoflowError(f"--date {text} is not a calendar date") from error
 
 
-# -- the model's feature recipe --------------------------------------------------------------
-@dataclass(frozen=True)
-class FeatureRecipe:
-    """How a model's input vector is made: backbones in order, their weights, the image size."""
-
-    backbones: tuple[str, ...]
-    dims: tuple[int, ...]
-    weights: str  # "imagenet" | "none"
-    weights_ids: dict[str, str]
-    image_size: int
-
-    @property
-    def feature_dim(self) -> int:
-        return sum(self.dims)
-
-    @property
-    def weights_id(self) -> str:
-        return ",".join(self.weights_ids[name] for name in self.backbones)
-
-
-def model_recipe(record: dict) -> FeatureRecipe:
-    """The recipe of a model record, refused when this code cannot reproduce its features."""
-    model_id = record.get("model_id", "?")
-    raw = record.get("feature_recipe") or {}
-    try:
-        recipe = FeatureRecipe(
-            backbones=tuple(raw["backbones"]),
-            dims=tuple(int(d) for d in raw["dims"]),
-            weights=str(raw["weights"]),
-            weights_ids={str(k): str(v) for k, v in raw["weights_ids"].items()},
-            image_size=int(raw["image_size"]),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise LeukoflowError(f"model {model_id} has no usable feature recipe ({error})") from error
-    names = bb.parse_backbones(list(recipe.backbones))
-    expected_dims = tuple(bb.BACKBONES[name].feature_dim for name in names)
-    if recipe.dims != expected_dims:
-        raise LeukoflowError(
-            f"model {model_id} expects {'+'.join(names)} vectors of sizes {list(recipe.dims)}, "
-            f"but these backbones give {list(expected_dims)}: refusing to mis-score"
-        )
-    if set(recipe.weights_ids) != set(names):
-        raise LeukoflowError(f"model {model_id}'s recipe lacks weights ids for some backbones")
-    if recipe.weights not in ("imagenet", "none"):
-        raise LeukoflowError(f"model {model_id} has unknown weights kind {recipe.weights!r}")
-    bb.check_image_size(names, recipe.image_size)
-    return recipe
-
-
+# -- the model's feature recipe (tasks/recipe rebuilds it; these are the sweep's checks) ----
 def check_expected_recipe(recipe: FeatureRecipe, model_id: str, expected: dict) -> None:
     """Refuse a model whose recipe differs from the one a sweep was configured for."""
     actual = {
         "backbones": recipe.backbones,
         "image_size": recipe.image_size,
         "weights": recipe.weights,
+        "precision": recipe.precision,
     }
     for key, value in expected.items():
         value = tuple(value) if isinstance(value, list) else value
@@ -114,26 +68,6 @@ def check_expected_recipe(recipe: FeatureRecipe, model_id: str, expected: dict) 
 
 def _show(value: object) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
-
-
-def weights_choice(
-    record: dict, recipe: FeatureRecipe, weights_dir: str | None
-) -> bb.WeightsChoice:
-    """The weights that reproduce the model's features here (random init: the model's seed)."""
-    if recipe.weights == "none":
-        return bb.WeightsChoice("none", seed=int(record.get("seed", 0)))
-    return bb.WeightsChoice("imagenet", folder=weights_dir)
-
-
-def check_local_weights(recipe: FeatureRecipe, model_id: str, local_ids: dict[str, str]) -> None:
-    """Refuse to extract features with weights other than those the model was trained on."""
-    for name, local in local_ids.items():
-        if local != recipe.weights_ids[name]:
-            raise LeukoflowError(
-                f"model {model_id} was trained on {name} features from weights "
-                f"{recipe.weights_ids[name]}, but the weights here are {local}: refusing to "
-                "mis-score (copy the model's weights files or retrain)"
-            )
 
 
 def check_model_width(n_features: int, recipe: FeatureRecipe, model_id: str) -> None:
@@ -218,25 +152,36 @@ class SubjectRule:
 
     min_flagged_cells: int = 5  # 0 turns this condition off
     min_flagged_fraction: float = 0.5  # 1 turns this condition off (no fraction is above 1)
+    # The model's patient rule flags a fraction at or above its threshold (tasks/patient).
+    inclusive: bool = False
 
     def __post_init__(self) -> None:
         if self.min_flagged_cells < 0:
             raise LeukoflowError("--min-flagged-cells must be 0 (off) or more")
         if not 0 <= self.min_flagged_fraction <= 1:
             raise LeukoflowError("--min-flagged-fraction must be in [0, 1] (1: off)")
-        if self.min_flagged_cells == 0 and self.min_flagged_fraction >= 1:
+        if self.min_flagged_cells == 0 and self.min_flagged_fraction >= 1 and not self.inclusive:
             raise LeukoflowError("the subject rule needs at least one condition")
 
     def flags(self, cells_flagged: int, cells_scored: int) -> bool:
         by_count = 0 < self.min_flagged_cells <= cells_flagged
-        by_fraction = cells_scored > 0 and cells_flagged / cells_scored > self.min_flagged_fraction
-        return by_count or by_fraction
+        fraction = cells_flagged / cells_scored if cells_scored else None
+        if fraction is None:
+            return by_count
+        if self.inclusive:
+            return by_count or fraction >= self.min_flagged_fraction
+        return by_count or fraction > self.min_flagged_fraction
 
     def describe(self) -> str:
         parts = []
         if self.min_flagged_cells:
             parts.append(f"at least {self.min_flagged_cells} flagged cells")
-        if self.min_flagged_fraction < 1:
+        if self.inclusive:
+            parts.append(
+                f"at least {self.min_flagged_fraction:.1%} of its cells flagged (the model's "
+                "patient rule, chosen on its training patients)"
+            )
+        elif self.min_flagged_fraction < 1:
             parts.append(f"more than {self.min_flagged_fraction:.0%} of its cells flagged")
         return " or ".join(parts)
 
@@ -244,8 +189,52 @@ class SubjectRule:
         return {
             "min_flagged_cells": self.min_flagged_cells,
             "min_flagged_fraction": self.min_flagged_fraction,
+            "inclusive": self.inclusive,
             "text": self.describe(),
         }
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep works: chunk size, the subject rule, drift thresholds, the lease.
+
+    `min_flagged_cells` / `min_flagged_fraction` None: the model's own patient rule (a fraction
+    of flagged cells chosen on its training patients, tasks/patient) where it has one, else 5
+    cells / 50%. Frozen and JSON-valued, so Prefect validates it as a flow parameter.
+    """
+
+    chunk_size: int = 256
+    min_flagged_cells: int | None = None
+    min_flagged_fraction: float | None = None
+    feature_drift_threshold: float = 1.0  # DriftThresholds' defaults
+    score_drift_threshold: float = 0.5
+    drift_min_cells: int = 20
+    wait_s: float = 0.0
+    lease_ttl_s: float | None = None  # None: the store's default (tasks/lease.default_ttl_s)
+
+    def __post_init__(self) -> None:
+        chunks([], self.chunk_size)  # validates the size
+        self.drift()
+        if self.wait_s < 0:
+            raise LeukoflowError(f"--wait wants 0 or more seconds, got {self.wait_s}")
+        if self.lease_ttl_s is not None and self.lease_ttl_s <= 0:
+            raise LeukoflowError(f"--lease-ttl wants a positive number, got {self.lease_ttl_s}")
+
+    def drift(self) -> DriftThresholds:
+        return DriftThresholds(
+            self.feature_drift_threshold, self.score_drift_threshold, self.drift_min_cells
+        )
+
+    def subject_rule(self, record: dict) -> SubjectRule:
+        """The user's rule where given, else the model's patient rule, else the defaults."""
+        patient_rule = record.get("patient_rule") or {}
+        if self.min_flagged_cells is None and self.min_flagged_fraction is None:
+            if patient_rule.get("threshold") is not None:
+                return SubjectRule(0, float(patient_rule["threshold"]), inclusive=True)
+        return SubjectRule(
+            5 if self.min_flagged_cells is None else self.min_flagged_cells,
+            0.5 if self.min_flagged_fraction is None else self.min_flagged_fraction,
+        )
 
 
 def summarize_subjects(
@@ -407,7 +396,14 @@ def drift_signal(
 # -- the sweep's record ----------------------------------------------------------------------
 @dataclass
 class Sweep:
-    """What one sweep did, filled in as it goes: the run row, the summary, the artifacts."""
+    """What one sweep did, filled in as it goes: the run row, the summary, the artifacts.
+
+    Counts are measured (records.account): `scored` are images with a prediction of this run in
+    the predictions table, `skipped` those scored by earlier runs, `missing` ok images with
+    neither a prediction nor a quarantine record, so found = scored + skipped + quarantined +
+    duplicate + missing holds only when nothing was lost. `subjects` are keyed by pseudonym:
+    their `subject_id` holds tasks/pseudonym's key, never the raw id.
+    """
 
     run_id: str
     started: datetime
@@ -419,25 +415,46 @@ class Sweep:
     record: dict
     rule: SubjectRule
     weights_id: str
-    found: int = 0
-    new: int = 0
-    scored: int = 0
-    quarantined: int = 0
+    accounting: Accounting | None = None
+    new: int = 0  # images this sweep found unscored by the model
     quarantined_new: int = 0
-    duplicate: int = 0
-    skipped: int = 0
     computed: int = 0  # images whose vectors this sweep extracted
+    ignored: int = 0  # files under the inbox that are not images
     extraction: dict = field(default_factory=dict)
     drift: dict | None = None
     subjects: list[dict] = field(default_factory=list)
     lease_note: str | None = None
-    catalog_written: bool = False
+    message: str | None = None
+
+    @property
+    def scored(self) -> int:
+        return self.accounting.done - self.accounting.already_done if self.accounting else 0
 
     def seconds(self, finished: datetime) -> float:
         return max((finished - self.started).total_seconds(), 1e-6)
 
     def images_per_second(self, finished: datetime) -> float | None:
         return round(self.scored / self.seconds(finished), 3) if self.scored else None
+
+    def counts(self) -> dict:
+        acc = self.accounting or Accounting(0, 0, 0, 0)
+        return {
+            "found": acc.found,
+            # `new` as the row's images_new: images this sweep scored (measured).
+            "new": self.scored,
+            "scored": self.scored,
+            "skipped": acc.already_done,
+            "quarantined": acc.quarantined,
+            "quarantined_new": self.quarantined_new,
+            "duplicate": acc.duplicate,
+            "missing": acc.missing,
+            "accounted": acc.accounted,
+            "missing_uris": acc.missing_uris[:100],
+            "double_counted_uris": acc.double_counted_uris[:100],
+            "unscored_at_start": self.new,
+            "computed": self.computed,
+            "ignored": self.ignored,
+        }
 
     def summary(self, outcome: str, finished: datetime) -> dict:
         """The JSON-ready summary the CLI prints and the artifacts show."""
@@ -447,6 +464,7 @@ class Sweep:
             "run_id": self.run_id,
             "kind": "score",
             "outcome": outcome,
+            "message": self.message,
             "store": self.store,
             "inbox": self.inbox,
             "dataset": self.dataset,
@@ -457,16 +475,7 @@ class Sweep:
             "score_kind": record.get("score_kind"),
             "threshold": record.get("threshold"),
             "threshold_rule": THRESHOLD_RULE,
-            "counts": {
-                "found": self.found,
-                "new": self.new,
-                "scored": self.scored,
-                "quarantined": self.quarantined,
-                "quarantined_new": self.quarantined_new,
-                "duplicate": self.duplicate,
-                "skipped": self.skipped,
-                "computed": self.computed,
-            },
+            "counts": self.counts(),
             "seconds": round(self.seconds(finished), 2),
             "images_per_second": self.images_per_second(finished),
             "extraction": self.extraction,
@@ -483,27 +492,15 @@ class Sweep:
         """The RUN_SCHEMA row; details carries the night, drift and subject summary as JSON."""
         done = finished or self.started
         summary = self.summary(outcome, done)
-        details = {key: summary[key] for key in DETAIL_KEYS}
-        return {
-            "run_id": self.run_id,
-            "kind": "score",
-            "dataset": self.dataset,
-            "started_at": self.started,
-            "finished_at": finished,
-            "outcome": outcome,
-            "images_found": self.found,
-            "images_new": self.new,
-            # As for `run`: ok images holding vectors, so found = featurised + quarantined + dup.
-            "images_featurised": self.found - self.quarantined - self.duplicate,
-            "images_quarantined": self.quarantined,
-            "images_duplicate": self.duplicate,
-            "images_scored": self.scored,
-            "images_skipped": self.skipped,
-            "images_per_second": self.images_per_second(done),
-            "model_id": self.model_id,
-            "weights_id": self.weights_id,
-            "details": json.dumps(details, default=str),
-        }
+        counts = summary["counts"]
+        return run_row(
+            self.run_id, "score", self.dataset, self.started, finished, outcome,
+            found=counts["found"], new=counts["new"], featurised=counts["scored"],
+            quarantined=counts["quarantined"], duplicate=counts["duplicate"],
+            scored=counts["scored"], skipped=counts["skipped"], missing=counts["missing"],
+            images_per_second=self.images_per_second(done), model_id=self.model_id,
+            weights_id=self.weights_id, details={key: summary[key] for key in DETAIL_KEYS},
+        )  # fmt: skip
 
 
 NON_CLINICAL_NOTE = (
@@ -512,7 +509,7 @@ NON_CLINICAL_NOTE = (
 )
 DETAIL_KEYS = (
     "date", "inbox", "score_kind", "threshold", "non_clinical", "counts", "seconds", "extraction",
-    "drift", "subject_rule", "night", "subjects", "lease",
+    "drift", "subject_rule", "night", "subjects", "lease", "message",
 )  # fmt: skip
 
 
@@ -579,3 +576,31 @@ def _drift_text(drift: dict) -> str:
 def _num(value: float | None) -> str:
     missing = value is None or (isinstance(value, float) and math.isnan(value))
     return "n/a" if missing else str(value)
+
+
+# -- precision at scoring --------------------------------------------------------------------
+# Backbones whose bf16 vectors were shown to give the fp32 model's decisions (docs/benchmarks.md,
+# "Precision parity"): only these may be scored at a precision other than the model's.
+PARITY_SHOWN = frozenset({"vgg16", "densenet121", "inception_resnet_v2", "color_morphology"})
+
+
+def scoring_recipe(
+    recipe: FeatureRecipe, precision: str | None
+) -> tuple[FeatureRecipe, str | None]:
+    """The recipe a sweep extracts with: the model's own, or the same at another precision where
+    parity was shown (with a note saying so); refused elsewhere."""
+    if precision in (None, recipe.precision):
+        return recipe, None
+    swapped = dataclasses.replace(recipe, precision=precision)
+    if swapped.precision == recipe.precision:  # "auto" resolved to the model's own
+        return recipe, None
+    unproven = [name for name in recipe.backbones if name not in PARITY_SHOWN]
+    if unproven:
+        raise LeukoflowError(
+            f"the model was trained on {recipe.precision} vectors and {swapped.precision} parity "
+            f"was never shown for {', '.join(unproven)}: score at --precision {recipe.precision}"
+        )
+    return swapped, (
+        f"scoring a {recipe.precision} model with {swapped.precision} vectors: parity shown on "
+        "real cells (docs/benchmarks.md, Precision parity)"
+    )

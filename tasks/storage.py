@@ -5,6 +5,14 @@ temporary name in the same folder and renamed into place (rename is atomic on PO
 single PUT is atomic by itself. Readers (pyarrow datasets) skip names starting with '.' or '_', so
 they never see a half-written file.
 
+Conditional writes (`create_if_absent`, `replace_if_unchanged`, with `read_versioned`): for the
+few small objects that several processes may change at once (the current-model pointer, the
+subject salt). Create-if-absent is S3's PUT with If-None-Match: * and, locally, a hard link of a
+fully written temporary file (link fails if the name exists, and readers never see a partial
+file). Replace-if-unchanged is S3's PUT with If-Match on the ETag read and, locally, a compare of
+the bytes read and an atomic rename while an fcntl lock on a hidden guard file beside the object
+is held (the kernel drops it if the process dies). The same patterns as tasks/lease.py.
+
 S3 retry budget (see docs/reliability.md): botocore's "standard" retry mode retries refused or
 reset connections, timeouts, 5xx answers and throttling, waiting a random 0..2**k seconds (full
 jitter, capped at 20 s) before attempt k+1. LEUKOFLOW_S3_MAX_ATTEMPTS (default 8) bounds every
@@ -16,11 +24,15 @@ whose answer broke off mid-body or timed out (S3FS_TRIES), so a timing-out endpo
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
@@ -135,9 +147,9 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
     """Write `data` to `loc` so that readers see either nothing or the whole object."""
     parent = posixpath.dirname(loc.path)
     if loc.is_local:
-        loc.fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
         try:
+            os.makedirs(parent, exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -178,3 +190,137 @@ def write_parquet_atomic(loc: Location, table: pa.Table) -> None:
 
 def exists(loc: Location) -> bool:
     return loc.fs.exists(loc.path)
+
+
+# -- conditional writes (compare-and-swap on one small object) -------------------------------
+def read_versioned(loc: Location) -> tuple[bytes, object] | None:
+    """The object's bytes and a version token for `replace_if_unchanged` (None: no object)."""
+    if loc.is_local:
+        if not os.path.isdir(posixpath.dirname(loc.path)):
+            return None  # a read makes no folders (and takes no lock) where nothing is
+        with _guarded(loc):
+            data = _read_local(loc.path)
+        return None if data is None else (data, data)  # locally, the bytes are the version
+    _require_s3(loc)
+    loc.fs.invalidate_cache(loc.path)
+    try:
+        # ETag first: if the object changes before the GET, a swap conditional on this ETag
+        # fails, so newer bytes are never paired with an older version.
+        etag = loc.fs.info(loc.path)["ETag"]
+        data = loc.fs.cat_file(loc.path)
+    except FileNotFoundError:
+        return None
+    except (OSError, *_remote_errors()) as error:
+        raise StoreUnavailable(f"cannot read {loc.uri}: {_first_line(error)}") from error
+    return data, etag
+
+
+def create_if_absent(loc: Location, data: bytes) -> bool:
+    """Write `data` only if nothing exists at `loc`; True when this call created it."""
+    if loc.is_local:
+        parent = posixpath.dirname(loc.path)
+        tmp = _write_tmp(parent, posixpath.basename(loc.path), data)
+        try:
+            os.link(tmp, loc.path)  # atomic, and refused with EEXIST when the name is taken
+        except FileExistsError:
+            return False
+        except OSError as error:
+            raise LeukoflowError(f"cannot write {loc.uri}: {error.strerror or error}") from error
+        finally:
+            os.remove(tmp)
+        return True
+    _require_s3(loc)
+    try:
+        loc.fs.pipe_file(loc.path, data, mode="create")  # If-None-Match: *
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if _precondition_failed(error):
+            return False
+        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
+    except _remote_errors() as error:
+        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
+    return True
+
+
+def replace_if_unchanged(loc: Location, data: bytes, version: object) -> bool:
+    """Replace the object with `data` only if it is still at `version` (from read_versioned);
+    True when this call replaced it, False when someone changed or removed it first."""
+    if loc.is_local:
+        parent = posixpath.dirname(loc.path)
+        with _guarded(loc):
+            if _read_local(loc.path) != version:
+                return False
+            tmp = _write_tmp(parent, posixpath.basename(loc.path), data)
+            try:
+                os.replace(tmp, loc.path)
+            except OSError as error:
+                os.remove(tmp)
+                raise LeukoflowError(
+                    f"cannot write {loc.uri}: {error.strerror or error}"
+                ) from error
+        return True
+    _require_s3(loc)
+    try:
+        loc.fs.pipe_file(loc.path, data, IfMatch=version)
+    except OSError as error:
+        if _precondition_failed(error):
+            return False
+        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
+    except _remote_errors() as error:
+        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
+    return True
+
+
+def _precondition_failed(error: OSError) -> bool:
+    # s3fs maps HTTP 412 (a failed If-Match / If-None-Match) to EINVAL, and a vanished object
+    # to FileNotFoundError.
+    return isinstance(error, FileNotFoundError) or error.errno == errno.EINVAL
+
+
+def _require_s3(loc: Location) -> None:
+    if "s3" not in _protocols(loc.fs):
+        raise LeukoflowError(
+            f"conditional writes need a local folder or an s3:// store, not {loc.uri}"
+        )
+
+
+@contextmanager
+def _guarded(loc: Location) -> Iterator[None]:
+    # A hidden guard file beside the object; held for milliseconds per operation.
+    parent, name = posixpath.split(loc.path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise LeukoflowError(f"cannot write {loc.uri}: {error.strerror or error}") from error
+    fd = os.open(posixpath.join(parent, f".{name}.guard"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_local(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write_tmp(parent: str, name: str, data: bytes) -> str:
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise LeukoflowError(
+            f"cannot write {posixpath.join(parent, name)}: {error.strerror or error}"
+        ) from error
+    return tmp

@@ -5,18 +5,22 @@ Layout under the store root:
     features/backbone=<name>/part-<id>.parquet   GAP vectors, keyed by image, weights, size
     features/backbone=<name>/compact-<id>.parquet    the same, many batches merged (see below)
     models/<model_id>/...                        see tasks/registry (model files)
-    predictions/date=YYYY-MM-DD/part-<id>.parquet
+    predictions/date=YYYY-MM-DD/part-<id>.parquet    one chunk of a sweep, with its lease token
     runs/run-<run_id>.parquet                    one row per run
 Every writer goes through tasks.storage's atomic writes; readers skip hidden temporary files.
+Readers return one row per key whatever the files hold: one vector per (image, weights, size)
+and one prediction per (image, model), so counts are counts of distinct images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -26,6 +30,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from leukoflow.tasks.storage import Location, write_parquet_atomic
+
+log = logging.getLogger("leukoflow.tables")
 
 # -- catalog ---------------------------------------------------------------------------------
 STATUS_OK = "ok"
@@ -119,39 +125,58 @@ def write_features(
 # atomically and names, in its Parquet metadata, the files it replaces: from the moment it
 # exists the readers below skip those files, so no row is ever seen twice, and the replaced files
 # are deleted right after. A reader that listed the folder just before that delete re-lists.
+# Two compactions of one folder may run at once (two runs extracting the same backbone): one
+# that finds a file gone mid-merge looks again, and two merged files that replace some of the
+# same files are merged once more by whichever wrote last (it sees the other's file), so each
+# key ends up in exactly one live file.
 COMPACT_PREFIX = "compact-"
 COMPACT_MIN_FILES = 8
 COMPACT_TARGET_BYTES = 64 * 1024 * 1024
 _REPLACES_KEY = b"leukoflow.replaces"
 _READ_ATTEMPTS = 3
+_COMPACT_ATTEMPTS = 8
 _T = TypeVar("_T")
 
 
-def _feature_files(root: Location) -> tuple[list[dict], list[dict]]:
-    """The folder's Parquet files (fsspec ls entries): live ones, and replaced ones still there."""
+@dataclass(frozen=True)
+class _Listing:
+    """A backbone folder's Parquet files (fsspec ls entries) as one listing saw them."""
+
+    live: list[dict]  # what readers read
+    stale: list[dict]  # replaced by a merged file but not deleted yet
+    replaces: dict[str, frozenset[str]]  # merged file name -> the names it replaces
+
+    def names(self) -> set[str]:
+        return {posixpath.basename(e["name"]) for e in (*self.live, *self.stale)}
+
+
+def _feature_files(root: Location) -> _Listing:
+    """List the folder; FileNotFoundError if a merged file vanished while it was read."""
     entries = [
         entry
-        for entry in root.fs.ls(root.path, detail=True)
+        for entry in root.fs.ls(root.path, detail=True, refresh=True)
         if entry["type"] == "file"
         and entry["name"].endswith(".parquet")
         and not posixpath.basename(entry["name"]).startswith((".", "_"))
     ]
-    replaced: set[str] = set()
+    replaces: dict[str, frozenset[str]] = {}
     for entry in entries:
-        if posixpath.basename(entry["name"]).startswith(COMPACT_PREFIX):
+        name = posixpath.basename(entry["name"])
+        if name.startswith(COMPACT_PREFIX):
             with root.fs.open(entry["name"], "rb") as handle:
                 metadata = pq.read_metadata(handle).metadata or {}
-            replaced.update(json.loads(metadata.get(_REPLACES_KEY, b"[]")))
+            replaces[name] = frozenset(json.loads(metadata.get(_REPLACES_KEY, b"[]")))
+    replaced = set().union(*replaces.values())
     live = [e for e in entries if posixpath.basename(e["name"]) not in replaced]
     stale = [e for e in entries if posixpath.basename(e["name"]) in replaced]
-    return live, stale
+    return _Listing(live, stale, replaces)
 
 
 def _feature_dataset(store: Location, backbone: str) -> ds.Dataset | None:
     root = features_root(store, backbone)
     if not root.fs.exists(root.path):
         return None
-    live, _ = _feature_files(root)
+    live = _feature_files(root).live
     if not live:
         return None
     return ds.dataset([e["name"] for e in live], filesystem=root.fs, format="parquet")
@@ -177,21 +202,60 @@ def compact_features(
     target_bytes: int = COMPACT_TARGET_BYTES,
 ) -> int:
     """Merge the backbone's small files (once there are `min_files`) into files of about
-    `target_bytes`, one copy per (image, weights, size) kept; returns how many were merged."""
+    `target_bytes`, one copy per (image, weights, size) kept; returns how many were merged.
+    Safe while another process compacts the same folder (see the note above)."""
     root = features_root(store, backbone)
     if not root.fs.exists(root.path):
         return 0
-    live, stale = _feature_files(root)
-    _remove_files(root, [e["name"] for e in stale])  # left by an interrupted compaction
-    small = sorted((e for e in live if e["size"] < target_bytes // 2), key=lambda e: e["name"])
-    if len(small) < min_files:
-        return 0
     merged = 0
-    for group in _groups_by_size(small, target_bytes):
-        if len(group) > 1:
-            _merge_files(root, [e["name"] for e in group])
+    for _ in range(_COMPACT_ATTEMPTS):
+        try:
+            listing = _feature_files(root)
+            # Left by an interrupted compaction, or one still deleting what it merged.
+            _remove_files(root, [e["name"] for e in listing.stale])
+            small = sorted(
+                (e for e in listing.live if e["size"] < target_bytes // 2), key=lambda e: e["name"]
+            )
+            if len(small) >= min_files:
+                for group in _groups_by_size(small, target_bytes):
+                    if len(group) > 1:
+                        _merge_files(root, listing, [e["name"] for e in group])
+                        merged += len(group)
+            return merged + _merge_overlaps(root)
+        except FileNotFoundError:
+            continue  # another compaction merged and deleted a file we were reading: look again
+    # Other compactions kept changing the folder: they do the work, and readers are unaffected.
+    log.warning("compaction of %s left for another compaction to finish", root.uri)
+    return merged
+
+
+def _merge_overlaps(root: Location) -> int:
+    """Merge live merged files that replace some of the same files (two compactions that
+    merged overlapping groups at once); returns how many files were merged."""
+    merged = 0
+    for _ in range(_COMPACT_ATTEMPTS):
+        listing = _feature_files(root)
+        live = {posixpath.basename(e["name"]): e["name"] for e in listing.live}
+        groups = _overlapping({n: listing.replaces[n] for n in live if n in listing.replaces})
+        if not groups:
+            return merged
+        for group in groups:
+            _merge_files(root, listing, [live[name] for name in group])
             merged += len(group)
     return merged
+
+
+def _overlapping(replaces: dict[str, frozenset[str]]) -> list[list[str]]:
+    """Groups (of two or more) of merged files linked by a replaced file they share."""
+    groups: list[tuple[set[str], set[str]]] = []  # (merged files, the names they replace)
+    for name in sorted(replaces):
+        files, names = {name}, set(replaces[name])
+        for group in [g for g in groups if g[1] & names]:
+            groups.remove(group)
+            files |= group[0]
+            names |= group[1]
+        groups.append((files, names))
+    return [sorted(files) for files, _ in groups if len(files) > 1]
 
 
 def _groups_by_size(entries: list[dict], target_bytes: int) -> list[list[dict]]:
@@ -206,18 +270,28 @@ def _groups_by_size(entries: list[dict], target_bytes: int) -> list[list[dict]]:
     return groups
 
 
-def _merge_files(root: Location, paths: list[str]) -> None:
+def _read_parquet(root: Location, path: str) -> pa.Table:
+    with root.fs.open(path, "rb") as handle:
+        return pq.read_table(handle).replace_schema_metadata(None)
+
+
+def _merge_files(root: Location, listing: _Listing, paths: list[str]) -> None:
+    """Write `paths` as one merged file, then delete them; FileNotFoundError if one vanished."""
     names = sorted(posixpath.basename(p) for p in paths)
-    tables = []
-    for path in paths:
-        with root.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle).replace_schema_metadata(None))
-    table = _first_copy_per_key(pa.concat_tables(tables))
-    # Named after what it replaces: two compactions of the same files write the same object.
+    table = _first_copy_per_key(pa.concat_tables([_read_parquet(root, p) for p in paths]))
+    # What merged files among them replaced and is still there is replaced by the new file too:
+    # deleting them must not bring those files back to life.
+    present = listing.names()
+    inherited = set().union(*(listing.replaces.get(n, frozenset()) for n in names)) & present
+    replaces = sorted(set(names) | inherited)
+    # Named after what it merges: two compactions of the same files write the same object.
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:32]
     target = root.child(f"{COMPACT_PREFIX}{digest}.parquet")
-    write_parquet_atomic(target, table.replace_schema_metadata({_REPLACES_KEY: json.dumps(names)}))
-    _remove_files(root, paths)
+    write_parquet_atomic(
+        target, table.replace_schema_metadata({_REPLACES_KEY: json.dumps(replaces)})
+    )
+    folder = posixpath.dirname(target.path)
+    _remove_files(root, [*paths, *(posixpath.join(folder, n) for n in sorted(inherited))])
 
 
 def _first_copy_per_key(table: pa.Table) -> pa.Table:
@@ -305,15 +379,26 @@ PREDICTION_SCHEMA = pa.schema(
         ("threshold", pa.float64()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
+        # The sweep lease's token when the chunk was written (tasks/lease.py): which holding
+        # wrote it. Null in files written before the column existed.
+        ("lease_token", pa.string()),
     ]
 )
+# One prediction per image and model: a chunk written twice (a retry, a stalled sweep whose
+# lease was taken over) is read once.
+PREDICTION_KEY = ("image_id", "model_id")
 
 
 def predictions_root(store: Location) -> Location:
     return store.child("predictions")
 
 
-def write_predictions(store: Location, date: str, run_id: str, rows: list[dict]) -> Location:
+def write_predictions(
+    store: Location, date: str, run_id: str, rows: list[dict], lease_token: str | None = None
+) -> Location:
+    """Write one chunk of predictions as its own file of the night's partition (atomic)."""
+    if lease_token is not None:
+        rows = [{**row, "lease_token": lease_token} for row in rows]
     loc = predictions_root(store).child(f"date={date}", f"part-{run_id}-{uuid.uuid4().hex}.parquet")
     write_parquet_atomic(loc, pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA))
     return loc
@@ -325,17 +410,57 @@ def read_predictions(
     model_id: str | None = None,
     columns: list[str] | None = None,
 ) -> pa.Table:
-    """All predictions, or one night's (date=YYYY-MM-DD), optionally of one model only."""
-    root = predictions_root(store)
+    """All predictions, or one night's (date=YYYY-MM-DD), optionally of one model only: one row
+    per (image_id, model_id), the first copy written if there are several (earliest scored_at,
+    then file and row order). A copy belongs to the night of the kept one, so an image is
+    counted once across nights too."""
+    wanted = list(PREDICTION_SCHEMA.names if columns is None else columns)
+    copies = _prediction_copies(store, model_id, wanted)
+    first = _first_copies(copies)
     if date is not None:
-        root = root.child(f"date={date}")
+        first = first.filter(pc.equal(first.column("_night"), date))
+    return first.select(wanted)
+
+
+def _prediction_copies(store: Location, model_id: str | None, wanted: list[str]) -> pa.Table:
+    """Every stored prediction row of the model (copies included) with the columns wanted, the
+    key and the order columns, plus its night (`_night`) and file (`_file`)."""
+    root = predictions_root(store)
+    extra = [c for c in (*PREDICTION_KEY, "scored_at") if c not in wanted]
+    schema = (
+        pa.schema([*(PREDICTION_SCHEMA.field(c) for c in [*wanted, *extra])])
+        .append(pa.field("_night", pa.string()))
+        .append(pa.field("_file", pa.string()))
+    )
     if not root.fs.exists(root.path):
-        empty = PREDICTION_SCHEMA.empty_table()
-        return empty if columns is None else empty.select(columns)
+        return schema.empty_table()
+    dataset = ds.dataset(root.path, filesystem=root.fs, format="parquet", schema=PREDICTION_SCHEMA)
     keep = None if model_id is None else pc.field("model_id") == model_id
-    return ds.dataset(
-        root.path, filesystem=root.fs, format="parquet", schema=PREDICTION_SCHEMA
-    ).to_table(columns=columns, filter=keep)
+    table = dataset.to_table(columns=[*wanted, *extra, "__filename"], filter=keep)
+    files = table.column("__filename")
+    nights = pc.extract_regex(files, r"(?:^|/)date=(?P<night>[^/]+)/")
+    table = table.drop_columns(["__filename"])
+    table = table.append_column("_night", pc.struct_field(nights, [0]))
+    return table.append_column("_file", files).cast(schema)
+
+
+def _first_copies(table: pa.Table) -> pa.Table:
+    """One row per PREDICTION_KEY: the earliest scored_at, then the first by file and row."""
+    if table.num_rows == 0:
+        return table
+    ranked = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    order = pc.sort_indices(
+        ranked,
+        sort_keys=[("scored_at", "ascending"), ("_file", "ascending"), ("_row", "ascending")],
+    ).to_numpy()  # nulls last
+    rank = np.empty(table.num_rows, dtype=np.int64)
+    rank[order] = np.arange(table.num_rows, dtype=np.int64)
+    keys = ranked.select(list(PREDICTION_KEY)).append_column("_rank", pa.array(rank))
+    firsts = keys.group_by(list(PREDICTION_KEY)).aggregate([("_rank", "min")])
+    if firsts.num_rows == table.num_rows:
+        return table
+    kept = np.sort(order[firsts.column("_rank_min").to_numpy()])  # back in file order
+    return table.take(pa.array(kept))
 
 
 def scored_image_ids(store: Location, model_id: str) -> set[str]:
@@ -360,7 +485,7 @@ RUN_SCHEMA = pa.schema(
         ("dataset", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("outcome", pa.string()),  # completed | failed
+        ("outcome", pa.string()),  # running | completed | failed | busy | timed_out
         ("images_found", pa.int64()),
         ("images_new", pa.int64()),
         ("images_featurised", pa.int64()),
@@ -368,6 +493,9 @@ RUN_SCHEMA = pa.schema(
         ("images_duplicate", pa.int64()),
         ("images_scored", pa.int64()),
         ("images_skipped", pa.int64()),
+        # Found and ok, yet neither featurised/scored nor quarantined: a loss to investigate.
+        # Null in rows written before this column existed.
+        ("images_missing", pa.int64()),
         ("images_per_second", pa.float64()),
         ("model_id", pa.string()),
         ("weights_id", pa.string()),

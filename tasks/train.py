@@ -56,6 +56,18 @@ def check_split(name: str) -> str:
     return name
 
 
+def choose_split(name: str | None, y: np.ndarray, subjects: list[str | None]) -> str:
+    """The split to use: the user's, else `subject` when every image carries a subject id and
+    each class has 2+ subjects (the honest default), else the paper's `random`."""
+    if name is not None:
+        return check_split(name)
+    if any(s is None or s == "" for s in subjects) or len(y) == 0:
+        return "random"
+    groups = np.asarray(subjects)
+    per_class = [len(set(groups[y == c])) for c in (0, 1)]
+    return "subject" if min(per_class) >= 2 else "random"
+
+
 @dataclass
 class Split:
     train: np.ndarray  # row indices

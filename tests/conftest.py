@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # Set before Prefect, Ray or TensorFlow are imported anywhere in the session.
@@ -62,11 +63,12 @@ REAL_CELLS = (
 
 @pytest.fixture(scope="session")
 def real_cells(tmp_path_factory):
-    """12 real cells of 12 subjects in class folders (symlinks to the shared copy)."""
+    """12 real cells of 12 subjects in class folders (copies: a link to the shared folder points
+    outside the images root, and the catalog refuses to follow it)."""
     folder = tmp_path_factory.mktemp("real-cells")
     for relative in REAL_CELLS:
         (folder / relative).parent.mkdir(exist_ok=True)
-        (folder / relative).symlink_to(Path(CNMC_FOLDER) / relative)
+        shutil.copyfile(Path(CNMC_FOLDER) / relative, folder / relative)
     return folder
 
 
@@ -75,14 +77,13 @@ def real_cells_store(tmp_path_factory, real_cells, ray_local, prefect_harness):
     """A store whose current model is vgg16 (32 px, random init) + color_morphology, trained by
     the real `run` flow on the real cells; returns (store path, run summary)."""
     from leukoflow.flows.run import run_pipeline
+    from leukoflow.tasks.recipe import FeatureRecipe
 
     store = tmp_path_factory.mktemp("real-store")
     summary = run_pipeline(
         images=str(real_cells),
         store=str(store),
-        backbones=["vgg16", "color_morphology"],
-        weights="none",
-        image_size=32,
+        recipe=FeatureRecipe(("vgg16", "color_morphology"), weights="none", image_size=32),
     )
     return store, summary
 

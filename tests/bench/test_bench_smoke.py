@@ -2,7 +2,9 @@
 
 Not a timing test: numbers taken on a shared CI machine say nothing; docs/benchmarks.md has the
 real ones. The two sections that only repeat `leukoflow run` / `leukoflow score` at other sizes
-(memory, nightly_score) are left out to stay within seconds; the JSON must still list them.
+(memory, nightly_score) and the precision section (the three extractions again in bf16, which
+this CPU only emulates: slow) are left out to stay within seconds; the JSON must still list
+them.
 """
 
 import json
@@ -27,7 +29,8 @@ def results(tmp_path_factory):
     command = [
         sys.executable, "-m", "bench", "--n", "8", "--backbones", "vgg16", "--image-size", "32",
         "--weights", "none", "--batch-size", "4", "--batch-sizes", "4,8", "--min-seconds", "0.2",
-        "--cm-images", "4", "--join-n", "200", "--skip", "memory,nightly_score",
+        "--cm-images", "4", "--join-n", "200", "--skip", "memory,nightly_score,precision",
+        "--s3-images", "8",
         "--workdir", str(workdir / "scratch"), "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -44,6 +47,7 @@ def test_the_json_has_every_section_and_the_verdicts(results):
     assert list(data["sections"]) == list(SECTIONS)
     assert data["sections"]["memory"] == {"skipped": "not selected"}
     assert data["sections"]["nightly_score"] == {"skipped": "not selected"}
+    assert data["sections"]["precision"] == {"skipped": "not selected"}
     assert {"leukoflow_over_compute_limit", "leukoflow_over_plain_script"} <= set(data["ratios"])
     assert "join_train_seconds" in data["goals"] and data["machine"]["cores"] >= 1
 
@@ -75,3 +79,18 @@ def test_the_side_goals_are_measured(results):
     assert join["n_images"] == 200 and join["n_features"] == 3072
     assert _positive(join["join_train_seconds"]) and 0.5 <= join["test_accuracy"] <= 1.0
     assert "ratio 3/1 (steady)" in stdout and "compute limit" in stdout
+
+
+def test_the_decode_stage_accounts_for_every_image_and_compares_to_one_core(results):
+    data, stdout = results
+    decode = data["sections"]["decode_stage"]
+    assert decode["pipeline"]["images"] == decode["single_core"]["images"] == 8
+    assert _positive(decode["single_core"]["images_per_second_wall"])
+    assert _positive(decode["threads"]["images_per_second"]) and decode["threads"]["threads"] >= 1
+    assert _positive(decode["pipeline_over_cores_x_single_core"])
+    s3 = decode["s3"]
+    assert s3.get("skipped") or (
+        s3["images"] == 8 and _positive(s3["concurrent_over_one_at_a_time"])
+    )
+    assert "decode stage:" in stdout
+    assert "decode_pipeline_over_cores_x_single_core" in data["goals"]

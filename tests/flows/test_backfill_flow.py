@@ -6,6 +6,7 @@ import sys
 import pyarrow.dataset as ds
 import pytest
 
+from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_catalog, read_runs
@@ -32,11 +33,11 @@ def test_a_backfill_shows_progress_and_a_new_backbone_extracts_only_itself(
         "images": str(images),
         "store": str(store),
         "dataset": "collection-2026",
-        "weights": "none",
-        "image_size": 32,
     }
+    vgg16 = FeatureRecipe(("vgg16",), weights="none", image_size=32)
+    both = FeatureRecipe(("vgg16", "vgg19"), weights="none", image_size=32)
 
-    first = backfill(backbones=["vgg16"], progress_bar=True, **options)
+    first = backfill(recipe=vgg16, progress_bar=True, **options)
     progress = capsys.readouterr().err
     assert "featurising: 6/6 images" in progress and "images/s" in progress
     assert "ETA" in progress
@@ -45,19 +46,35 @@ def test_a_backfill_shows_progress_and_a_new_backbone_extracts_only_itself(
     catalog = read_catalog(open_location(str(store)), "collection-2026")
     assert catalog.num_rows == 7
 
-    second = backfill(backbones=["vgg16", "vgg19"], progress_bar=False, **options)
+    second = backfill(recipe=both, progress_bar=False, **options)
     assert second["extraction"]["computed"] == {"vgg19": 6}  # vgg16 had every vector already
     assert second["counts"]["already_featurised"] == 0 and second["counts"]["new_files"] == 0
     assert sorted(vectors(store, "vgg16")) == sorted(vectors(store, "vgg19"))
     assert len(vectors(store, "vgg16")) == len(set(vectors(store, "vgg16"))) == 6
 
-    third = backfill(backbones=["vgg16", "vgg19"], progress_bar=False, **options)
+    third = backfill(recipe=both, progress_bar=False, **options)
     assert third["extraction"]["computed"] == {}  # nothing to do: Ray is not even started
     runs = read_runs(open_location(str(store))).to_pylist()
     assert [r["kind"] for r in runs] == ["backfill"] * 3
     for run in runs:
         found = run["images_featurised"] + run["images_quarantined"] + run["images_duplicate"]
-        assert run["images_found"] == found == 7
+        assert run["images_found"] == found == 7 and run["images_missing"] == 0
+
+
+def test_a_second_backfill_with_a_full_resolution_extractor_computes_nothing(
+    tmp_path, real_cells, ray_local, prefect_harness
+):
+    """Regression: the sweep/backfill once keyed color_morphology vectors by the image size
+    instead of its size key (0), so every backfill and night extracted it again."""
+    from leukoflow.flows.backfill import backfill
+
+    options = {"images": str(real_cells), "store": str(tmp_path), "dataset": "cells"}
+    recipe = FeatureRecipe(("color_morphology", "vgg16"), weights="none", image_size=32)
+    first = backfill(recipe=recipe, progress_bar=False, **options)
+    assert first["counts"]["computed"] == 12 and first["counts"]["accounted"] is True
+    second = backfill(recipe=recipe, progress_bar=False, **options)
+    assert second["counts"]["needing_vectors"] == 0 and second["counts"]["computed"] == 0
+    assert second["counts"]["already_featurised"] == 12 and second["extraction"]["computed"] == {}
 
 
 @pytest.mark.parametrize(

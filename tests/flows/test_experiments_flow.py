@@ -11,12 +11,14 @@ import pytest
 
 from leukoflow.tasks import registry, train
 from leukoflow.tasks.catalog import build_catalog
+from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_runs, write_catalog
 
 pytestmark = pytest.mark.integration
 
 PAIR = ["vgg16", "densenet121"]
+PAIR_RECIPE = FeatureRecipe(tuple(PAIR), weights="none", image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,8 @@ def experiment(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
         open_location(str(store)), "synthetic", build_catalog(str(synthetic_images), "synthetic")
     )
     summary = run_experiments(
-        store=str(store), dataset="synthetic", backbones=PAIR, classifiers=["linear-svm", "knn"],
-        augment=True, weights="none", image_size=32, n_boot=200,
+        store=str(store), dataset="synthetic", recipe=PAIR_RECIPE,
+        classifiers=["linear-svm", "knn"], augment=True, n_boot=200,
     )  # fmt: skip
     return store, summary
 
@@ -42,8 +44,8 @@ def test_a_run_on_the_same_images_reuses_the_features_and_saves_a_calibrated_mod
 
     store, _ = experiment
     run = run_pipeline(
-        images=str(synthetic_images), store=str(store), dataset="synthetic", backbones=PAIR,
-        weights="none", image_size=32, split="subject",
+        images=str(synthetic_images), store=str(store), dataset="synthetic", recipe=PAIR_RECIPE,
+        split="subject",
     )  # fmt: skip
     assert run["extraction"]["computed"] == {}  # the experiments stored every original vector
     model, record = registry.load_model(open_location(str(store)), run["model_id"])
@@ -103,8 +105,8 @@ def test_a_second_experiment_extracts_nothing(experiment):
 
     store, _ = experiment
     again = run_experiments(
-        store=str(store), dataset="synthetic", backbones=PAIR, classifiers=["linear-svm"],
-        split="subject", augment=True, weights="none", image_size=32, n_boot=50,
+        store=str(store), dataset="synthetic", recipe=PAIR_RECIPE, classifiers=["linear-svm"],
+        split="subject", augment=True, n_boot=50,
     )  # fmt: skip
     assert again["extraction"]["computed"] == {} and len(again["cells"]) == 3
 

@@ -7,6 +7,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from leukoflow.tasks import registry
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs
 
@@ -24,10 +25,8 @@ def first_run(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
         images=str(synthetic_images),
         store=str(store),
         dataset="synthetic",
-        backbones=TRIO,
-        weights="none",
-        image_size=75,
-        batch_size=8,
+        recipe=FeatureRecipe(TRIO, weights="none", image_size=75),
+        compute=Compute(batch_size=8),
     )
     return store, summary
 
@@ -94,9 +93,7 @@ def test_a_second_run_does_no_feature_extraction(first_run, synthetic_images):
         images=str(synthetic_images),
         store=str(store),
         dataset="synthetic",
-        backbones=TRIO,
-        weights="none",
-        image_size=75,
+        recipe=FeatureRecipe(TRIO, weights="none", image_size=75),
     )
     assert again["extraction"]["computed"] == {}
     assert again["feature_dim"] == 3072
@@ -114,9 +111,7 @@ def test_color_morphology_runs_in_the_same_machinery_at_full_resolution(
     summary = run_pipeline(
         images=str(synthetic_images),
         store=str(tmp_path),
-        backbones=["color_morphology", "vgg16"],
-        weights="none",
-        image_size=32,
+        recipe=FeatureRecipe(("color_morphology", "vgg16"), weights="none", image_size=32),
     )
     assert summary["feature_dim"] == FEATURE_DIM + 512
     table = ds.dataset(str(tmp_path / "features" / "backbone=color_morphology")).to_table()
@@ -125,9 +120,28 @@ def test_color_morphology_runs_in_the_same_machinery_at_full_resolution(
     alone = run_pipeline(
         images=str(synthetic_images),
         store=str(tmp_path),
-        backbones=["color_morphology"],
-        weights="imagenet",  # needs no weights file: nothing to check, nothing random
-        image_size=224,
+        # imagenet needs no weights file here: nothing to check, nothing random
+        recipe=FeatureRecipe(("color_morphology",), weights="imagenet", image_size=224),
+        promote=False,
     )
     assert alone["extraction"]["computed"] == {}  # reused although the image size changed
     assert alone["non_clinical"] is False and alone["feature_dim"] == FEATURE_DIM
+    # --no-promote: the model is saved, the current one stays.
+    root = open_location(str(tmp_path))
+    assert alone["promoted"] is False and registry.current_model_id(root) == summary["model_id"]
+    assert (tmp_path / "models" / alone["model_id"] / "model.skops").exists()
+
+
+def test_the_split_defaults_to_subjects_and_every_image_is_counted_by_measurement(first_run):
+    store, summary = first_run
+    # C-NMC names carry subject ids: no patient's cells on both sides by default.
+    assert summary["split"] == "subject"
+    counts = summary["counts"]
+    assert counts["accounted"] is True and counts["missing"] == 0
+    assert counts["found"] == counts["featurised"] + counts["quarantined"] + counts["duplicate"]
+    row = read_runs(open_location(str(store))).to_pylist()[0]
+    assert row["images_missing"] == 0 and row["images_featurised"] == 24
+    point = summary["operating_point"]
+    assert point["cells"]["split"] == "subject" and point["cells"]["n"] == summary["n_test"]
+    assert point["patients"]["n_patients"] >= 2
+    assert point["patients"]["n_cells"] == point["cells"]["n"]

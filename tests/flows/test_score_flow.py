@@ -20,10 +20,12 @@ import pytest
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import registry
 from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
-from leukoflow.tasks.score import SubjectRule, summarize_subjects
-from leukoflow.tasks.storage import open_location, read_json, write_json_atomic
+from leukoflow.tasks.recipe import FeatureRecipe
+from leukoflow.tasks.score import SubjectRule, SweepSettings, summarize_subjects
+from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import featurised_ids, read_catalog, read_predictions, read_runs
 
@@ -80,9 +82,7 @@ def world(tmp_path_factory, ray_local, prefect_harness):
     trained = run_pipeline(
         images=str(train),
         store=str(store),
-        backbones=["vgg16"],
-        image_size=32,
-        weights="none",
+        recipe=FeatureRecipe(("vgg16",), weights="none", image_size=32),
         examples_per_kind=0,
     )
     return {"work": work, "store": store, "inbox": work / "inbox", "model_id": trained["model_id"]}
@@ -91,9 +91,12 @@ def world(tmp_path_factory, ray_local, prefect_harness):
 def sweep(world, date, inbox=None, **options):
     from leukoflow.flows.score import score_inbox
 
-    settings = {"chunk_size": 5, "drift_min_cells": 1000, **RULE, **options}
+    flow_options = {k: options.pop(k) for k in ("model", "expected_recipe") if k in options}
+    settings = SweepSettings(**{"chunk_size": 5, "drift_min_cells": 1000, **RULE, **options})
     inbox = str(inbox or world["inbox"])
-    return score_inbox(inbox=inbox, store=str(world["store"]), date=date, **settings)
+    return score_inbox(
+        inbox=inbox, store=str(world["store"]), date=date, sweep=settings, **flow_options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +130,7 @@ def nights(world):
         images=str(collection),
         store=str(store),
         dataset="collection",
-        backbones=["vgg16"],
-        weights="none",
-        image_size=32,
+        recipe=FeatureRecipe(("vgg16",), weights="none", image_size=32),
         progress_bar=False,
     )
     second = sweep(world, "2026-03-02")
@@ -155,7 +156,13 @@ def test_night_one_scores_every_readable_cell_once(world, nights):
         "quarantined_new": 1,
         "duplicate": 1,
         "skipped": 0,
+        "missing": 0,
+        "accounted": True,
+        "missing_uris": [],
+        "double_counted_uris": [],
+        "unscored_at_start": 12,
         "computed": 12,
+        "ignored": 0,
     }
     root = open_location(str(world["store"]))
     rows = read_predictions(root, "2026-03-01").to_pylist()
@@ -169,8 +176,10 @@ def test_night_one_scores_every_readable_cell_once(world, nights):
         assert row["predicted_label"] == ("all" if row["score"] >= row["threshold"] else "hem")
         assert row["run_id"] == first["run_id"] and row["scored_at"] is not None
     # The subject table is exactly what the prediction rows say under the rule.
+    # ... keyed by pseudonym: no raw subject id leaves the store.
+    salt = subject_salt(root)
     expected = summarize_subjects(
-        [r["subject_id"] for r in rows],
+        [subject_key(r["subject_id"], salt) for r in rows],
         [r["score"] for r in rows],
         [r["predicted_label"] for r in rows],
         SubjectRule(**RULE),
@@ -199,7 +208,8 @@ def test_a_backfill_computes_only_the_vectors_the_store_lacks(nights):
 
 def test_night_two_scores_only_new_cells_and_skips_copies_of_earlier_ones(world, nights):
     second = nights["second"]
-    assert second["counts"] == {
+    counts = {k: v for k, v in second["counts"].items() if not k.endswith("_uris")}
+    assert counts == {
         "found": 28,
         "new": 12,
         "scored": 12,
@@ -207,7 +217,11 @@ def test_night_two_scores_only_new_cells_and_skips_copies_of_earlier_ones(world,
         "quarantined_new": 1,
         "duplicate": 2,
         "skipped": 12,
+        "missing": 0,
+        "accounted": True,
+        "unscored_at_start": 12,
         "computed": 0,
+        "ignored": 0,
     }
     first_night = prediction_ids(world["store"], "2026-03-01")
     second_night = prediction_ids(world["store"], "2026-03-02")
@@ -218,7 +232,11 @@ def test_night_two_scores_only_new_cells_and_skips_copies_of_earlier_ones(world,
     runs = {r["run_id"]: r for r in read_runs(open_location(str(world["store"]))).to_pylist()}
     row = runs[second["run_id"]]
     assert (row["outcome"], row["images_new"], row["images_scored"]) == ("completed", 12, 12)
-    assert row["images_found"] == row["images_featurised"] + row["images_quarantined"] + 2
+    # found = new + skipped + quarantined + duplicate + missing, every term measured.
+    assert row["images_found"] == (
+        row["images_new"] + row["images_skipped"] + row["images_quarantined"]
+        + row["images_duplicate"] + row["images_missing"]
+    )  # fmt: skip
 
 
 def test_prefect_shows_the_night_as_markdown_and_a_subject_table(world, nights):
@@ -229,8 +247,8 @@ def test_prefect_shows_the_night_as_markdown_and_a_subject_table(world, nights):
     table = Artifact.get("nightly-subjects")
     subjects = {row["subject"] for row in json.loads(table.data)}
     # The UI shows pseudonymous subject keys, never the ids (tasks/pseudonym.py).
-    salt = subject_salt(open_location(str(world["store"])))
-    assert subjects == {subject_key(s["subject_id"], salt) for s in nights["second"]["subjects"]}
+    assert subjects == {s["subject_id"] for s in nights["second"]["subjects"]}
+    assert all(key.startswith("S-") for key in subjects)
 
 
 def test_a_sweep_exits_cleanly_while_the_store_is_held_or_waits_for_it(world, nights):
@@ -240,7 +258,10 @@ def test_a_sweep_exits_cleanly_while_the_store_is_held_or_waits_for_it(world, ni
     runs_before = read_runs(root).num_rows
     busy = sweep(world, "2026-03-02")
     assert busy["outcome"] == "busy" and "someone-else" in busy["message"]
-    assert read_runs(root).num_rows == runs_before  # it wrote nothing
+    # It did nothing, and says so where ops look: a run row with its outcome.
+    runs = read_runs(root).to_pylist()
+    assert len(runs) == runs_before + 1
+    assert {r["outcome"] for r in runs if r["run_id"] == busy["run_id"]} == {"busy"}
     threading.Timer(1.0, holder.release).start()
     waited = sweep(world, "2026-03-02", wait_s=30)
     assert waited["outcome"] == "completed" and waited["counts"]["new"] == 0
@@ -248,17 +269,16 @@ def test_a_sweep_exits_cleanly_while_the_store_is_held_or_waits_for_it(world, ni
 
 def test_models_whose_recipe_cannot_be_reproduced_are_refused(world, nights):
     root = open_location(str(world["store"]))
-    original = world["store"] / "models" / world["model_id"]
-    tampered = {
+    model, record = registry.load_model(root, world["model_id"])
+    # Saved as models of their own (an edited model.json would be refused as altered).
+    others = {
         "other-weights": {"weights_ids": {"vgg16": "random-seed7"}},
         "other-dims": {"dims": [256]},
     }
-    for name, change in tampered.items():
-        shutil.copytree(original, original.parent / name)
-        record = read_json(root.child("models", name, "model.json"))
-        record["model_id"] = name
-        record["feature_recipe"].update(change)
-        write_json_atomic(root.child("models", name, "model.json"), record)
+    for name, change in others.items():
+        recipe = {**record["feature_recipe"], **change}
+        registry.save_model(root, name, model, {**record, "model_id": name,
+                                                "feature_recipe": recipe})  # fmt: skip
     with pytest.raises(LeukoflowError, match="random-seed7.*refusing to mis-score"):
         sweep(world, "2026-03-09", model="other-weights")
     with pytest.raises(LeukoflowError, match="sizes \\[256\\]"):

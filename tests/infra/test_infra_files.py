@@ -88,10 +88,10 @@ def test_the_dockerfile_uses_known_instructions_and_the_pinned_versions():
 def test_the_image_holds_the_project_and_the_weights_folder():
     copies = [a.split() for n, a in dockerfile_instructions() if n == "COPY"]
     sources = {src.rstrip("/") for *srcs, _ in copies for src in srcs}
-    packages = {
-        p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    }
+    # The package's folders (leukoflow/, and tasks/, flows/ mapped into it), not the dev tools.
+    packages = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
     assert packages | {"pyproject.toml", "README.md", "deployments", "infra/weights"} <= sources
+    assert "bench" not in sources
     assert ["infra/weights/", "${KERAS_HOME}/models/"] in copies
     for source in sources:
         assert (ROOT / source).exists(), source

@@ -100,6 +100,9 @@ def test_deploy_registers_three_deployments_on_the_process_pool(prefect_server, 
         "inbox": str(deployed["inbox"]),
         "store": str(deployed["store"]),
     }
+    # One sweep at a time: Prefect cancels a night that starts while another still runs.
+    assert nightly["concurrency_limit"] == 1
+    assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
 
 def test_the_server_refuses_clients_without_the_auth_string(prefect_server, deployed):
@@ -134,8 +137,9 @@ def test_the_nightly_runs_at_two_in_the_given_timezone(prefect_server, deployed)
 def test_a_worker_runs_training_then_the_nightly_sweep(prefect_server, deployed, worker):
     train = run_to_the_end(
         prefect_server, worker, "leukoflow-run/train",
-        {"images": str(deployed["images"]), "backbones": ["vgg16"], "weights": "none",
-         "image_size": 32},
+        # The recipe travels as a dict: Prefect validates it into a FeatureRecipe.
+        {"images": str(deployed["images"]),
+         "recipe": {"backbones": ["vgg16"], "weights": "none", "image_size": 32}},
     )  # fmt: skip
     assert train["state_type"] == "COMPLETED", worker.output()[-4000:]
     nightly = run_to_the_end(prefect_server, worker, "leukoflow-score/nightly", {})

@@ -182,7 +182,7 @@ def make_messy_manifest(root: Path, outside: Path) -> tuple[Path, dict[str, Expe
     ]
     for raw in escapes:
         lines.append(f"{raw},all,{SUBJECT_IDS[0]}-all")
-        expected[raw] = Expected("quarantined", "path_escape")
+        expected[raw] = Expected("quarantined", "outside_root")
     manifest = root / "MANIFEST.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest, expected

@@ -130,11 +130,15 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
-    """Exit 2, no traceback, exactly one `leukoflow: error:` line holding every word."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+def assert_one_line_error(
+    result: subprocess.CompletedProcess, *words: str, code: int = 2, prefix: str = "error"
+) -> str:
+    """Exit `code` (2: usage or configuration), no traceback, exactly one `leukoflow: PREFIX:`
+    line holding every word."""
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("leukoflow: error:")]
+    head = f"leukoflow: {prefix}:"
+    lines = [line for line in result.stderr.splitlines() if line.startswith(head)]
     assert len(lines) == 1, result.stderr[-3000:]
     for word in words:
         assert word in lines[0], (word, lines[0])

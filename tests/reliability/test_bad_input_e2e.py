@@ -84,7 +84,7 @@ def test_conversions_and_refusals_are_recorded_with_their_details(messy_runs):
 def test_manifest_rows_outside_the_images_root_are_never_read(messy_runs):
     rows = catalog_rows(messy_runs, MANIFEST_DATASET)
     outside_id = hashlib.sha256((messy_runs.base / "outside.bmp").read_bytes()).hexdigest()
-    escapes = [row for row in rows.values() if (row["reason"] or "").startswith("path_escape")]
+    escapes = [row for row in rows.values() if (row["reason"] or "").startswith("outside_root")]
     assert len(escapes) == 4
     for row in escapes:
         assert row["image_id"].startswith("path:") and row["size_bytes"] is None
@@ -140,10 +140,11 @@ def test_status_shows_the_invariant_per_dataset_and_per_run(messy_runs):
         rows = catalog_rows(messy_runs, dataset)
         statuses = Counter(row["status"] for row in rows.values())
         summary = last_json(messy_runs.runs[dataset].stdout)
-        assert accounting["datasets"][dataset] == {
+        keys = ("found", "featurised", "missing", "quarantined", "duplicate", "accounted")
+        assert {k: accounting["datasets"][dataset][k] for k in keys} == {
             "found": len(rows),
             "featurised": statuses["ok"],
-            "awaiting_features": 0,
+            "missing": 0,
             "quarantined": statuses["quarantined"],
             "duplicate": statuses["duplicate"],
             "accounted": True,
@@ -154,8 +155,8 @@ def test_status_shows_the_invariant_per_dataset_and_per_run(messy_runs):
             k: summary["counts"][k] for k in ("found", "featurised", "quarantined", "duplicate")
         }
         line = (
-            f"dataset {dataset}: {len(rows)} found = {statuses['ok']} featurised + 0 awaiting "
-            f"features + {statuses['quarantined']} quarantined + {statuses['duplicate']} duplicate"
+            f"dataset {dataset}: {len(rows)} found = {statuses['ok']} featurised + 0 missing "
+            f"+ {statuses['quarantined']} quarantined + {statuses['duplicate']} duplicate"
         )
         assert line in messy_runs.status_text.stdout
     assert "MISMATCH" not in messy_runs.status_text.stdout

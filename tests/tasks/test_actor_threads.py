@@ -18,3 +18,42 @@ def test_the_actor_gets_its_threads_unless_the_driver_set_them(monkeypatch):
     assert ActorPlan(1.332, 0).env_vars() == {"OMP_NUM_THREADS": "2"}
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert ActorPlan(1.332, 0).env_vars() == {"OMP_NUM_THREADS": "4"}
+
+
+@pytest.mark.integration
+def test_the_pool_extracts_then_gives_maps_from_the_same_actor(ray_local, tmp_path):
+    """Explanations reuse the extraction's actor (no second network), and its bf16 maps average
+    to the vectors it stored."""
+    import hashlib
+    from pathlib import Path
+
+    import numpy as np
+
+    from leukoflow.tasks.actors import BackbonePool, extract_features
+    from leukoflow.tasks.images import decode_image, resize_pixels
+    from leukoflow.tasks.recipe import Compute, FeatureRecipe
+    from leukoflow.tasks.storage import open_location
+    from leukoflow.tasks.tables import read_features
+
+    files = sorted(Path("/work/shared/data/cnmc").glob("*/*.bmp"))[:3]
+    uris = {hashlib.sha256(f.read_bytes()).hexdigest(): str(f) for f in files}
+    ids = list(uris)
+    recipe = FeatureRecipe(("vgg16",), weights="none", image_size=32, precision="bf16")
+    compute = Compute(batch_size=2)
+    store = open_location(str(tmp_path / "store"))
+    pool = BackbonePool(recipe, compute)
+    try:
+        result = extract_features(store, uris, {"vgg16": ids}, recipe, compute, pool=pool)
+        pid = pool.loaded["vgg16"]["pid"]
+        pixels = np.stack([resize_pixels(decode_image(f.read_bytes()).pixels, 32) for f in files])
+        maps = pool.feature_maps(["vgg16", "color_morphology"], pixels)
+        assert pool.loaded["vgg16"]["pid"] == pid  # the same process: nothing was rebuilt
+    finally:
+        pool.close()
+    assert result.computed == {"vgg16": 3} and result.rejected == {}
+    assert list(maps) == ["vgg16"]  # a hand-crafted extractor has no map
+    assert maps["vgg16"].shape == (3, 1, 1, 512)  # 32 px through VGG16's five poolings
+    assert recipe.vector_key("vgg16")[0] == "random-seed0+bf16"
+    stored = read_features(store, "vgg16", *recipe.vector_key("vgg16"), ids)
+    vectors = np.stack([stored[i] for i in ids])
+    np.testing.assert_allclose(maps["vgg16"].mean(axis=(1, 2)), vectors, rtol=1e-6)

@@ -110,3 +110,36 @@ def test_random_init_is_reproducible_from_the_seed():
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
     assert bb.weights_id(spec, bb.WeightsChoice("none", seed=3)) == "random-seed3"
+
+
+@pytest.mark.parametrize(
+    ("gpus", "flags", "expected"),
+    [
+        ([], set(), "fp32"),  # this machine: AVX2 only
+        ([], {"amx_bf16", "avx2"}, "bf16"),
+        ([], {"avx512_bf16"}, "bf16"),
+        ([8.0], set(), "bf16"),  # A100
+        ([9.0, 9.0], set(), "bf16"),  # H100s
+        ([7.0], {"amx_bf16"}, "fp32"),  # V100: the models run there, and it has no bf16 cores
+        ([8.6, 7.5], set(), "fp32"),  # one older card among the visible ones
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(
+    monkeypatch, caplog, gpus, flags, expected
+):
+    monkeypatch.setattr(bb, "gpu_compute_capabilities", lambda: gpus)
+    monkeypatch.setattr(bb, "cpu_flags", lambda: flags)
+    with caplog.at_level("INFO", logger="leukoflow.backbones"):
+        assert bb.native_precision() == expected
+    assert f"precision auto: {expected}" in caplog.text  # the choice is logged
+
+
+def test_hidden_gpus_count_as_none(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert bb.gpu_compute_capabilities() == []
+
+
+def test_bf16_ids_never_equal_fp32_ones():
+    spec, choice = bb.BACKBONES["vgg16"], bb.WeightsChoice("none", seed=2)
+    assert bb.weights_id(spec, choice) == "random-seed2"
+    assert bb.weights_id(spec, choice, "bf16") == "random-seed2+bf16"

@@ -192,11 +192,14 @@ def messy(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str | None, str | 
     add("looped/inside.png", cell(12, fmt="PNG"), "ok", None, None)
     os.symlink(root, root / "looped" / "back_to_root")
     os.symlink(root / "looped", root / "looped" / "self")
-    # Not images: no rows.
+    # Not images: no rows, but listed as ignored (test_messy_inbox_counts).
     put(root, "MANIFEST.txt", b"path,label\n")
     put(root, "SOURCE.md", b"# where these came from\n")
     put(root, "all/Thumbs.db", b"\0" * 10)
     return root, expected
+
+
+MESSY_IGNORED = ("MANIFEST.txt", "SOURCE.md", "all/Thumbs.db")
 
 
 def test_messy_inbox_every_file_has_exactly_one_row(messy) -> None:
@@ -262,6 +265,8 @@ def test_messy_inbox_counts(messy) -> None:
         "truncated": 3,
         "unreadable": 4,
     }
+    assert counts["ignored"] == 3
+    assert counts["ignored_files"] == sorted(str(root / name) for name in MESSY_IGNORED)
 
 
 def test_permission_denied_is_unreadable(tmp_path: Path, monkeypatch) -> None:
@@ -326,9 +331,267 @@ def test_label_mapping_must_use_the_vocabulary(tmp_path: Path) -> None:
 def test_suffixes_are_case_insensitive(tmp_path: Path) -> None:
     for index, suffix in enumerate(IMAGE_SUFFIXES):
         put(tmp_path, f"x{index}{suffix.upper()}", cell(index, fmt="PNG"))
-    put(tmp_path, "x.gif", cell(99, fmt="GIF"))  # a real image, but not a suffix we look for
+    put(tmp_path, "x.TXT", b"a note, not an image")
     rows = build_catalog(str(tmp_path), "x")
     assert len(rows) == len(IMAGE_SUFFIXES)
+    assert all(row["status"] == "ok" for row in rows)
+    assert catalog_counts(rows)["ignored_files"] == [str(tmp_path / "x.TXT")]
+
+
+# -- every file counted: any format Pillow decodes, probed by content; the rest ignored -------
+def frames(fmt: str, n: int, side: int = 24) -> bytes:
+    images = [Image.new("RGB", (side, side), (40 * i, 90, 200 - 40 * i)) for i in range(n)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=fmt, save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+def test_every_file_is_catalogued_or_ignored_never_dropped(tmp_path: Path) -> None:
+    put(tmp_path, "all/a.bmp", cell(1))
+    put(tmp_path, "all/b.webp", cell(2, fmt="WEBP"))
+    put(tmp_path, "all/c.gif", cell(3, fmt="GIF"))
+    put(tmp_path, "hem/animated.gif", frames("GIF", 3))
+    put(tmp_path, "hem/stack.tif", frames("TIFF", 2))
+    put(tmp_path, "hem/animated.webp", frames("WEBP", 4))
+    put(tmp_path, "hem/portable.ppm", cell(4, fmt="PPM"))
+    put(tmp_path, "inbox/cell.dat", cell(5, fmt="PNG"))  # an image by content, whatever its name
+    put(tmp_path, "inbox/no_suffix", cell(6, fmt="JPEG"))
+    put(tmp_path, "inbox/scan.jpg.part", cell(7, fmt="BMP"))
+    not_images = {
+        "README.txt": b"cells from ward 4\n",
+        ".DS_Store": b"\x00\x00\x00\x01Bud1" + b"\x00" * 40,
+        "MANIFEST.csv": b"path,label\nall/a.bmp,all\n",
+        "all/notes.pdf": b"%PDF-1.4\n%%EOF\n",
+        "hem/empty.dat": b"",
+        "inbox/archive.zip": b"PK\x03\x04" + b"\x00" * 30,
+    }
+    for name, data in not_images.items():
+        put(tmp_path, name, data)
+    rows = build_catalog(str(tmp_path), "x")
+    assert_accounted(rows)
+    by_name = {os.path.relpath(row["uri"], tmp_path): row for row in rows}
+    assert sorted(by_name) == sorted([
+        "all/a.bmp", "all/b.webp", "all/c.gif", "hem/animated.gif", "hem/stack.tif",
+        "hem/animated.webp", "hem/portable.ppm", "inbox/cell.dat", "inbox/no_suffix",
+        "inbox/scan.jpg.part",
+    ])  # fmt: skip
+    assert all(row["status"] == "ok" for row in rows), [r["reason"] for r in rows]
+    # Multi-frame files: the first frame, said in the row.
+    assert by_name["hem/animated.gif"]["reason"].startswith("first_frame_of_3")
+    assert by_name["hem/stack.tif"]["reason"] == "first_frame_of_2"
+    assert by_name["hem/animated.webp"]["reason"].startswith("first_frame_of_4")
+    assert by_name["all/b.webp"]["reason"] is None and by_name["all/b.webp"]["label"] == "all"
+    assert by_name["inbox/cell.dat"]["image_id"] == hashlib.sha256(cell(5, fmt="PNG")).hexdigest()
+    counts = catalog_counts(rows)
+    assert counts["found"] == 10 and counts["ok"] == 10
+    assert counts["ignored"] == len(not_images)
+    assert counts["ignored_files"] == sorted(str(tmp_path / name) for name in not_images)
+    # A catalog read back from the store has no ignored files to report, and says 0.
+    assert catalog_counts(list(rows))["ignored"] == 0
+
+
+def test_an_unreadable_file_of_unknown_kind_is_quarantined_not_ignored(tmp_path: Path) -> None:
+    put(tmp_path, "a.bmp", cell(1))
+    os.mkfifo(tmp_path / "pipe")  # cannot be probed without blocking: it may be an image
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    rows = build_catalog(str(tmp_path), "x")
+    by_name = {os.path.relpath(row["uri"], tmp_path): row for row in rows}
+    assert by_name["pipe"]["reason"] == "unreadable: not a regular file (fifo)"
+    assert code(by_name["dangling"]) == "unreadable"
+    assert catalog_counts(rows)["ignored"] == 0
+
+
+def test_a_folder_of_only_non_images_says_how_many_were_ignored(tmp_path: Path) -> None:
+    put(tmp_path, "README.txt", b"nothing yet")
+    with pytest.raises(LeukoflowError, match="no images found under .*1 other file"):
+        build_catalog(str(tmp_path), "x")
+    rows = build_catalog(str(tmp_path), "x", allow_empty=True)
+    assert rows == [] and catalog_counts(rows)["ignored_files"] == [str(tmp_path / "README.txt")]
+
+
+# -- nothing outside the images root is read --------------------------------------------------
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """Every path the catalog reads whole or probes (fsspec reads and the header probe)."""
+    seen: list[str] = []
+    real_cat = LocalFileSystem.cat_file
+    real_header = catalog._read_header
+
+    def cat_file(self, path, *args, **kwargs):
+        seen.append(os.path.realpath(str(path)))
+        return real_cat(self, path, *args, **kwargs)
+
+    def read_header(loc):
+        seen.append(os.path.realpath(loc.path))
+        return real_header(loc)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
+    monkeypatch.setattr(catalog, "_read_header", read_header)
+    return seen
+
+
+def test_folder_walks_do_not_follow_links_out_of_the_root(tmp_path: Path, reads) -> None:
+    outside = tmp_path / "elsewhere"
+    put(outside, "secret.bmp", cell(1))
+    put(outside, "deeper/more.bmp", cell(2))
+    put(outside, "notes.txt", b"not an image")
+    root = tmp_path / "inbox"
+    put(root, "all/own.bmp", cell(3))
+    put(root, "shared/in_root.bmp", cell(4))
+    os.symlink(outside / "secret.bmp", root / "all" / "file_link.bmp")  # a file link out
+    os.symlink(outside, root / "folder_link")  # a folder link out
+    os.symlink(outside / "notes.txt", root / "notes_link")  # out, whatever it holds
+    os.symlink(outside / "nowhere.bmp", root / "dangling_out.bmp")  # out, and dangling
+    os.symlink(root / "shared", root / "hem")  # in-root folder link: followed
+    os.symlink(root / "all" / "own.bmp", root / "own_link.bmp")  # in-root file link: read
+    rows = build_catalog(str(root), "x")
+    assert_accounted(rows)
+    by_name = {os.path.relpath(row["uri"], root): row for row in rows}
+    escaping = ("all/file_link.bmp", "folder_link", "notes_link", "dangling_out.bmp")
+    for name in escaping:
+        row = by_name[name]
+        assert (row["status"], code(row)) == ("quarantined", "outside_root"), name
+        assert row["image_id"].startswith("path:") and row["size_bytes"] is None
+        assert str(outside) not in row["reason"]  # reasons reach reports: no paths in them
+    assert not [path for path in reads if path.startswith(str(outside))]
+    assert not [name for name in by_name if name.startswith("folder_link/")]  # never listed
+    assert by_name["hem/in_root.bmp"]["label"] == "hem"  # through the in-root folder link
+    assert by_name["hem/in_root.bmp"]["status"] == "ok"
+    assert "shared/in_root.bmp" not in by_name  # one folder, reached twice, walked once
+    assert by_name["own_link.bmp"]["status"] == "duplicate"
+    assert catalog_counts(rows)["reasons"]["outside_root"] == 4
+
+
+def test_a_file_swapped_for_a_link_out_after_the_walk_is_not_read(
+    tmp_path: Path, reads, monkeypatch
+) -> None:
+    put(tmp_path, "elsewhere/x.bmp", cell(1))
+    root = tmp_path / "inbox"
+    put(root, "a.bmp", cell(2))
+    put(root, "b.bmp", cell(3))
+    walk = catalog._folder_entries
+
+    def walk_then_swap(*args):
+        listed = walk(*args)
+        (root / "b.bmp").unlink()
+        os.symlink(tmp_path / "elsewhere" / "x.bmp", root / "b.bmp")
+        return listed
+
+    monkeypatch.setattr(catalog, "_folder_entries", walk_then_swap)
+    rows = build_catalog(str(root), "x")
+    assert [(row["status"], code(row)) for row in rows] == [
+        ("ok", None),
+        ("quarantined", "outside_root"),
+    ]
+    assert not [path for path in reads if "elsewhere" in path]
+
+
+def test_a_root_reached_through_a_link_is_still_its_own_root(tmp_path: Path) -> None:
+    put(tmp_path, "real/all/a.bmp", cell(1))
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    os.symlink(tmp_path / "real" / "all" / "a.bmp", tmp_path / "real" / "again.bmp")
+    rows = build_catalog(str(tmp_path / "alias"), "x")
+    assert [(os.path.relpath(r["uri"], tmp_path), r["status"]) for r in rows] == [
+        ("alias/again.bmp", "duplicate"),
+        ("alias/all/a.bmp", "ok"),
+    ]
+
+
+def test_manifest_rows_through_links_out_of_the_folder_are_never_read(
+    tmp_path: Path, reads
+) -> None:
+    outside = tmp_path / "elsewhere"
+    put(outside, "x.bmp", cell(1))
+    data = tmp_path / "data"
+    put(data, "cells/a.bmp", cell(2))
+    os.symlink(outside, data / "link")
+    os.symlink(outside / "x.bmp", data / "cells" / "file_link.bmp")
+    os.symlink(data / "cells", data / "inside_link")
+    manifest = put(
+        data,
+        "MANIFEST.csv",
+        b"path,label\nlink/x.bmp,all\ncells/file_link.bmp,all\ninside_link/a.bmp,hem\n",
+    )
+    rows = build_catalog(str(manifest), "m")
+    assert_accounted(rows)
+    by_name = {os.path.relpath(row["uri"], data): row for row in rows}
+    for name in ("link/x.bmp", "cells/file_link.bmp"):
+        row = by_name[name]
+        assert (row["status"], code(row), row["label"]) == ("quarantined", "outside_root", "all")
+        assert row["image_id"] == "path:" + hashlib.sha256(str(data / name).encode()).hexdigest()
+    assert by_name["inside_link/a.bmp"]["status"] == "ok"  # a link that stays inside is fine
+    assert not [path for path in reads if path.startswith(str(outside))]
+
+
+# -- several sources, one catalog ------------------------------------------------------------
+def test_several_sources_give_one_catalog(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    put(first, "all/a.bmp", cell(1))
+    put(first, "hem/b.bmp", cell(2))
+    put(second, "all/copy_of_a.bmp", cell(1))  # the same bytes in another source
+    put(second, "hem/c.png", cell(3, fmt="PNG"))
+    put(second, "README.txt", b"notes")
+    manifest = put(second, "MANIFEST.csv", b"path,label\nhem/c.png,hem\nall/d.bmp,all\n")
+    put(second, "all/d.bmp", cell(4))
+    rows = build_catalog([str(first), str(manifest), str(second)], "both")
+    assert_accounted(rows)
+    by_uri = {row["uri"]: row for row in rows}
+    # A file named by two sources (the manifest and the folder) is one row.
+    assert len(rows) == len(by_uri) == 5
+    assert by_uri[str(first / "all/a.bmp")]["status"] == "ok"
+    copy = by_uri[str(second / "all/copy_of_a.bmp")]
+    assert copy["status"] == "duplicate"
+    assert copy["reason"] == f"duplicate_of:{by_uri[str(first / 'all/a.bmp')]['image_id']}"
+    assert by_uri[str(second / "all/d.bmp")]["label"] == "all"
+    counts = catalog_counts(rows)
+    assert (counts["ok"], counts["duplicate"], counts["ignored"]) == (4, 1, 2)  # README, CSV
+    # The single-string call is unchanged.
+    assert [r["uri"] for r in build_catalog(str(first), "one")] == [
+        str(first / "all/a.bmp"),
+        str(first / "hem/b.bmp"),
+    ]
+
+
+def test_a_file_a_manifest_lists_is_a_row_not_ignored(tmp_path: Path) -> None:
+    put(tmp_path, "all/a.bmp", cell(1))
+    put(tmp_path, "all/notes.txt", b"not an image")
+    manifest = put(tmp_path, "m.csv", b"path,label\nall/notes.txt,all\n")
+    rows = build_catalog([str(tmp_path), str(manifest)], "x")
+    assert [(os.path.relpath(r["uri"], tmp_path), code(r)) for r in rows] == [
+        ("all/a.bmp", None),
+        ("all/notes.txt", "not_an_image"),
+    ]
+    assert catalog_counts(rows)["ignored_files"] == [str(manifest)]
+
+
+def test_sources_that_label_one_file_differently_quarantine_it(tmp_path: Path) -> None:
+    put(tmp_path, "all/a.bmp", cell(1))
+    manifest = put(tmp_path, "m.csv", b"path,label\nall/a.bmp,hem\n")
+    rows = build_catalog([str(tmp_path), str(manifest)], "x")
+    assert len(rows) == 1
+    assert (rows[0]["status"], code(rows[0])) == ("quarantined", "label_conflict")
+    assert "(all vs hem)" in rows[0]["reason"]
+
+
+def test_no_sources_is_a_usage_error() -> None:
+    with pytest.raises(LeukoflowError, match="no IMAGES given"):
+        build_catalog([], "x")
+
+
+def test_the_two_real_manifests_give_the_development_pool() -> None:
+    pool = CNMC.parent / "cnmc-pool" / "MANIFEST.csv"
+    if not pool.exists():
+        pytest.fail(f"the development pool {pool} is missing")
+    # Only the CSV parsing and path checks: reading 1,571 cells is the catalog's slow part, and
+    # test_cnmc_folder_and_manifest_give_the_same_catalog already reads the real bytes.
+    entries = [
+        entry
+        for source in (str(CNMC / "MANIFEST.csv"), str(pool))
+        for entry in catalog._source_entries(source, DEFAULT_LABELS, allow_empty=False)[0]
+    ]
+    assert len(catalog._one_entry_per_uri(entries)) == 1571
+    assert all(entry.refused is None for entry in entries)
+    assert len({entry.subject_id for entry in entries}) == 46
 
 
 # -- manifests -------------------------------------------------------------------------------
@@ -370,7 +633,7 @@ def test_manifest_rows(tmp_path: Path) -> None:
     assert code(by_uri[str(data / "cells/missing.bmp")]) == "unreadable"
     for raw in ("../outside.bmp", str(tmp_path / "outside.bmp"), "cells/../../outside.bmp"):
         row = by_uri[raw]
-        assert (row["status"], code(row), row["label"]) == ("quarantined", "path_escape", "all")
+        assert (row["status"], code(row), row["label"]) == ("quarantined", "outside_root", "all")
         assert row["image_id"] == "path:" + hashlib.sha256(raw.encode()).hexdigest()
         assert row["size_bytes"] is None and row["width"] is None
 
@@ -420,6 +683,8 @@ def test_remote_filesystem_goes_through_fsspec(monkeypatch) -> None:
     memory.pipe_file("/bucket/ds/hem/broken.png", cell(3, fmt="PNG")[:100])
     memory.pipe_file("/bucket/ds/notes.txt", b"not an image")
     memory.pipe_file("/bucket/ds/MANIFEST.csv", b"path,label\nall/a.bmp,all\n")
+    memory.pipe_file("/bucket/ds/inbox/cell.dat", cell(4, fmt="PNG"))  # probed: a range read
+    memory.pipe_file("/bucket/ds/inbox/../../elsewhere/x.bmp", cell(5))  # a key, not a path
     try:
         monkeypatch.setattr(
             catalog, "open_location", lambda uri: Location(memory, uri.split("://", 1)[1])
@@ -429,8 +694,15 @@ def test_remote_filesystem_goes_through_fsspec(monkeypatch) -> None:
             ("memory:///bucket/ds/all/a.bmp", "all", "ok"),
             ("memory:///bucket/ds/hem/b.png", "hem", "ok"),
             ("memory:///bucket/ds/hem/broken.png", "hem", "quarantined"),
+            ("memory:///bucket/ds/inbox/../../elsewhere/x.bmp", None, "quarantined"),
+            ("memory:///bucket/ds/inbox/cell.dat", None, "ok"),
         ]
+        assert code(rows[3]) == "outside_root" and rows[3]["size_bytes"] is None
         assert rows[0]["size_bytes"] == len(cell(1))
+        assert catalog_counts(rows)["ignored_files"] == [
+            "memory:///bucket/ds/MANIFEST.csv",
+            "memory:///bucket/ds/notes.txt",
+        ]
         via_manifest = build_catalog("memory:///bucket/ds/MANIFEST.csv", "remote")
         assert [(row["uri"], row["status"]) for row in via_manifest] == [
             ("memory:///bucket/ds/all/a.bmp", "ok")

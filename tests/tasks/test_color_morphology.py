@@ -1,5 +1,6 @@
 """The colour/morphology extractor: segmentation against drawn cells of known geometry, a pinned
-feature list, determinism, finite output on degenerate and real C-NMC images."""
+feature list, determinism, finite output on degenerate and real C-NMC images, and the invariances
+cm-2 claims (global colour cast; size, rotation and starting point of the contour descriptors)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import pytest
 from skimage.draw import disk
 
 from leukoflow.tasks.color_morphology import (
+    BLOCK_CATALOGUES,
     FEATURE_DIM,
     FEATURE_NAMES,
     FEATURE_VERSION,
+    SHIPPED_BLOCKS,
+    SHIPPED_NORMALISE,
     Segmentation,
     describe_features,
     extract_features,
+    feature_blocks,
     segment_cell,
 )
 
@@ -217,3 +222,144 @@ def test_real_cells(path: Path):
     assert np.isfinite(v).all()
     assert 0.0 < _feature(v, "nuc_cell_area_ratio") <= 1.0
     assert 5_000 < _feature(v, "cell_area") < 450 * 450 / 2
+
+
+# -- cm-2: blocks, colour normalisation, N:C and chromatin, contour shape ---------------------
+def _load(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _names(block: str) -> list[str]:
+    return [row["name"] for row in BLOCK_CATALOGUES[block]]
+
+
+def test_the_version_is_assembled_from_its_blocks():
+    image, _, _ = _drawn_cell(BACKGROUNDS["black"])
+    blocks = feature_blocks(image, SHIPPED_NORMALISE)
+    assert list(blocks) == list(BLOCK_CATALOGUES)
+    shipped = np.concatenate([blocks[name] for name in SHIPPED_BLOCKS]).astype(np.float32)
+    assert np.array_equal(extract_features(image), shipped)
+    assert list(FEATURE_NAMES) == [n for name in SHIPPED_BLOCKS for n in _names(name)]
+
+
+def test_the_base_block_without_normalisation_is_cm1():
+    """bench/cm_validate.py's `cm-1` variant must be the cm-1 vector, bit for bit."""
+    image = _load(CNMC / "all" / "UID_1_1_1_all.bmp")
+    base = feature_blocks(image, normalise=False)["base"].astype(np.float32)
+    digest = hashlib.sha256(base.tobytes()).hexdigest()
+    assert digest == "b1bfaedd6fe7934c844f89c012f54b5ced1af3f15b5d15de1decbe7d4bd5b6cd"
+
+
+def _cast(image: np.ndarray, gains=(0.8, 1.25, 0.9)) -> np.ndarray:
+    """A global colour cast: per-channel gains on the cell (the black background stays black)."""
+    out = np.clip(np.rint(image.astype(np.float64) * np.asarray(gains)), 0, 255)
+    return out.astype(np.uint8)
+
+
+def test_colour_normalisation_removes_a_global_colour_cast():
+    """With normalisation the colour features of a real cell hardly move under a strong cast
+    (median 0.04 of their cell-to-cell spread when measured); without it they move more than the
+    spread. Not exactly zero: the cast is rounded to 8 bits and the mask edge moves a pixel."""
+    cells = [_load(p) for p in _real_cells()]
+    colour = [row["group"] == "color" for row in BLOCK_CATALOGUES["base"]]
+    moved = {}
+    for normalise in (True, False):
+        plain = np.array([feature_blocks(c, normalise)["base"] for c in cells])[:, colour]
+        cast = np.array([feature_blocks(_cast(c), normalise)["base"] for c in cells])[:, colour]
+        spread = np.maximum(plain.std(axis=0), 0.05 * np.abs(plain).mean(axis=0))
+        moved[normalise] = np.abs(cast - plain) / np.where(spread > 1e-9, spread, 1.0)
+    assert np.median(moved[False]) > 1.0  # the cast is strong
+    assert np.median(moved[True]) < 0.1
+    assert moved[True].mean() < 0.05 * moved[False].mean()
+
+
+def test_the_normalised_cell_colours_have_the_target_statistics():
+    # Exact on the cell's own pixels: any per-channel gain and offset is gone.
+    from leukoflow.tasks.color_morphology import _TARGET_MEAN, _TARGET_STD, _normalise_colors
+
+    rgb = np.random.default_rng(3).normal(60.0, 12.0, (3, 5000)).astype(np.float32)
+    shifted = rgb * np.array([[0.7], [1.3], [1.1]], np.float32) + np.float32(9.0)
+    a, b = _normalise_colors(rgb), _normalise_colors(shifted)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(a.mean(axis=1, keepdims=True), _TARGET_MEAN, atol=0.1)
+    np.testing.assert_allclose(a.std(axis=1, keepdims=True), _TARGET_STD, rtol=0.05)
+
+
+def test_nc_features_measure_the_drawn_geometry():
+    image, truth_cell, truth_nuc = _drawn_cell(BACKGROUNDS["black"], noise=2.0)
+    nc = dict(zip(_names("nc"), feature_blocks(image, normalise=False)["nc"], strict=True))
+    n, c = truth_nuc.sum(), truth_cell.sum()
+    assert nc["nuc_cell_diameter_ratio"] == pytest.approx(np.sqrt(n / c), abs=0.02)
+    assert nc["nuc_cyto_log_area_ratio"] == pytest.approx(np.log(n / (c - n)), abs=0.08)
+    # Mean distance from the cell's circle to the offset nucleus circle, over the cell radius.
+    angles = np.linspace(0, 2 * np.pi, 3600, endpoint=False)
+    edge = np.stack([np.cos(angles), np.sin(angles)], axis=1) * CELL_RADIUS + CELL_CENTER
+    rim = (np.linalg.norm(edge - NUC_CENTER, axis=1) - NUC_RADIUS) / CELL_RADIUS
+    assert nc["cyto_rim_mean"] == pytest.approx(rim.mean(), abs=0.03)
+    assert nc["cyto_rim_std"] == pytest.approx(rim.std(), abs=0.03)
+    assert 0.0 < nc["nuc_od_share"] < 1.0
+    assert nc["nuc_light_spots"] == 0  # a flat nucleus has no nucleolus
+    assert nc["nuc_light_fraction"] == nc["nuc_dark_fraction"] == 0.0
+
+
+def test_a_light_spot_in_the_nucleus_counts_as_a_nucleolus():
+    image, _, _ = _drawn_cell(BACKGROUNDS["black"], noise=2.0)
+    image[disk((140, 165), 6, shape=image.shape[:2])] = (150, 100, 185)  # lighter, still nucleus
+    nc = dict(zip(_names("nc"), feature_blocks(image, normalise=False)["nc"], strict=True))
+    assert nc["nuc_light_spots"] == 1
+    assert nc["nuc_light_fraction"] == pytest.approx(np.pi * 36 / (np.pi * NUC_RADIUS**2), rel=0.3)
+
+
+def _shape_image(shape: np.ndarray) -> np.ndarray:
+    """A uniformly lilac cell of the given shape on black: all nucleus, so both outlines are it."""
+    image = np.zeros((*shape.shape, 3), np.uint8)
+    image[shape] = LILAC
+    return image
+
+
+def _contour(image: np.ndarray) -> dict[str, float]:
+    values = feature_blocks(image, normalise=False)["contour"]
+    return dict(zip(_names("contour"), values, strict=True))
+
+
+def _notched_ellipse(side: int = 300) -> np.ndarray:
+    from skimage.draw import ellipse
+
+    shape = np.zeros((side, side), bool)
+    shape[ellipse(side // 2, side // 2, 60, 110, shape=shape.shape)] = True
+    shape[side // 2 - 10 : side // 2 + 10, side // 2 + 60 :] = False  # a cleft
+    return shape
+
+
+def test_contour_descriptors_of_a_disk_and_of_a_notched_ellipse():
+    round_cell = np.zeros((300, 300), bool)
+    round_cell[disk((150, 150), 90, shape=round_cell.shape)] = True
+    c = _contour(_shape_image(round_cell))
+    assert all(c[f"cell_contour_fd_{k}"] < 0.01 for k in range(1, 9))
+    assert c["cell_contour_bending_energy"] == pytest.approx(1.0, abs=0.25)
+    assert c["cell_contour_concavities"] == 0
+    assert c["cell_contour_inscribed_ratio"] > 0.95
+    assert c["cell_contour_roughness"] < 0.1
+    n = _contour(_shape_image(_notched_ellipse()))
+    assert n["cell_contour_fd_2"] > 0.05  # elongated (a disk: below 0.01)
+    assert n["cell_contour_concavities"] >= 1
+    assert n["cell_contour_max_concavity_depth"] > 0.3  # the cleft is 50 px deep, radius ~81
+    assert n["cell_contour_bending_energy"] > 3.0
+    assert n["cell_contour_inscribed_ratio"] < 0.6
+    assert n["nuc_contour_fd_2"] == pytest.approx(n["cell_contour_fd_2"])  # uniform: all nucleus
+
+
+def test_fourier_descriptors_ignore_rotation_and_size():
+    shape = _notched_ellipse()
+    base = _contour(_shape_image(shape))
+    turned = _contour(_shape_image(np.rot90(shape)))
+    doubled = _contour(_shape_image(np.kron(shape, np.ones((2, 2), bool))))
+    for k in range(1, 9):
+        name = f"cell_contour_fd_{k}"
+        assert turned[name] == pytest.approx(base[name], abs=0.005)
+        assert doubled[name] == pytest.approx(base[name], abs=0.01)
+    for name in ("cell_contour_concavities", "cell_contour_max_concavity_depth"):
+        assert doubled[name] == pytest.approx(base[name], abs=0.05)

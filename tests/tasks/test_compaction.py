@@ -1,11 +1,15 @@
 """Compaction of feature files: fewer, larger files; readers never see a row twice or a gap."""
 
+import multiprocessing
 import shutil
+import threading
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from leukoflow.summary import store_status
+from leukoflow.tasks import tables
+from leukoflow.tasks.status import store_status
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import compact_features, featurised_ids, read_features, write_features
 
@@ -81,3 +85,120 @@ def test_files_of_other_recipes_keep_their_keys(tmp_path):
     compact_features(store, "vgg16")
     assert featurised_ids(store, "vgg16", "other", 64) == {"x"}
     assert featurised_ids(store, "vgg16", "w", 32) == set(ids)
+
+
+# -- two compactions of one folder at once (two runs extracting the same backbone) -----------
+def _live_key_counts(store) -> Counter:
+    """How many live files hold each (image, backbone, weights, size) key, rows counted raw."""
+    counts: Counter = Counter()
+    for backbone in ("vgg16",):
+        root = tables.features_root(store, backbone)
+        for entry in tables._feature_files(root).live:
+            table = pq.read_table(entry["name"], columns=["image_id", "weights_id", "image_size"])
+            for row in table.to_pylist():
+                counts[(row["image_id"], backbone, row["weights_id"], row["image_size"])] += 1
+    return counts
+
+
+def _expected_keys(ids: list[str]) -> Counter:
+    return Counter((image_id, "vgg16", "w", 32) for image_id in ids)
+
+
+def _in_thread(name: str, work) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # the test reports it; a thread would swallow it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_file_merged_away_mid_merge_sends_the_compaction_back_to_its_listing(
+    tmp_path, monkeypatch
+):
+    store = open_location(str(tmp_path))
+    ids = _write_batches(store, 10)
+    first_read, other_done = threading.Event(), threading.Event()
+    read = tables._read_parquet
+
+    def slow_read(root, path):
+        if threading.current_thread().name == "slow" and not other_done.is_set():
+            first_read.set()
+            assert other_done.wait(timeout=60)  # the other compaction runs from start to end
+        return read(root, path)
+
+    monkeypatch.setattr(tables, "_read_parquet", slow_read)
+    thread, slow = _in_thread("slow", lambda: compact_features(store, "vgg16"))
+    assert first_read.wait(timeout=60)
+    assert compact_features(store, "vgg16") == 10
+    other_done.set()
+    thread.join(timeout=60)
+    assert slow == {"result": 0}  # its files were gone: it looked again and found work done
+    assert _live_key_counts(store) == _expected_keys(ids)
+    assert len(_files(tmp_path)) == 1
+
+
+def test_two_compactions_of_overlapping_groups_leave_each_key_in_one_file(tmp_path, monkeypatch):
+    store = open_location(str(tmp_path))
+    ids = _write_batches(store, 10)
+    about_to_write, other_done = threading.Event(), threading.Event()
+    write = tables.write_parquet_atomic
+
+    def slow_write(loc, table):
+        if threading.current_thread().name == "slow" and not other_done.is_set():
+            about_to_write.set()
+            assert other_done.wait(timeout=60)
+        write(loc, table)
+
+    monkeypatch.setattr(tables, "write_parquet_atomic", slow_write)
+    # The slow compaction has read the 10 files; a new batch lands; the other merges all 11.
+    thread, slow = _in_thread("slow", lambda: compact_features(store, "vgg16"))
+    assert about_to_write.wait(timeout=60)
+    write_features(store, "vgg16", "w", 32, ["late"], np.full((1, 4), 7, np.float32))
+    assert compact_features(store, "vgg16") == 11
+    other_done.set()
+    thread.join(timeout=60)
+    # Its merged file replaces 10 of the other's 11: it merged the two once more.
+    assert slow == {"result": 10 + 2}
+    assert _live_key_counts(store) == _expected_keys([*ids, "late"])
+    assert len(_files(tmp_path)) == 1
+    assert featurised_ids(store, "vgg16", "w", 32) == {*ids, "late"}
+
+
+def _compact_in_process(path: str, start, results) -> None:
+    start.wait(timeout=120)
+    try:
+        merged = compact_features(open_location(path), "vgg16", min_files=2, target_bytes=12_000)
+        results.put(("ok", merged))
+    except BaseException as error:
+        results.put(("error", repr(error)))
+
+
+def test_two_compactions_at_once_in_two_processes_keep_every_key_exactly_once(tmp_path):
+    store = open_location(str(tmp_path))
+    ids = _write_batches(store, 48)
+    before = read_features(store, "vgg16", "w", 32, ids)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(2), context.Queue()
+    workers = [
+        context.Process(target=_compact_in_process, args=(str(tmp_path), start, results))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=180) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [kind for kind, _ in outcomes] == ["ok", "ok"], outcomes
+    assert sum(merged for _, merged in outcomes) >= 48  # between them, every batch was merged
+    assert _live_key_counts(store) == _expected_keys(ids)
+    after = read_features(store, "vgg16", "w", 32, ids)
+    assert after.keys() == before.keys()
+    for image_id in ids:
+        np.testing.assert_array_equal(after[image_id], before[image_id])
+    assert all(name.startswith("compact-") for name in _files(tmp_path))

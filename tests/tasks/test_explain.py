@@ -150,3 +150,58 @@ def test_the_nightly_sweep_explains_its_flagged_cells(real_cells_store, real_cel
     assert second["written"] == 2 and third["written"] == 0  # a later sweep finishes the night
     pngs = sorted((store / "explanations" / "date=2026-01-02").glob("*.png"))
     assert len(pngs) == 6 and all(p.read_bytes().startswith(PNG_SIGNATURE) for p in pngs)
+
+
+def test_explanations_reuse_the_running_backbone_actors(real_cells_store, tmp_path):
+    """The pool that extracted the vectors gives the maps: same actor process, no network built
+    in this (the driver's) process, and the same explanation as a network built here."""
+    from leukoflow.tasks import explain as explain_module
+    from leukoflow.tasks.actors import BackbonePool, extract_features
+    from leukoflow.tasks.recipe import Compute, FeatureRecipe
+
+    store, summary = real_cells_store
+    root = open_location(str(store))
+    model, record = registry.load_model(root, summary["model_id"])
+    catalog = _catalog(store)
+    ids = sorted(catalog)[:3]
+    recipe = FeatureRecipe(("vgg16", "color_morphology"), weights="none", image_size=32)
+    pool = BackbonePool(recipe, Compute(batch_size=2))
+    try:
+        fresh = open_location(str(tmp_path / "fresh-store"))
+        extract_features(fresh, {i: catalog[i]["uri"] for i in ids}, {"vgg16": ids}, recipe,
+                         Compute(batch_size=2), pool=pool)  # fmt: skip
+        actor_pid = pool.loaded["vgg16"]["pid"]
+        builds_before = explain_module._cached_featurizer.cache_info().misses
+        _, pixels = read_cell(catalog[ids[0]]["uri"], ids[0])
+        stored = stored_vector(root, record["feature_recipe"], ids[0])
+        by_actor = Explainer(model, record, maps=pool).explain(ids[0], pixels, stored)
+        pngs = explain_images(root, summary["model_id"], ids[1:], str(tmp_path / "png"), maps=pool)
+        assert pool.loaded["vgg16"]["pid"] == actor_pid  # the extraction's actor, not a new one
+        assert explain_module._cached_featurizer.cache_info().misses == builds_before
+    finally:
+        pool.close()
+    assert len(pngs) == 2
+    local = Explainer(model, record).explain(ids[0], pixels, stored)
+    np.testing.assert_allclose(by_actor.maps["vgg16"], local.maps["vgg16"], rtol=1e-6)
+    assert by_actor.score == pytest.approx(local.score)
+
+
+def test_actors_of_another_recipe_are_refused():
+    """Actors computing other features (here: bf16) must not explain an fp32 model."""
+    from leukoflow.tasks.actors import BackbonePool
+    from leukoflow.tasks.recipe import Compute, FeatureRecipe
+
+    gap = np.random.default_rng(0).uniform(0, 1, size=(4, 512)).astype(np.float32)
+    model = train.fit("linear-svm", gap, np.array([0, 1, 0, 1]))
+    record = {
+        "model_id": "m",
+        "feature_recipe": {
+            "backbones": ["vgg16"], "dims": [512], "weights_ids": {"vgg16": "random-seed0"},
+            "image_size": 32, "precision": "fp32",
+        },
+    }  # fmt: skip
+    other = FeatureRecipe(("vgg16",), weights="none", image_size=32, precision="bf16")
+    with pytest.raises(LeukoflowError, match="running vgg16 actor computes other features"):
+        Explainer(model, record, maps=BackbonePool(other, Compute()))
+    same = FeatureRecipe(("vgg16",), weights="none", image_size=32)
+    Explainer(model, record, maps=BackbonePool(same, Compute()))  # no actor starts until used

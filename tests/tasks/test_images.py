@@ -26,6 +26,7 @@ from leukoflow.tasks.images import (
     decode_image,
     probe_image,
     resize_pixels,
+    sniff_format,
 )
 
 MINIMAL_PDF = b"%PDF-1.4\n1 0 obj <</Type /Catalog>> endobj\ntrailer <</Root 1 0 R>>\n%%EOF\n"
@@ -291,6 +292,32 @@ def test_several_conversions_are_joined() -> None:
     decoded = decode_image(encode(Image.new("L", (40, 20), 90), "JPEG", exif=exif))
     assert decoded.conversion == "exif-transposed; L->RGB"
     assert (decoded.width, decoded.height) == (20, 40)
+
+
+# -- multi-frame files and formats found by content ----------------------------------------
+@pytest.mark.parametrize(("fmt", "n"), [("GIF", 3), ("TIFF", 2), ("WEBP", 4)])
+def test_multi_frame_files_give_their_first_frame_and_say_so(fmt: str, n: int) -> None:
+    colours = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (90, 90, 90)][:n]
+    frames = [Image.new("RGB", (24, 24), colour) for colour in colours]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+    decoded = decode_image(data)
+    assert decoded.conversion.split("; ")[0] == f"first_frame_of_{n}"
+    np.testing.assert_allclose(decoded.pixels[12, 12], colours[0], atol=12)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "PNG", "JPEG", "TIFF", "GIF", "WEBP", "PPM", "JPEG2000"])
+def test_sniff_format_knows_every_accepted_format_from_16_bytes(fmt: str) -> None:
+    data = encode(noisy_rgb(20), fmt)
+    assert sniff_format(data[: images.HEADER_BYTES]) == fmt
+    assert fmt in images.ACCEPTED_FORMATS
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"", b"path,label\n", b"# notes", b"\x00\x00\x00\x01Bud1\x00", b"PK\x03\x04", MINIMAL_PDF],
+)
+def test_sniff_format_ignores_what_is_not_an_image(head: bytes) -> None:
+    assert sniff_format(head) is None
 
 
 # -- resize ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 import numpy as np
 
-from leukoflow.tasks.join import concatenate, join_features
+from leukoflow.tasks.join import concatenate, featurised_images, join_features
+from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import write_features
 
@@ -24,14 +25,17 @@ def test_an_image_missing_a_backbone_is_reported_not_dropped_silently():
 
 def test_join_reads_the_store(tmp_path):
     store = open_location(str(tmp_path))
-    write_features(store, "vgg16", "w", 32, ["x", "y"], np.ones((2, 3), np.float32))
-    write_features(store, "color_morphology", "cm", 0, ["x", "y"], np.zeros((2, 5), np.float32))
-    joined = join_features(
-        store,
-        ["x", "y"],
-        ["vgg16", "color_morphology"],
-        {"vgg16": "w", "color_morphology": "cm"},
-        32,
-    )
-    assert joined.matrix.shape == (2, 8) and joined.matrix.dtype == np.float32
-    np.testing.assert_array_equal(joined.matrix[0], [1, 1, 1, 0, 0, 0, 0, 0])
+    recipe = FeatureRecipe(("vgg16", "color_morphology"), weights="none", image_size=32)
+    cm = recipe.weights_ids["color_morphology"]
+    vgg = np.ones((2, 512), np.float32)
+    write_features(store, "vgg16", "random-seed0", 32, ["x", "y"], vgg)
+    # The full-resolution extractor's vectors are keyed by size 0, whatever the recipe's size.
+    cm_dim = recipe.dims[1]
+    write_features(store, "color_morphology", cm, 0, ["x", "y"], np.zeros((2, cm_dim), np.float32))
+    joined = join_features(store, ["x", "y"], recipe)
+    assert joined.matrix.shape == (2, 512 + cm_dim) and joined.matrix.dtype == np.float32
+    assert joined.matrix[0, :512].sum() == 512 and not joined.matrix[0, 512:].any()
+    assert featurised_images(store, recipe) == {"x", "y"}
+    # Vectors of another recipe (seed) are not this recipe's.
+    other = FeatureRecipe(("vgg16",), weights="none", image_size=32, seed=1)
+    assert featurised_images(store, other) == set()

@@ -15,6 +15,7 @@ from leukoflow.tasks.report import (
     figure_to_data_uri,
     plot_confusion_matrix,
     plot_roc,
+    render_experiments_html,
     render_report,
 )
 
@@ -104,7 +105,8 @@ def test_text_is_html_escaped() -> None:
     )
     markdown, html_text = render_report(summary, Y_TRUE, Y_PRED, SCORES)
     assert "<script>" not in html_text
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html_text
+    # Jinja2's autoescape writes a double quote as &#34; (the same character as &quot;).
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html_text
     assert "<b>id</b>" not in html_text and "bad &amp; &lt;ugly&gt;" in html_text
     assert "<script>" not in markdown
 
@@ -177,3 +179,100 @@ def test_plot_helpers_return_figures_and_pngs() -> None:
     texts = [t.get_text() for t in cm.axes[0].texts]
     assert sorted(texts) == ["1", "2", "3", "4"]
     assert "0.7500" in roc.axes[0].get_legend().get_texts()[0].get_text()
+
+
+# -- the saved model at its operating point, per cell and per patient ------------------------
+SUBJECTS = ["MRN-0048213-77"] * 4 + ["MRN-0099999-01"] * 3 + ["MRN-0011111-22"] * 3
+HELD_OUT = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.3, 0.05, 0.1, 0.2])
+
+
+def operating_point() -> dict:
+    """The saved model at threshold 0.5, in tasks/fit's form, patients from tasks/patient."""
+    from leukoflow.tasks import patient
+
+    labels, _ = patient.patient_labels(SUBJECTS, Y_TRUE)
+    decisions = patient.decide(patient.patient_scores(SUBJECTS, HELD_OUT, 0.5), 0.5)
+    return {
+        "threshold": 0.5,
+        "cells": {
+            "n": 10,
+            "sensitivity": 0.75,
+            "sensitivity_ci": [0.5, 1.0],
+            "sensitivity_n": 4,
+            "specificity": 5 / 6,
+            "specificity_ci": [0.6, 1.0],
+            "specificity_n": 6,
+        },
+        "patients": patient.patient_metrics(decisions, labels, n_boot=50, seed=0),
+    }
+
+
+def test_the_operating_point_shows_cells_and_patients_with_n_and_intervals() -> None:
+    point = operating_point()
+    markdown, html_text = render_report(
+        make_summary(), Y_TRUE, Y_PRED, SCORES, operating_point=point
+    )
+    for text in (markdown, html_text):
+        assert "At the operating point: cells and patients" in text
+        assert "0.7500 [0.5000, 1.0000] (n=4)" in text  # cell sensitivity, interval, n
+        assert "0.8333 [0.6000, 1.0000] (n=6)" in text
+        assert "10 test cells from 3 patients" in text
+        assert "MRN-" not in text  # per-patient rows hold subject ids: never shown
+    sensitivity = point["patients"]["metrics"]["sensitivity"]
+    assert f"{sensitivity['value']:.4f} [{sensitivity['low']:.4f}" in markdown
+    assert "(n=1)" in markdown and "(n=2)" in markdown  # one ALL patient, two normal ones
+    # The patient-level part alone works too, and cell-level cells say n/a.
+    markdown, _ = render_report(
+        make_summary(), Y_TRUE, Y_PRED, SCORES, patient_level=point["patients"]
+    )
+    assert "| Count | n/a | 3 |" in markdown
+
+
+def test_without_subject_ids_the_operating_point_says_so() -> None:
+    point = {**operating_point(), "patients": None}
+    markdown, _ = render_report(make_summary(), Y_TRUE, Y_PRED, SCORES, operating_point=point)
+    assert "No patient-level result" in markdown and "| Count | 10 | n/a |" in markdown
+
+
+def test_the_saved_model_can_lead_and_the_paper_follow() -> None:
+    point = operating_point()
+    markdown, html_text = render_report(make_summary(), Y_TRUE, Y_PRED, SCORES)
+    assert "The paper's method" not in markdown  # today's order by default
+    markdown, html_text = render_report(
+        make_summary(), Y_TRUE, Y_PRED, SCORES, operating_point=point, saved_model_first=True
+    )
+    for text, heading in ((markdown, "## The paper's method"), (html_text, "The paper's method")):
+        assert text.index("At the operating point") < text.index(heading)
+        assert text.index(heading) < text.index("Metrics") < text.index("Images")
+    assert "### Metrics" in markdown and "<h3>Metrics</h3>" in html_text
+
+
+def test_example_captions_carry_the_subject_key_file_and_score() -> None:
+    example = {
+        "kind": "FP",
+        "image_id": "c" * 64,
+        "png_data_uri": "data:image/png;base64,AAAA",
+        "subject_key": "S-0123456789ab",
+        "file_name": "UID_H3_1_2_hem.bmp",
+        "score": 0.81,
+        "threshold": 0.5,
+    }
+    _, html_text = render_report(make_summary(), Y_TRUE, Y_PRED, SCORES, examples=[example])
+    caption = "FP cccccccccccccccc: subject S-0123456789ab, UID_H3_1_2_hem.bmp, score 0.8100 "
+    assert f'alt="{caption}(threshold 0.5000)"' in html_text
+
+
+def test_the_experiments_page_escapes_and_stays_offline() -> None:
+    summary = {
+        "experiment_id": "exp-1",
+        "dataset": "<script>alert(1)</script>",
+        "note": "NOT CLINICALLY MEANINGFUL <b>",
+        "evaluations": [],
+        "cells": [],
+        "package_versions": {"jinja2": "3.1.6"},
+    }
+    page = render_experiments_html(summary)
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '<div class="warning">NOT CLINICALLY MEANINGFUL &lt;b&gt;</div>' in page
+    assert "http" not in page and "<img" not in page  # no grid, no plot, nothing to fetch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +81,10 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     assert all(other[name] != first[name] for name in first)
 
 
-def test_a_hundred_images_are_fast(tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_a_hundred_images_are_written(tmp_path: Path) -> None:
+    # No wall-clock bound here: timed tests fail on a loaded machine (speed lives in bench/).
     root = make_synthetic_dataset(tmp_path, n_subjects=10, cells_per_subject=10)
-    elapsed = time.perf_counter() - started
     assert len(list(root.rglob("*.bmp"))) == 100
-    assert elapsed < 2.0
 
 
 def test_classes_are_learnable_but_not_trivial(tmp_path: Path) -> None:

@@ -1,3 +1,5 @@
+from datetime import UTC, datetime
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -5,12 +7,16 @@ import pyarrow.parquet as pq
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import (
     CATALOG_SCHEMA,
+    PREDICTION_SCHEMA,
     feature_schema,
     featurised_ids,
     read_catalog,
     read_features,
+    read_predictions,
+    scored_image_ids,
     write_catalog,
     write_features,
+    write_predictions,
 )
 
 
@@ -59,3 +65,64 @@ def test_catalog_round_trip_keeps_the_schema(tmp_path):
     table = read_catalog(store, "d")
     assert table.schema.equals(CATALOG_SCHEMA)
     assert table.column("image_id").to_pylist() == ["x"]
+
+
+# -- predictions: one row per (image, model), whatever the files hold ------------------------
+def _prediction(image_id: str, model_id: str = "m1", day: int = 1, score: float = 0.5) -> dict:
+    return {
+        "image_id": image_id, "uri": f"/inbox/{image_id}.bmp", "subject_id": "MRN-0048213-77",
+        "model_id": model_id, "score": score, "score_kind": "probability",
+        "predicted_label": "all" if score >= 0.6 else "hem", "threshold": 0.6,
+        "scored_at": datetime(2026, 3, day, 2, 0, tzinfo=UTC), "run_id": f"run-{day}",
+    }  # fmt: skip
+
+
+def test_prediction_chunks_carry_the_lease_token_and_old_chunks_still_read(tmp_path):
+    store = open_location(str(tmp_path))
+    loc = write_predictions(store, "2026-03-01", "run-1", [_prediction("a")], lease_token="tok-1")
+    assert pq.read_schema(loc.path).field("lease_token").nullable
+    # A chunk written before the column existed.
+    old_schema = pa.schema([f for f in PREDICTION_SCHEMA if f.name != "lease_token"])
+    old = tmp_path / "predictions" / "date=2026-03-01" / "part-old.parquet"
+    pq.write_table(pa.Table.from_pylist([_prediction("b")], schema=old_schema), old)
+    table = read_predictions(store, "2026-03-01")
+    assert table.schema.equals(PREDICTION_SCHEMA)
+    rows = table.select(["image_id", "lease_token"]).to_pylist()
+    assert sorted(rows, key=lambda r: r["image_id"]) == [
+        {"image_id": "a", "lease_token": "tok-1"},
+        {"image_id": "b", "lease_token": None},
+    ]
+
+
+def test_a_prediction_written_twice_is_read_and_counted_once(tmp_path):
+    store = open_location(str(tmp_path))
+    # A sweep's chunk; a stalled sweep writes two of its images again, on the next night too;
+    # another model's prediction of the same image is a different key.
+    write_predictions(store, "2026-03-01", "r1", [_prediction(i) for i in "abc"], "tok-1")
+    write_predictions(store, "2026-03-01", "r2", [_prediction("a", day=2, score=0.9)], "tok-2")
+    write_predictions(store, "2026-03-02", "r2", [_prediction("b", day=2, score=0.9)], "tok-2")
+    write_predictions(store, "2026-03-02", "r3", [_prediction("a", model_id="m2", day=2)])
+
+    every = read_predictions(store)
+    keys = sorted((r["image_id"], r["model_id"]) for r in every.to_pylist())
+    assert keys == [("a", "m1"), ("a", "m2"), ("b", "m1"), ("c", "m1")]
+    first = read_predictions(
+        store, "2026-03-01", "m1", columns=["image_id", "score", "lease_token"]
+    )
+    assert first.to_pylist() == [
+        {"image_id": i, "score": 0.5, "lease_token": "tok-1"} for i in "abc"
+    ]  # the copies written first, on the night they were first written
+    assert read_predictions(store, "2026-03-02", "m1").num_rows == 0
+    assert read_predictions(store, "2026-03-02").column("model_id").to_pylist() == ["m2"]
+    # What counts rows sees distinct images: the subjects' cells, the flagged ones.
+    night = read_predictions(store, "2026-03-01", "m1", columns=["subject_id", "predicted_label"])
+    assert night.num_rows == 3 and night.column("predicted_label").to_pylist() == ["hem"] * 3
+    assert scored_image_ids(store, "m1") == {"a", "b", "c"}
+    assert scored_image_ids(store, "m2") == {"a"}
+
+
+def test_reading_predictions_of_an_empty_store_keeps_the_columns_asked_for(tmp_path):
+    store = open_location(str(tmp_path))
+    assert read_predictions(store).schema.equals(PREDICTION_SCHEMA)
+    empty = read_predictions(store, "2026-03-01", "m1", columns=["subject_id", "score"])
+    assert empty.num_rows == 0 and empty.column_names == ["subject_id", "score"]

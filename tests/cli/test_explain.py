@@ -1,34 +1,22 @@
 """`leukoflow explain` as a user meets it: a real subprocess on a real cell, PNG, --json, exit 2."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog
 
-pytestmark = pytest.mark.integration
+from . import assert_user_error, leukoflow
 
-
-def leukoflow(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "leukoflow.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
+pytestmark = pytest.mark.integration  # the store comes from the real run flow (Ray, Prefect)
 
 
 def test_explain_writes_a_png_for_a_real_cell(real_cells_store, real_cells, tmp_path):
     store, summary = real_cells_store
     cell = sorted(real_cells.rglob("*.bmp"))[0]
     out = tmp_path / "cell.png"
-    result = leukoflow("explain", str(cell), "--store", str(store), "--out", str(out), "--json")
+    result = leukoflow("explain", cell, "--store", store, "--out", out, "--json")
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["png"] == str(out) and facts["model_id"] == summary["model_id"]
@@ -42,7 +30,7 @@ def test_explain_writes_a_png_for_a_real_cell(real_cells_store, real_cells, tmp_
 def test_explain_by_catalog_id_writes_next_to_the_user(real_cells_store, tmp_path):
     store, _ = real_cells_store
     first = read_catalog(open_location(str(store))).column("image_id").to_pylist()[0]
-    result = leukoflow("explain", first, "--store", str(store), cwd=tmp_path)
+    result = leukoflow("explain", first, "--store", store, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "NOT CLINICALLY MEANINGFUL" in result.stdout
     assert (tmp_path / f"{first[:12]}-explained.png").stat().st_size > 20_000
@@ -60,8 +48,4 @@ def test_user_errors_exit_2_with_one_line(real_cells_store, real_cells, tmp_path
     image = str(sorted(real_cells.rglob("*.bmp"))[0])
     if args[0] == "--image":
         image, args = str(tmp_path / args[1]), []
-    result = leukoflow("explain", image, "--store", str(store), *args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if "leukoflow: error" in line]
-    assert len(lines) == 1 and words in lines[0]
+    assert_user_error(leukoflow("explain", image, "--store", store, *args), words)

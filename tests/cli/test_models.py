@@ -1,34 +1,24 @@
 """`leukoflow models list | show | promote` as a user meets it, and the registry beneath."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from leukoflow.cli import main
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import calibration, registry, train
 from leukoflow.tasks.storage import open_location
 
-pytestmark = pytest.mark.integration
+from . import leukoflow, leukoflow_here
+
+LONG_BACKBONES = ["vgg16", "vgg19", "resnet101", "mobilenet_v2", "inception_resnet_v2"]
 
 
 @pytest.fixture()
-def leukoflow(monkeypatch, capsys):
+def cli(capsys):
     """The real entry point, in this process (a subprocess per call would mostly time imports)."""
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["leukoflow", *args])
-        with pytest.raises(SystemExit) as done:
-            main()
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, done.value.code, captured.out, captured.err)
-
-    return run
+    return lambda *args: leukoflow_here(capsys, *args)
 
 
 def last_json(result):
@@ -36,7 +26,7 @@ def last_json(result):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def fitted_record(model_id: str, accuracy: float) -> tuple:
+def fitted_record(model_id: str, accuracy: float, backbones=("vgg16",)) -> tuple:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 4))
     y = (x[:, 0] > 0).astype(int)
@@ -46,7 +36,7 @@ def fitted_record(model_id: str, accuracy: float) -> tuple:
         "model_id": model_id,
         "created_at": "2026-01-01T00:00:00+00:00",
         "dataset": "synthetic",
-        "feature_recipe": {"backbones": ["vgg16"], "dims": [4], "image_size": 32},
+        "feature_recipe": {"backbones": list(backbones), "dims": [4], "image_size": 32},
         "classifier": "linear-svm",
         "score_kind": "probability",
         "threshold": 0.42,
@@ -72,50 +62,69 @@ def store(tmp_path):
     return tmp_path
 
 
-def test_list_marks_the_current_model(store, leukoflow):
-    listing = last_json(leukoflow("models", "list", "--store", str(store), "--json"))
+def test_list_marks_the_current_model(store, cli):
+    listing = last_json(cli("models", "list", "--store", store, "--json"))
     assert [m["model_id"] for m in listing["models"]] == ["m-new", "m-old"]
     assert listing["current"] == "m-old"
     assert {m["model_id"]: m["current"] for m in listing["models"]} == {
         "m-new": False,
         "m-old": True,
     }
-    text = leukoflow("models", "list", "--store", str(store))
+    text = cli("models", "list", "--store", store)
     assert text.returncode == 0 and "m-new" in text.stdout and "0.9000" in text.stdout
 
 
-def test_show_prints_the_lineage_without_the_bulky_arrays(store, leukoflow):
-    shown = last_json(leukoflow("models", "show", "current", "--store", str(store), "--json"))
+def test_show_prints_the_lineage_without_the_bulky_arrays(store, cli):
+    shown = last_json(cli("models", "show", "current", "--store", store, "--json"))
     assert shown["model_id"] == "m-old" and shown["current"] is True
     assert shown["threshold"] == 0.42 and shown["score_kind"] == "probability"
     assert len(shown["training_fingerprint"]) == 64 and shown["code_version"]
     assert "reference" not in shown and shown["test_image_ids"].startswith("2 ids")
-    text = leukoflow("models", "show", "m-new", "--store", str(store))
+    text = cli("models", "show", "m-new", "--store", store)
     assert text.returncode == 0
     for words in ("Lineage", "training image set fingerprint", "code version", "threshold"):
         assert words in text.stdout
 
 
-def test_promote_moves_the_pointer_and_remembers_the_previous_model(store, leukoflow):
-    pointer = last_json(leukoflow("models", "promote", "m-new", "--store", str(store), "--json"))
+def test_promote_moves_the_pointer_and_remembers_the_previous_model(store, cli):
+    pointer = last_json(cli("models", "promote", "m-new", "--store", store, "--json"))
     assert pointer["model_id"] == "m-new" and pointer["previous"] == "m-old"
     current = json.loads((store / "models" / "CURRENT.json").read_text())
     assert current["model_id"] == "m-new"
     assert not [p for p in (store / "models").iterdir() if p.name.startswith(".tmp")]
 
 
-def test_an_unknown_model_exits_2_with_one_line(store, leukoflow):
-    result = leukoflow("models", "show", "m-missing", "--store", str(store))
+def test_an_unknown_model_exits_2_with_one_line(store, cli):
+    result = cli("models", "show", "m-missing", "--store", store)
     assert result.returncode == 2
     assert result.stderr.strip() == f"leukoflow: error: no model m-missing in {store}"
     # Once as a user meets it: a separate process, no traceback.
-    result = subprocess.run(
-        [sys.executable, "-m", "leukoflow.cli", "models", "promote", "m-missing", "--store",
-         str(store)],
-        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
-    )  # fmt: skip
+    result = leukoflow("models", "promote", "m-missing", "--store", store, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"leukoflow: error: no model m-missing in {store}"
+
+
+@pytest.fixture()
+def long_id_store(tmp_path):
+    """A model with a real id (time, classifier, fingerprint) and wide columns beside it."""
+    root = open_location(str(tmp_path))
+    model_id = registry.new_model_id("linear-svm", "f" * 64)
+    registry.save_model(root, model_id, *fitted_record(model_id, 0.9, LONG_BACKBONES))
+    registry.promote(root, model_id)
+    return tmp_path, model_id
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_model_ids_are_never_folded_at_80_columns(long_id_store, terminal):
+    store, model_id = long_id_store
+    # TTY_COMPATIBLE makes rich treat the pipe as an 80-column terminal.
+    env = {"COLUMNS": "80", **({"TTY_COMPATIBLE": "1"} if terminal else {})}
+    result = leukoflow("models", "list", "--store", store, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(model_id) > 30 and re.search(rf"(^|\W){re.escape(model_id)}(\W|$)", result.stdout)
+    if not terminal:  # a pipe: nothing is wrapped, every row is one line
+        rows = [line for line in result.stdout.splitlines() if model_id in line]
+        assert len(rows) == 1 and "+".join(LONG_BACKBONES) in rows[0]
 
 
 def test_model_folders_are_immutable(store):

@@ -1,0 +1,243 @@
+"""Compare `color_morphology` feature variants on the development pool, subject-grouped.
+
+The protocol of docs/color_morphology.md ("Developing cm-2"): the pool's cells (one or more
+manifests with path, label, subject_id), the product's subject-grouped folds and linear SVM
+(`tasks.validate.cross_validate`) at cell level, and a patient-level decision whose threshold is
+chosen on the training folds only (inner subject-grouped folds). A development tool, not part of
+the wheel. Features are cached under --cache (never in the repository): re-runs only refit.
+
+    nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.cm_validate \\
+        /work/shared/data/cnmc/MANIFEST.csv /work/shared/data/cnmc-pool/MANIFEST.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from leukoflow.tasks import color_morphology as cm
+from leukoflow.tasks import evaluate, train, validate
+
+# name -> (colour normalisation, feature blocks): the pre-declared variants, nothing else.
+VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "cm-1": (False, ("base",)),
+    "stain": (True, ("base",)),
+    "nc": (False, ("base", "nc")),
+    "contour": (False, ("base", "contour")),
+    "all-raw": (False, ("base", "nc", "contour")),
+    "all": (True, ("base", "nc", "contour")),
+}
+FOLDS, SEED, N_BOOT = 5, 0, 1000
+
+
+def read_manifests(paths: list[Path]) -> list[dict[str, str]]:
+    """Rows (file, label, subject, sha256) of every manifest, paths resolved beside it."""
+    rows = []
+    for manifest in paths:
+        with manifest.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append(
+                    {
+                        "file": str(manifest.parent / row["path"]),
+                        "label": row["label"],
+                        "subject": row["subject_id"],
+                        "sha256": row["sha256"],
+                    }
+                )
+    return rows
+
+
+def _code_digest() -> str:
+    """Cached vectors are valid for exactly this extractor source, less the lines that only say
+    which blocks the version ships (they change no block's values)."""
+    lines = Path(cm.__file__).read_text().splitlines()
+    kept = [ln for ln in lines if not ln.startswith(("SHIPPED_", "FEATURE_VERSION"))]
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+def extract_all(rows: list[dict[str, str]], cache: Path) -> dict[bool, dict[str, np.ndarray]]:
+    """Every block, raw and colour-normalised, for every row: from the cache or computed."""
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256("".join(r["sha256"] for r in rows).encode()).hexdigest()[:12]
+    out: dict[bool, dict[str, np.ndarray]] = {}
+    todo = []
+    for normalise in (False, True):
+        path = cache / f"{_code_digest()}-{key}-{'norm' if normalise else 'raw'}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                out[normalise] = {name: data[name] for name in cm.BLOCK_CATALOGUES}
+        else:
+            todo.append((normalise, path))
+    if not todo:
+        return out
+    blocks = {n: {name: [] for name in cm.BLOCK_CATALOGUES} for n, _ in todo}
+    seconds = 0.0
+    for i, row in enumerate(rows):
+        with Image.open(row["file"]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        start = time.perf_counter()
+        for normalise, _ in todo:
+            for name, values in cm.feature_blocks(pixels, normalise).items():
+                blocks[normalise][name].append(values)
+        seconds += time.perf_counter() - start
+        if (i + 1) % 100 == 0:
+            print(
+                f"  {i + 1}/{len(rows)} cells, {seconds / (i + 1) * 1000:.0f} ms/cell", flush=True
+            )
+    for normalise, path in todo:
+        out[normalise] = {name: np.asarray(v) for name, v in blocks[normalise].items()}
+        np.savez(path, **out[normalise])
+    return out
+
+
+def _best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The protocol's rule: midpoints of consecutive distinct scores plus 0.5; highest patient
+    balanced accuracy wins, ties go to the candidate closest to 0.5."""
+    distinct = np.unique(scores)
+    candidates = np.concatenate([(distinct[:-1] + distinct[1:]) / 2, [0.5]])
+    best, best_key = 0.5, None
+    for t in candidates:
+        bacc = evaluate.compute_metrics(labels, (scores > t).astype(int))["balanced_accuracy"]
+        key = (bacc, -abs(t - 0.5))
+        if best_key is None or key > best_key:
+            best, best_key = float(t), key
+    return best
+
+
+def _patient_scores(
+    predicted: np.ndarray, y: np.ndarray, subjects: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per patient (sorted ids): id, fraction of cells predicted ALL, label, number of cells."""
+    ids = np.unique(subjects)
+    frac = np.array([predicted[subjects == s].mean() for s in ids])
+    label = np.array([int(y[subjects == s][0]) for s in ids])
+    count = np.array([int((subjects == s).sum()) for s in ids])
+    return ids, frac, label, count
+
+
+def patient_level(x: np.ndarray, y: np.ndarray, subjects: np.ndarray) -> dict:
+    """Outer subject-grouped folds; each fold's threshold from inner folds of its training side."""
+    folds = train.kfold(y, list(subjects), FOLDS, SEED)
+    decisions = []
+    for train_rows, test_rows in folds.indices:
+        inner = train.kfold(y[train_rows], list(subjects[train_rows]), FOLDS, SEED)
+        inner_pred = np.zeros(len(train_rows), np.int64)
+        for fit_rows, held_rows in inner.indices:
+            model = train.fit("linear-svm", x[train_rows][fit_rows], y[train_rows][fit_rows], SEED)
+            inner_pred[held_rows] = model.predict(x[train_rows][held_rows])
+        _, frac, label, _ = _patient_scores(inner_pred, y[train_rows], subjects[train_rows])
+        threshold = _best_threshold(frac, label)
+        model = train.fit("linear-svm", x[train_rows], y[train_rows], SEED)
+        predicted = model.predict(x[test_rows])
+        ids, frac, label, count = _patient_scores(predicted, y[test_rows], subjects[test_rows])
+        for s, f, lab, n in zip(ids, frac, label, count, strict=True):
+            decisions.append(
+                {
+                    "subject": str(s),
+                    "label": int(lab),
+                    "score": float(f),
+                    "threshold": threshold,
+                    "call": int(f > threshold),
+                    "cells": int(n),
+                }
+            )
+    truth = np.array([d["label"] for d in decisions])
+    calls = np.array([d["call"] for d in decisions])
+    metrics = evaluate.compute_metrics(truth, calls)
+    low, high = evaluate.bootstrap_interval(
+        truth, calls, None, "balanced_accuracy", n_boot=N_BOOT, seed=SEED
+    )
+    tn, fp = metrics["confusion_matrix"]["matrix"][0]
+    return {
+        "correct": int((truth == calls).sum()),
+        "patients": len(decisions),
+        "sensitivity": metrics["recall"],
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "balanced_accuracy_interval": [low, high],
+        "wrong": [d for d in decisions if d["call"] != d["label"]],
+        "decisions": decisions,
+    }
+
+
+def run_variant(blocks: dict[bool, dict[str, np.ndarray]], variant: str, y, subjects) -> dict:
+    normalise, names = VARIANTS[variant]
+    x = np.concatenate([blocks[normalise][name] for name in names], axis=1)
+    cell = validate.cross_validate(x, y, list(subjects), "linear-svm", FOLDS, SEED, N_BOOT)
+    return {
+        "variant": variant,
+        "dim": int(x.shape[1]),
+        "cell": cell,
+        "patient": patient_level(x, y, subjects),
+    }
+
+
+def _row(result: dict) -> str:
+    m = result["cell"]["metrics"]
+    p = result["patient"]
+    cells = [
+        f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f} [{m[k]['low']:.3f}, {m[k]['high']:.3f}]"
+        for k in ("balanced_accuracy", "roc_auc")
+    ]
+    low, high = p["balanced_accuracy_interval"]
+    return (
+        f"| `{result['variant']}` | {result['dim']} | "
+        + " | ".join(cells)
+        + f" | {p['correct']}/{p['patients']} | {p['sensitivity']:.3f} / {p['specificity']:.3f}"
+        + f" | {p['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}] |"
+    )
+
+
+def _wrong_call(decision: dict) -> str:
+    truth = "ALL" if decision["label"] else "normal"
+    return (
+        f"{decision['subject']} ({truth}, {decision['cells']} cells, "
+        f"score {decision['score']:.2f} vs threshold {decision['threshold']:.2f})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("manifests", nargs="+", type=Path)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/cm_validate"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", type=Path, help="write every number here too")
+    args = parser.parse_args(argv)
+    rows = read_manifests(args.manifests)
+    y = evaluate.labels_to_int([r["label"] for r in rows])
+    subjects = np.array([r["subject"] for r in rows])
+    print(f"{len(rows)} cells, {len(set(subjects))} subjects; extracting (cached in {args.cache})")
+    blocks = extract_all(rows, args.cache)
+    results = []
+    print(
+        "| variant | dim | cell balanced accuracy | cell ROC AUC | patients correct "
+        "| patient sens / spec | patient balanced accuracy |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for variant in args.variants.split(","):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_variant(blocks, variant, y, subjects)
+        result["warnings"] = sorted({str(w.message)[:120] for w in caught})
+        results.append(result)
+        print(_row(result), flush=True)
+    for result in results:
+        wrong = ", ".join(_wrong_call(d) for d in result["patient"]["wrong"])
+        print(f"{result['variant']}: wrong patients: {wrong or 'none'}")
+        print(f"  warnings: {result['warnings'] or 'none'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`leukoflow deploy`: register the nightly, backfill and train deployments with Prefect."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from leukoflow.cli.options import AsJson, Store
+from leukoflow.cli.output import print_json
+
+
+def deploy(
+    store: Store,
+    inbox: Annotated[str, typer.Option(help="Folder or s3:// prefix the nightly sweep scores")],
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the 02:00 nightly cron")] = "UTC",
+    prefect_file: Annotated[
+        str | None, typer.Option("--prefect-file", help="Default: deployments/prefect.yaml")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Register the nightly, backfill and train deployments with the Prefect server at
+    $PREFECT_API_URL (and create the `leukoflow` process work pool if missing)."""
+    from leukoflow.deploy import deploy as register
+
+    report = register(store, inbox, timezone, prefect_file)
+    if as_json:
+        print_json(report)
+        return
+    pool = f"{report['work_pool']} ({'created' if report['work_pool_created'] else 'exists'})"
+    print(f"Prefect API {report['api']}: work pool {pool}")
+    for item in report["deployments"]:
+        schedules = ", ".join(f"{s['cron']} {s['timezone']}" for s in item["schedules"])
+        print(f"  {item['name']}: {item['entrypoint']} [{schedules or 'on demand'}]")
+    print("Start a worker: prefect worker start --pool leukoflow")

@@ -1,0 +1,245 @@
+"""`leukoflow run`, `validate` and `experiments`: train and measure on catalogued collections."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from leukoflow.cli.boundary import before_flow
+from leukoflow.cli.options import (
+    COMPUTE,
+    PAPER_BACKBONES,
+    RECIPE,
+    AsJson,
+    Classifier,
+    Dataset,
+    ExperimentSplit,
+    Images,
+    ImagesList,
+    Labels,
+    NBoot,
+    Split,
+    Store,
+    check_store,
+    parse_labels,
+    shared_options,
+)
+from leukoflow.cli.output import console, print_json
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
+
+METRICS_SHOWN = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
+PAPER_CLASSIFIERS = "knn,linear-svm,rbf-svm,tree,forest,mlp"
+
+TargetSensitivity = Annotated[
+    float,
+    typer.Option(
+        "--target-sensitivity",
+        help="Sensitivity for ALL the screening threshold must reach on validation folds",
+    ),
+]
+
+
+def train_model(
+    images: str | list[str],
+    store: str,
+    recipe: FeatureRecipe,
+    compute: Compute,
+    dataset: str,
+    classifier: str,
+    split: str | None,
+    labels: str | None = None,
+    target_sensitivity: float = 0.95,
+    promote: bool = True,
+    force: bool = False,
+) -> dict:
+    """The run flow, once everything a user can get wrong is checked (shared with `demo`)."""
+    from leukoflow.tasks import calibration
+
+    calibration.check_target_sensitivity(target_sensitivity)
+    label_map = parse_labels(labels)
+    check_store(store)
+
+    from leukoflow.flows.run import run_pipeline
+
+    before_flow()
+    return run_pipeline(
+        images=images, store=store, recipe=recipe, compute=compute, dataset=dataset,
+        classifier=classifier, split=split, seed=recipe.seed, labels=label_map,
+        target_sensitivity=target_sensitivity, promote=promote, force=force,
+    )  # fmt: skip
+
+
+@shared_options
+def run(
+    images: Images,
+    store: Store,
+    dataset: Dataset = "default",
+    recipe: FeatureRecipe = RECIPE,
+    classifier: Classifier = "linear-svm",
+    split: Split = None,
+    labels: Labels = None,
+    target_sensitivity: TargetSensitivity = 0.95,
+    promote: Annotated[
+        bool,
+        typer.Option(
+            help="Make the new model current (a non-clinical model never replaces "
+            "a clinical one without --force)"
+        ),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even over a clinical current model")
+    ] = False,
+    compute: Compute = COMPUTE,
+    as_json: AsJson = False,
+) -> None:
+    """Catalog -> extract -> join -> train -> evaluate -> report on a collection of images."""
+    summary = train_model(
+        images, store, recipe, compute, dataset, classifier, split, labels,
+        target_sensitivity, promote, force,
+    )  # fmt: skip
+    print_run_summary(summary, as_json)
+
+
+def print_run_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print_json(summary)
+        return
+    out = console()
+    if summary.get("note"):
+        out.print(f"[bold red]{summary['note']}[/]")
+    counts = summary["counts"]
+    out.print(
+        f"[bold]leukoflow run {summary['run_id']}[/] on dataset [cyan]{summary['dataset']}[/]: "
+        f"{counts['found']} images found, {counts['featurised']} featurised, "
+        f"{counts['quarantined']} quarantined, {counts['duplicate']} duplicates"
+        + (f", [bold red]{counts['missing']} missing[/]" if counts.get("missing") else "")
+    )
+    extraction = summary["extraction"]
+    computed = extraction["computed"] or "none (all features were already in the store)"
+    out.print(f"features: {' + '.join(summary['backbones'])} = {summary['feature_dim']} "
+              f"per image; computed now: {computed}")  # fmt: skip
+    if extraction.get("images_per_second"):
+        out.print(f"extraction: {extraction['images_per_second']} images/s")
+    table = Table(title=f"{summary['classifier']} on a {summary['split']} split "
+                        f"({summary['n_train']} train / {summary['n_test']} test)")  # fmt: skip
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in METRICS_SHOWN:
+        value = summary["metrics"].get(name)
+        table.add_row(name, "n/a" if value is None else f"{value:.4f}")
+    out.print(table)
+    promoted = summary.get("promoted", True)
+    out.print(f"model: {summary['model_id']} ({'current' if promoted else 'not promoted'})")
+    out.print(f"report: {summary['paths']['report_html']}")
+
+
+@shared_options
+def validate(
+    images: ImagesList,
+    store: Store,
+    dataset: Dataset = "default",
+    recipe: FeatureRecipe = RECIPE,
+    folds: Annotated[int, typer.Option(help="Subject-grouped folds")] = 5,
+    n_boot: NBoot = 1000,
+    labels: Labels = None,
+    compute: Compute = COMPUTE,
+    as_json: AsJson = False,
+) -> None:
+    """Subject-grouped k-fold metrics of one feature set with the paper's linear SVM."""
+    label_map = parse_labels(labels)
+    from leukoflow.flows.validate import run_validation
+
+    before_flow()
+    summary = run_validation(
+        images=list(images), store=store, recipe=recipe, compute=compute, dataset=dataset,
+        folds=folds, seed=recipe.seed, n_boot=n_boot, labels=label_map,
+    )  # fmt: skip
+    if as_json:
+        print_json(summary)
+        return
+    out = console()
+    if summary["note"]:
+        out.print(summary["note"])
+    out.print(
+        f"{'+'.join(recipe.backbones)}: {summary['n_images']} cells, {summary['n_subjects']} "
+        f"subjects, {summary['folds']} subject-grouped folds (mean ± std [95% subject bootstrap])"
+    )
+    for key, m in summary["metrics"].items():
+        out.print(f"  {key:<18} {m['mean']:.4f} ± {m['std']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")
+
+
+@shared_options
+def experiments(
+    store: Store,
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Folders or CSV manifests to catalog first (default: the dataset "
+            "as `run` or `backfill` catalogued it)"
+        ),
+    ] = None,
+    dataset: Dataset = "default",
+    recipe: FeatureRecipe = RECIPE.with_defaults(backbones=PAPER_BACKBONES),
+    classifiers: Annotated[
+        str, typer.Option(help="Comma list of knn, linear-svm, rbf-svm, tree, forest, mlp")
+    ] = PAPER_CLASSIFIERS,
+    split: ExperimentSplit = "both",
+    trio: Annotated[
+        str | None,
+        typer.Option(help="The 3 backbones whose pairs and trio are tried (default: the paper's)"),
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the subject-grouped evaluation")] = 5,
+    n_boot: NBoot = 1000,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment", help="Train also on flipped and rotated copies (4x the extraction)"
+        ),
+    ] = False,
+    compute: Compute = COMPUTE,
+    as_json: AsJson = False,
+) -> None:
+    """The paper's grid (backbones, pairs, trio x classifiers) beside subject-grouped numbers."""
+    from leukoflow.tasks import backbones as bb
+    from leukoflow.tasks import experiments as ex
+
+    classifier_names = ex.parse_classifiers(classifiers)
+    trio_names = bb.parse_backbones(trio) if trio else None
+    ex.feature_sets(list(recipe.backbones), trio_names)
+
+    from leukoflow.flows.experiments import run_experiments
+
+    before_flow()
+    summary = run_experiments(
+        store=store, recipe=recipe, compute=compute, dataset=dataset,
+        classifiers=classifier_names, split=split, trio=trio_names, folds=folds,
+        augment=augment, seed=recipe.seed, n_boot=n_boot, images=list(images) if images else None,
+    )  # fmt: skip
+    if as_json:
+        print_json(summary)
+        return
+    print_experiments(summary)
+
+
+def print_experiments(summary: dict) -> None:
+    """One compact table per evaluation (means, ± std over folds); intervals are in the report."""
+    from leukoflow.tasks import experiments as ex
+
+    out = console()
+    if summary.get("note"):
+        out.print(f"[bold red]{summary['note']}[/]")
+    for evaluation in summary["evaluations"]:
+        header, rows, best = ex.display_table(
+            ex.results_for(summary["cells"], evaluation["name"]), intervals=False
+        )
+        table = Table(title=evaluation["label"])
+        for i, column in enumerate(header):
+            table.add_column(column, justify="right" if i >= 2 else "left")
+        for i, row in enumerate(rows):
+            table.add_row(*row, style="bold green" if i == best else None)
+        out.print(table)
+    out.print("best cell in bold green (highest accuracy, then F1); 95% intervals in the report")
+    for key, path in summary["paths"].items():
+        out.print(f"{key}: {path}")

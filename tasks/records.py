@@ -1,0 +1,208 @@
+"""The records a run leaves behind, each built in one place: image accounting, run rows, model
+records. Plain functions: the flows call them and write what they return.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+
+from leukoflow.tasks.recipe import FeatureRecipe
+from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
+
+PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
+
+NON_CLINICAL_NOTE = (
+    "NOT CLINICALLY MEANINGFUL: features from random-initialised networks (--weights none)"
+)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a model's numbers depend on (its lineage)."""
+    versions = {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}}
+    for distribution in ("tensorflow", "tensorflow-cpu"):  # GPU images install the former
+        try:
+            versions["tensorflow"] = version(distribution)
+            break
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def non_clinical_note(non_clinical: bool) -> str | None:
+    return NON_CLINICAL_NOTE if non_clinical else None
+
+
+# -- accounting ------------------------------------------------------------------------------
+@dataclass
+class Accounting:
+    """Every file found, counted by measurement: each category comes from its own source.
+
+    `done` are ok files whose image has what the run makes (vectors in the features table, or
+    predictions in the predictions table), read back from the store; `quarantined` come from the
+    catalog and from extraction; `duplicate` from the catalog. `missing` are ok files with
+    neither: images lost on the way, named so that someone can look. A file counted twice (an
+    image both set aside and stored) or not at all breaks `found == sum` and `accounted` says so.
+    """
+
+    found: int
+    done: int
+    quarantined: int
+    duplicate: int
+    missing_uris: list[str] = field(default_factory=list)
+    double_counted_uris: list[str] = field(default_factory=list)
+    already_done: int = 0  # of `done`: finished by an earlier run (sweeps: already scored)
+
+    @property
+    def missing(self) -> int:
+        return len(self.missing_uris)
+
+    @property
+    def accounted(self) -> bool:
+        total = self.done + self.quarantined + self.duplicate + self.missing
+        return total == self.found and not self.missing_uris and not self.double_counted_uris
+
+
+def account(
+    rows: Sequence[dict],
+    rejected: Iterable[str],
+    done_ids: set[str],
+    done_before: set[str] | None = None,
+) -> Accounting:
+    """Count catalog `rows` against what the store holds (`done_ids`, read from its table) and
+    what extraction set aside (`rejected` image ids)."""
+    rejected = set(rejected)
+    done_before = done_before or set()
+    quarantined = duplicate = done = already = 0
+    missing, double = [], []
+    for row in rows:
+        status, image_id = row["status"], row["image_id"]
+        if status == STATUS_DUPLICATE:
+            duplicate += 1
+        elif status == STATUS_QUARANTINED:
+            quarantined += 1
+        elif status == STATUS_OK:
+            set_aside, stored = image_id in rejected, image_id in done_ids
+            quarantined += set_aside
+            done += stored
+            already += stored and image_id in done_before
+            if set_aside and stored:
+                double.append(row["uri"])
+            elif not set_aside and not stored:
+                missing.append(row["uri"])
+    return Accounting(len(rows), done, quarantined, duplicate, missing, double, already)
+
+
+def accounting_dict(counts: Accounting, done_name: str) -> dict:
+    """The JSON form: `done_name` is what `done` means for this kind of run."""
+    return {
+        "found": counts.found,
+        done_name: counts.done,
+        "quarantined": counts.quarantined,
+        "duplicate": counts.duplicate,
+        "missing": counts.missing,
+        "accounted": counts.accounted,
+        # File names only at the most, never subject ids; capped for the run row's size.
+        "missing_uris": counts.missing_uris[:100],
+        "double_counted_uris": counts.double_counted_uris[:100],
+    }
+
+
+# -- run rows --------------------------------------------------------------------------------
+def run_row(
+    run_id: str,
+    kind: str,
+    dataset: str,
+    started: datetime,
+    finished: datetime | None,
+    outcome: str,
+    *,
+    found: int = 0,
+    new: int = 0,
+    featurised: int = 0,
+    quarantined: int = 0,
+    duplicate: int = 0,
+    scored: int = 0,
+    skipped: int = 0,
+    missing: int = 0,
+    images_per_second: float | None = None,
+    model_id: str | None = None,
+    weights_id: str | None = None,
+    details: dict | None = None,
+) -> dict:
+    """One RUN_SCHEMA row (tables.write_run): the same columns for every kind of run."""
+    return {
+        "run_id": run_id,
+        "kind": kind,
+        "dataset": dataset,
+        "started_at": started,
+        "finished_at": finished,
+        "outcome": outcome,
+        "images_found": found,
+        "images_new": new,
+        "images_featurised": featurised,
+        "images_quarantined": quarantined,
+        "images_duplicate": duplicate,
+        "images_scored": scored,
+        "images_skipped": skipped,
+        "images_missing": missing,
+        "images_per_second": images_per_second,
+        "model_id": model_id,
+        "weights_id": weights_id,
+        "details": json.dumps(details or {}, default=str),
+    }
+
+
+# -- model records ---------------------------------------------------------------------------
+def model_record(
+    *,
+    model_id: str,
+    created_at: datetime,
+    dataset: str,
+    recipe: FeatureRecipe,
+    classifier: str,
+    classifier_params: dict,
+    fitted,
+    split: str,
+    seed: int,
+    train_ids: list[str],
+    test_ids: list[str],
+    training_fingerprint: str,
+    target_sensitivity: float,
+    reference: dict,
+    code_version: str,
+) -> dict:
+    """model.json: what the model is, how it was made, its operating point and its lineage.
+
+    `fitted` is a train.FittedModel; `reference` the held-out distribution that nightly drift
+    compares against.
+    """
+    return {
+        "model_id": model_id,
+        "created_at": created_at.isoformat(),
+        "dataset": dataset,
+        "feature_recipe": recipe.to_record(),
+        "non_clinical": recipe.non_clinical,
+        "classifier": classifier,
+        # The paper's classifier settings; the saved model wraps them in calibration.
+        "classifier_params": classifier_params,
+        "score_kind": fitted.score_kind,
+        "threshold": fitted.threshold,
+        "target_sensitivity": target_sensitivity,
+        "calibration": fitted.calibration,
+        "patient_rule": fitted.patient_rule,
+        "split": split,
+        "seed": seed,
+        "n_train": len(train_ids),
+        "n_test": len(test_ids),
+        "training_fingerprint": training_fingerprint,
+        "test_image_ids": list(test_ids),
+        "reference": reference,
+        "metrics": fitted.metrics,
+        "package_versions": package_versions(),
+        "code_version": code_version,
+    }

@@ -1,0 +1,220 @@
+"""The stages every flow shares, as thin Prefect tasks: catalog, missing vectors, featurise,
+quarantine what extraction could not read, join.
+
+One set, used by run, validate, experiments, backfill and the nightly sweep, so no two flows can
+key vectors or count images differently. Stage logic lives in plain modules (catalog, actors,
+join); these wrappers log, report progress and give each stage its place in the Prefect UI.
+Results stay in memory (NO_CACHE): the store is the system of record, and re-runs skip work by
+reading it, not through Prefect's cache. Ray is imported only when there are vectors to compute,
+so a sweep that finds nothing new never pays its start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from leukoflow.tasks.catalog import build_catalog, catalog_counts
+from leukoflow.tasks.join import JoinedFeatures, join_features
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import (
+    CATALOG_SCHEMA,
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    featurised_ids,
+    read_catalog,
+    write_catalog,
+)
+
+
+@dataclass
+class CatalogPass:
+    """A catalog pass over a collection, and what changed since the previous one."""
+
+    rows: list[dict]
+    written: bool  # False when nothing changed since the last pass: the catalog was not rewritten
+    new_files: int  # uris not in the previous catalog
+    quarantined_new: int  # of those, the ones set aside
+    counts: dict = field(default_factory=dict)  # catalog_counts(rows), ignored files included
+
+
+@task(name="catalog", cache_policy=NO_CACHE)
+def catalog_images(
+    images: str | list[str],
+    store: Location,
+    dataset: str,
+    labels: dict[str, str] | None = None,
+    allow_empty: bool = False,
+) -> CatalogPass:
+    """Catalog one or more folders/manifests, reusing the rows of files unchanged since the last
+    pass (the catalog is rewritten only when something changed)."""
+    logger = get_run_logger()
+    known = {row["uri"]: row for row in read_catalog(store, dataset).to_pylist()}
+    rows = build_catalog(images, dataset, labels, known_rows=known, allow_empty=allow_empty)
+    fresh = [row for row in rows if row["uri"] not in known]
+    columns = CATALOG_SCHEMA.names
+    changed = len(rows) != len(known) or any(
+        [known.get(r["uri"], {}).get(c) for c in columns] != [r.get(c) for c in columns]
+        for r in rows
+    )
+    if changed:
+        write_catalog(store, dataset, rows)
+    counts = catalog_counts(rows)
+    logger.info(
+        "catalog %s: %d files (%d new since the last pass), %d ok, %d quarantined, %d duplicate%s",
+        dataset, len(rows), len(fresh), counts["ok"], counts["quarantined"], counts["duplicate"],
+        "" if changed else "; unchanged, not rewritten",
+    )  # fmt: skip
+    for reason, n in counts.get("reasons", {}).items():
+        logger.warning("catalog: %d image(s) set aside: %s", n, reason)
+    if counts.get("ignored"):
+        logger.warning("catalog: %d file(s) ignored: not images", counts["ignored"])
+    quarantined_new = sum(row["status"] == STATUS_QUARANTINED for row in fresh)
+    return CatalogPass(rows, changed, len(fresh), quarantined_new, counts)
+
+
+@task(name="quarantine-rejects", cache_policy=NO_CACHE)
+def quarantine_rejects(
+    store: Location, dataset: str, rows: list[dict], rejected: dict[str, str]
+) -> list[dict]:
+    """Record in the catalog the images extraction could not read (changed or unreadable since
+    they were catalogued): quarantined with extraction's reason, so the store itself says what
+    became of them. Returns the rows as written."""
+    hit = [r for r in rows if r["status"] == STATUS_OK and r["image_id"] in rejected]
+    if not hit:
+        return rows
+    updated = [
+        {**r, "status": STATUS_QUARANTINED, "reason": rejected[r["image_id"]]}
+        if r["status"] == STATUS_OK and r["image_id"] in rejected
+        else r
+        for r in rows
+    ]
+    write_catalog(store, dataset, updated)
+    get_run_logger().warning("catalog %s: %d image(s) quarantined at extraction", dataset, len(hit))
+    return updated
+
+
+@task(name="missing-vectors", cache_policy=NO_CACHE)
+def missing_vectors(
+    store: Location, image_ids: list[str], recipe: FeatureRecipe
+) -> dict[str, list[str]]:
+    """Per backbone, the ids without a vector of `recipe` (only backbones with work)."""
+    logger = get_run_logger()
+    todo = {}
+    for name in recipe.backbones:
+        done = featurised_ids(store, name, *recipe.vector_key(name))
+        missing = [i for i in image_ids if i not in done]
+        if missing:
+            todo[name] = missing
+    logger.info("vectors to compute: %s", {n: len(ids) for n, ids in todo.items()} or "none")
+    return todo
+
+
+@task(name="featurise", cache_policy=NO_CACHE)
+def featurise(
+    store: Location,
+    uris: dict[str, str],
+    todo: dict[str, list[str]],
+    recipe: FeatureRecipe,
+    compute: Compute,
+    total_images: int | None = None,
+    progress_bar: bool = False,
+) -> dict:
+    """Compute the missing vectors on Ray actors; Ray is never started when there are none."""
+    empty = {"computed": {}, "rejected": {}, "seconds": 0.0, "images_per_second": None}
+    if not any(todo.values()):
+        return empty
+    from leukoflow.tasks.actors import extract_features, ray_session  # Ray: only with work
+
+    pending = len({i for ids in todo.values() for i in ids})
+    total = total_images if total_images is not None else pending
+    logger = get_run_logger()
+    with progress_reporter(progress_bar, total, total - pending, logger) as report:
+        with ray_session(compute.ray_address):
+            result = extract_features(store, uris, todo, recipe, compute, on_progress=report)
+    rate = result.images_done / result.seconds if result.seconds else None
+    logger.info(
+        "featurise: %s in %.1fs (%s images/s)", result.computed, result.seconds,
+        rate and round(rate, 2),
+    )  # fmt: skip
+    for image_id, reason in result.rejected.items():
+        logger.warning("featurise: image %s set aside: %s", image_id[:12], reason)
+    return {
+        "computed": result.computed,
+        "rejected": result.rejected,
+        "seconds": round(result.seconds, 2),
+        "images_per_second": rate and round(rate, 3),
+        "actor_nodes": result.actor_nodes,
+        "actor_code_dirs": result.actor_code_dirs,
+    }
+
+
+@task(name="join", cache_policy=NO_CACHE)
+def join(store: Location, image_ids: list[str], recipe: FeatureRecipe) -> JoinedFeatures:
+    """One row per image that has every backbone's vector; the rest are named in `missing`."""
+    logger = get_run_logger()
+    joined = join_features(store, image_ids, recipe)
+    logger.info(
+        "join: %d images x %d features (%s)",
+        len(joined.image_ids),
+        joined.matrix.shape[1],
+        " + ".join(f"{n}:{d}" for n, d in zip(joined.backbones, joined.dims, strict=True)),
+    )
+    for image_id, absent in joined.missing.items():
+        logger.warning("join: image %s lacks features of %s", image_id[:12], ", ".join(absent))
+    return joined
+
+
+# -- progress --------------------------------------------------------------------------------
+@contextmanager
+def progress_reporter(
+    bar: bool, total: int, already_done: int, logger
+) -> Iterator[Callable[[int, int], None]]:
+    """A callback for extraction progress: a rich bar on stderr, or log lines."""
+    started = time.perf_counter()
+
+    def rate_and_eta(done: int, batch_total: int) -> tuple[float, float]:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        return rate, (batch_total - done) / rate if rate else float("nan")
+
+    if not bar:
+
+        def log_line(done: int, batch_total: int) -> None:
+            rate, eta = rate_and_eta(done, batch_total)
+            logger.info("featurise: %d/%d images, %.2f images/s, ETA %.0fs",
+                        already_done + done, total, rate, eta)  # fmt: skip
+
+        yield log_line
+        return
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("featurising"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} images/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar_id = progress.add_task("featurise", total=total, completed=already_done, rate="-")
+        last_line = [0.0]
+
+        def advance(done: int, batch_total: int) -> None:
+            rate, eta = rate_and_eta(done, batch_total)
+            progress.update(bar_id, completed=already_done + done, rate=f"{rate:.2f}")
+            # Without a terminal rich draws the bar only at the end: print a line now and then.
+            quiet = time.perf_counter() - last_line[0] < 10 and done < batch_total
+            if not console.is_terminal and not quiet:
+                last_line[0] = time.perf_counter()
+                console.print(f"featurising: {already_done + done}/{total} images, "
+                              f"{rate:.2f} images/s, ETA {eta:.0f}s")  # fmt: skip
+
+        yield advance

@@ -1,0 +1,107 @@
+"""The shared options: defined once, stacked by every command that needs them, and built into
+one FeatureRecipe and one Compute before any engine starts."""
+
+import typer
+from typer.testing import CliRunner
+
+from leukoflow.cli import app, options
+from leukoflow.cli.options import COMPUTE, RECIPE, shared_options
+from leukoflow.tasks import experiments, recipe, train
+from leukoflow.tasks.recipe import Compute, FeatureRecipe
+
+from . import assert_user_error, leukoflow, leukoflow_here
+
+RECIPE_OPTIONS = {"--backbones", "--weights", "--weights-dir", "--image-size", "--seed",
+                  "--precision"}  # fmt: skip
+COMPUTE_OPTIONS = {"--ray-address", "--batch-size", "--gpu-share", "--actor-cpus",
+                   "--batch-timeout"}  # fmt: skip
+EXTRACTING = ("run", "validate", "experiments", "backfill", "demo")
+
+
+def command_options(*path: str) -> list[str]:
+    """Every option name of the command at `path`, as click parsed the signature."""
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return [opt for param in command.params for opt in param.opts]
+
+
+def test_the_choices_are_the_ones_the_stages_accept():
+    assert options.CLASSIFIERS == train.CLASSIFIERS
+    assert options.SPLITS == train.SPLITS
+    assert options.EXPERIMENT_SPLITS == experiments.SPLIT_CHOICES
+    assert options.PAPER_BACKBONES.split(",") == list(experiments.PAPER_BACKBONES)
+    assert recipe.PRECISION_CHOICES == ("fp32", "bf16", "auto")
+
+
+def test_every_extracting_command_takes_the_recipe_and_compute_options():
+    for name in EXTRACTING:
+        names = set(command_options(name))
+        assert RECIPE_OPTIONS <= names, name
+        assert COMPUTE_OPTIONS <= names, name
+    score = set(command_options("score"))
+    assert COMPUTE_OPTIONS <= score and "--precision" in score and "--weights-dir" in score
+
+
+def test_each_option_appears_once_per_command():
+    command = typer.main.get_command(app)
+    paths = [(n,) for n in command.commands if n != "models"]
+    paths += [("models", n) for n in command.commands["models"].commands]
+    for path in paths:
+        names = command_options(*path)
+        assert len(names) == len(set(names)), path
+        assert names.count("--json") == 1, path
+    assert "--store" not in command_options("demo")
+
+
+def test_the_options_build_one_recipe_and_one_compute_setting():
+    built = {}
+    probe = typer.Typer()
+
+    @probe.command()
+    @shared_options
+    def go(recipe: FeatureRecipe = RECIPE, compute: Compute = COMPUTE) -> None:
+        built.update(recipe=recipe, compute=compute)
+
+    result = CliRunner().invoke(
+        probe,
+        ["--backbones", "vgg16,color_morphology", "--weights", "none", "--image-size", "64",
+         "--seed", "3", "--precision", "bf16", "--ray-address", "ray://head:10001",
+         "--batch-size", "8", "--gpu-share", "0.5", "--actor-cpus", "2", "--batch-timeout", "60"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert built["recipe"] == FeatureRecipe(("vgg16", "color_morphology"), "none", 64, 3, "bf16")
+    assert built["compute"] == Compute("ray://head:10001", 8, 0.5, 2.0, 60.0)
+
+
+def test_a_command_can_change_a_groups_defaults(capsys):
+    help_text = "".join(leukoflow_here(capsys, "experiments", "--help").stdout.split())
+    assert (
+        "[default:vgg16,vgg19,resnet101,mobilenet_v2,inception_resnet_v2,densenet121]" in help_text
+    )
+    demo_help = "".join(leukoflow_here(capsys, "demo", "--help").stdout.split())
+    assert "DIR[default:none]" in demo_help
+
+
+def test_every_extracting_command_refuses_an_unschedulable_actor_share(
+    tmp_path, synthetic_images, capsys
+):
+    store = tmp_path / "store"
+    for name, *rest in (
+        ["run", synthetic_images, "--weights", "none"],
+        ["validate", synthetic_images, "--weights", "none"],
+        ["experiments", "--weights", "none"],
+        ["backfill", synthetic_images, "--dataset", "d", "--weights", "none"],
+        ["score", synthetic_images],
+    ):
+        base = [name, *rest, "--store", store]
+        gpu = leukoflow_here(capsys, *base, "--gpu-share", "1.5")
+        assert_user_error(gpu, "--gpu-share", "1.5")
+        assert_user_error(leukoflow_here(capsys, *base, "--actor-cpus", "0"), "--actor-cpus")
+        assert_user_error(leukoflow_here(capsys, *base, "--batch-timeout", "0"), "--batch-timeout")
+    assert not store.exists()  # refused before anything was written
+    # Once as a user meets it: a separate process.
+    result = leukoflow(
+        "run", synthetic_images, "--store", store, "--weights", "none", "--gpu-share", "1.5"
+    )
+    assert_user_error(result, "--gpu-share", "1.5")

@@ -1,0 +1,121 @@
+"""`leukoflow run`, `validate` and `experiments`: configuration errors before any engine starts
+(exit 2, one line), and real runs through the flows (--json, status, --no-promote)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from . import assert_click_usage, assert_user_error, leukoflow, leukoflow_here
+
+
+def last_json(result) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--backbones", "vgg16,alexnet"], ["unknown backbone alexnet"]),
+        (["--image-size", "40", "--backbones", "inception_resnet_v2"], ["accepts (>= 75)"]),
+        (["--labels", "blast"], ["--labels"]),
+        (["--target-sensitivity", "1.5"], ["sensitivity"]),
+    ],
+)
+def test_configuration_errors_exit_2_with_one_line(
+    tmp_path, synthetic_images, capsys, extra, words
+):
+    result = leukoflow_here(
+        capsys, "run", synthetic_images, "--store", tmp_path, "--weights", "none", *extra
+    )
+    assert_user_error(result, *words)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [(["--classifier", "xgboost"], ["--classifier"]), (["--split", "time"], ["--split"])],
+)
+def test_unknown_choices_are_usage_errors(tmp_path, synthetic_images, capsys, extra, words):
+    result = leukoflow_here(capsys, "run", synthetic_images, "--store", tmp_path, *extra)
+    assert_click_usage(result, *words)
+
+
+def test_missing_imagenet_weights_exit_2_naming_the_file(tmp_path, synthetic_images):
+    result = leukoflow(
+        "run", synthetic_images, "--store", tmp_path, "--backbones", "densenet121",
+        env={"KERAS_HOME": str(tmp_path / "empty")},
+    )  # fmt: skip
+    assert_user_error(
+        result, "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", "--weights none"
+    )
+
+
+@pytest.mark.integration
+def test_missing_images_folder_exits_2(tmp_path):
+    result = leukoflow("run", tmp_path / "nope", "--store", tmp_path, "--weights", "none")
+    assert_user_error(result, "nope")
+
+
+@pytest.mark.integration
+def test_one_class_only_exits_2_before_extraction(tmp_path, synthetic_images):
+    result = leukoflow(
+        "run", synthetic_images / "fold_0" / "all", "--store", tmp_path / "s",
+        "--weights", "none", "--backbones", "vgg16", "--image-size", "32",
+        "--labels", "fold_0=all",
+    )  # fmt: skip
+    assert_user_error(result)
+    assert "Traceback" not in result.stderr and "extract" not in result.stderr
+
+
+@pytest.mark.integration
+def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthetic_images):
+    store = tmp_path / "store"
+    recipe = ["--weights", "none", "--backbones", "vgg16", "--image-size", "32"]
+    summary = last_json(leukoflow("run", synthetic_images, "--store", store, *recipe, "--json"))
+    assert summary["counts"]["found"] == 24 and summary["feature_dim"] == 512
+    assert summary["non_clinical"] is True and "NOT CLINICALLY" in summary["note"]
+    assert 0 <= summary["metrics"]["accuracy"] <= 1
+    assert os.path.exists(summary["paths"]["report_html"])
+    # Every synthetic image carries its subject id: the default split keeps patients apart.
+    assert summary["split"] == "subject"
+
+    status = leukoflow("status", "--store", store, "--json")
+    report = last_json(status)
+    assert report["datasets"]["default"] == {
+        "found": 24,
+        "ok": 24,
+        "quarantined": 0,
+        "duplicate": 0,
+    }
+    assert report["features"]["vgg16"] == {"random-seed0@32px": 24}
+    assert report["current_model"] == summary["model_id"]
+    assert report["accounted"] is True
+    assert report["accounting"]["datasets"]["default"]["featurised"] == 24
+
+    again = leukoflow(
+        "run", synthetic_images, "--store", store, *recipe, "--split", "random",
+        "--no-promote", "--json",
+    )  # fmt: skip
+    second = last_json(again)
+    assert second["model_id"] != summary["model_id"] and second["promoted"] is False
+    assert second["split"] == "random" and second["extraction"]["computed"] == {}
+    current = last_json(leukoflow("models", "list", "--store", store, "--json"))["current"]
+    assert current == summary["model_id"]
+
+
+@pytest.mark.integration
+def test_validate_takes_several_image_folders(tmp_path, synthetic_images):
+    # Two collections in class folders, the subjects split between them.
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for n, cell in enumerate(sorted(synthetic_images.rglob("*.bmp"))):
+        target = folders[n % 2] / cell.parent.name / cell.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(cell, target)
+    result = leukoflow(
+        "validate", *folders, "--store", tmp_path / "store", "--backbones", "color_morphology",
+        "--folds", "3", "--n-boot", "50", "--json",
+    )  # fmt: skip
+    summary = last_json(result)
+    assert summary["n_images"] == 24 and summary["n_subjects"] == 6 and summary["folds"] == 3
