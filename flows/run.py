@@ -15,10 +15,10 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import calibration, evaluate, records, registry, train
 from leukoflow.tasks.explain_tasks import explain_examples
+from leukoflow.tasks.fit import drift_reference
 from leukoflow.tasks.join import featurised_images
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
-from leukoflow.tasks.score import score_reference
 from leukoflow.tasks.stage_tasks import (
     catalog_images,
     featurise,
@@ -81,87 +81,54 @@ def run_pipeline(
         calibration.DEFAULT_CALIBRATION_FOLDS,
         seed,
     )
-    ok = [r for r in catalog.rows if r["status"] == STATUS_OK]
-    uris = {r["image_id"]: r["uri"] for r in ok}
-    todo = missing_vectors(root, list(uris), recipe)
-    extraction = featurise(root, uris, todo, recipe, compute)
+    from leukoflow.tasks.actors import backbone_pool  # Ray: started only if the pool is used
 
-    rejected = extraction["rejected"]
-    rows = quarantine_rejects(root, dataset, catalog.rows, rejected)
-    labelled = [r for r in trainable if r["image_id"] not in rejected]
-    joined = join(root, [r["image_id"] for r in labelled], recipe)
-    by_id = {r["image_id"]: r for r in labelled}
-    y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
-    # Subjects only group cells (splits, folds, patients): their keyed pseudonyms group the same,
-    # and nothing fitted, reported or printed can then carry a raw subject id.
-    salt = subject_salt(root)
-    subjects = [subject_key(by_id[i]["subject_id"], salt) for i in joined.image_ids]
-    fitted = fit_model(joined.matrix, y, subjects, classifier, split, seed, target_sensitivity)
+    # One set of backbone actors for extraction and the report's explanations: each network is
+    # built once, in its actor, never in the driver.
+    with backbone_pool(recipe, compute) as pool:
+        ok = [r for r in catalog.rows if r["status"] == STATUS_OK]
+        uris = {r["image_id"]: r["uri"] for r in ok}
+        todo = missing_vectors(root, list(uris), recipe)
+        extraction = featurise(root, uris, todo, recipe, compute, pool=pool)
 
-    train_ids = [joined.image_ids[i] for i in fitted.split.train]
-    test_ids = [joined.image_ids[i] for i in fitted.split.test]
-    fingerprint = train.fingerprint(train_ids)
-    model_id = registry.new_model_id(classifier, fingerprint)
-    held_out = joined.matrix[fitted.split.test]
-    record = records.model_record(
-        model_id=model_id, created_at=started, dataset=dataset, recipe=recipe,
-        classifier=classifier, classifier_params=_params(fitted.paper_model), fitted=fitted,
-        split=split, seed=seed, train_ids=train_ids, test_ids=test_ids,
-        training_fingerprint=fingerprint, target_sensitivity=target_sensitivity,
-        reference={
-            "feature_mean": joined.matrix[fitted.split.train].mean(axis=0).tolist(),
-            "feature_std": joined.matrix[fitted.split.train].std(axis=0).tolist(),
-            # The saved model's scores on held-out cells: nightly drift compares against these
-            # (training-set scores of a separating SVM are more extreme than new cells' ever are).
-            "scores": score_reference(
-                *train.decision_scores(fitted.model, held_out), split="held-out test"
-            ),
-        },
-        code_version=registry.code_version(),
-    )  # fmt: skip
-    counts = records.account(rows, rejected, featurised_images(root, recipe))
-    summary = {
-        "run_id": run_id,
-        "model_id": model_id,
-        "dataset": dataset,
-        "store": root.uri,
-        "backbones": list(recipe.backbones),
-        "feature_dim": recipe.feature_dim,
-        "weights_id": recipe.weights_id,
-        "precision": recipe.precision,
-        "non_clinical": recipe.non_clinical,
-        "note": records.non_clinical_note(recipe.non_clinical),
-        "image_size": recipe.image_size,
-        "classifier": classifier,
-        "classifier_params": record["classifier_params"],
-        "split": split,
-        "seed": seed,
-        "n_train": record["n_train"],
-        "n_test": record["n_test"],
-        "counts": {
-            **records.accounting_dict(counts, "featurised"),
-            "trained_and_tested": len(joined.image_ids),
-            "ignored": catalog.counts.get("ignored", 0),
-        },
-        "extraction": extraction,
-        "metrics": fitted.metrics,
-        "operating_point": fitted.operating_point,
-        "patient_rule": fitted.patient_rule,
-        "score_kind": fitted.score_kind,
-        "threshold": fitted.threshold,
-        "calibration": fitted.calibration,
-        "created_at": started.isoformat(),
-        "code_version": record["code_version"],
-        "package_versions": record["package_versions"],
-    }
-    examples = []
-    if examples_per_kind > 0:
-        examples = explain_examples(
-            fitted.model, record, test_ids, fitted.y_test, fitted.test_probabilities,
-            {i: by_id[i]["uri"] for i in test_ids},
-            {i: joined.matrix[k] for k, i in zip(fitted.split.test, test_ids, strict=True)},
-            recipe.weights_dir, examples_per_kind,
+        rejected = extraction["rejected"]
+        rows = quarantine_rejects(root, dataset, catalog.rows, rejected)
+        labelled = [r for r in trainable if r["image_id"] not in rejected]
+        joined = join(root, [r["image_id"] for r in labelled], recipe)
+        by_id = {r["image_id"]: r for r in labelled}
+        y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
+        # Subjects only group cells (splits, folds, patients): their keyed pseudonyms group the
+        # same, and nothing fitted, reported or printed can then carry a raw subject id.
+        salt = subject_salt(root)
+        subjects = [subject_key(by_id[i]["subject_id"], salt) for i in joined.image_ids]
+        fitted = fit_model(joined.matrix, y, subjects, classifier, split, seed, target_sensitivity)
+
+        train_ids = [joined.image_ids[i] for i in fitted.split.train]
+        test_ids = [joined.image_ids[i] for i in fitted.split.test]
+        fingerprint = train.fingerprint(train_ids)
+        model_id = registry.new_model_id(classifier, fingerprint)
+        record = records.model_record(
+            model_id=model_id, created_at=started, dataset=dataset, recipe=recipe,
+            classifier=classifier, fitted=fitted, split=split, seed=seed, train_ids=train_ids,
+            test_ids=test_ids, training_fingerprint=fingerprint,
+            target_sensitivity=target_sensitivity,
+            reference=drift_reference(fitted, joined.matrix), code_version=registry.code_version(),
         )  # fmt: skip
+        counts = records.account(rows, rejected, featurised_images(root, recipe))
+        summary = records.run_summary(
+            run_id=run_id, record=record, store=root.uri, fitted=fitted, counts=counts,
+            extraction=extraction, trained_and_tested=len(joined.image_ids),
+            ignored=catalog.counts.get("ignored", 0),
+        )  # fmt: skip
+        examples = []
+        if examples_per_kind > 0:
+            examples = explain_examples(
+                fitted.model, record, test_ids, fitted.y_test, fitted.test_probabilities,
+                {i: by_id[i]["uri"] for i in test_ids},
+                {i: joined.matrix[k] for k, i in zip(fitted.split.test, test_ids, strict=True)},
+                recipe.weights_dir, examples_per_kind, maps=pool,
+                subject_keys=dict(zip(joined.image_ids, subjects, strict=True)),
+            )  # fmt: skip
     # The report lists the images set aside (by content id and reason); the summary does not.
     quarantined = [
         {"image_id": r["image_id"], "reason": r["reason"]}
@@ -203,8 +170,3 @@ def _labelled(rows: list[dict]) -> list[dict]:
     if not labelled:
         raise LeukoflowError("no labelled images to train on (labels come from folders or CSV)")
     return labelled
-
-
-def _params(model) -> dict:
-    params = model[-1].get_params()
-    return {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool, type(None)))}

@@ -130,20 +130,50 @@ def _sweep(
     scored_before = scored_image_ids(root, state.model_id)
     plan = sc.plan_sweep(catalog.rows, scored_before)
     state.new = len(plan.new_rows)
+    from leukoflow.tasks.actors import backbone_pool  # Ray: started only if the pool is used
+
+    # One set of actors for the new images' vectors and the flagged cells' explanations.
+    with backbone_pool(recipe, compute) as pool:
+        summary = _score_and_summarise(
+            state, root, recipe, settings, lease, compute, catalog.rows, plan.new_rows,
+            scored_before, pool,
+        )  # fmt: skip
+        if explain_flagged and explain_limit > 0:
+            summary["explanations"] = explain_flagged_cells(
+                root, state.model_id, state.night, explain_limit, recipe.weights_dir, maps=pool
+            )
+    publish_sweep(summary)
+    return summary
+
+
+def _score_and_summarise(
+    state: sc.Sweep,
+    root: Location,
+    recipe: FeatureRecipe,
+    settings: sc.SweepSettings,
+    lease: StoreLease,
+    compute: Compute,
+    catalog_rows: list[dict],
+    new_rows: list[dict],
+    scored_before: set[str],
+    pool,
+) -> dict:
+    """Featurise and score the new images, count every image, summarise the night."""
     scores, feature_mean, rejected = [], None, {}
-    if plan.new_rows:
-        uris = {row["image_id"]: row["uri"] for row in plan.new_rows}
+    if new_rows:
+        uris = {row["image_id"]: row["uri"] for row in new_rows}
         todo = missing_vectors(root, list(uris), recipe)
-        state.extraction = featurise(root, uris, todo, recipe, compute, total_images=len(uris))
+        state.extraction = featurise(root, uris, todo, recipe, compute, total_images=len(uris),
+                                     pool=pool)  # fmt: skip
         state.computed = max(state.extraction["computed"].values(), default=0)
         rejected = state.extraction["rejected"]  # files changed or unreadable since the catalog
-        rows = [row for row in plan.new_rows if row["image_id"] not in rejected]
+        rows = [row for row in new_rows if row["image_id"] not in rejected]
         scored = score_new_images(
             root, state.model_id, state.record, recipe, rows, state.night, state.run_id,
             settings.chunk_size, lease,
         )  # fmt: skip
         scores, feature_mean = scored["scores"], scored["feature_mean"]
-    rows = quarantine_rejects(root, state.dataset, catalog.rows, rejected)
+    rows = quarantine_rejects(root, state.dataset, catalog_rows, rejected)
     # Counted against the predictions table, not from what this process believes it wrote.
     state.accounting = records.account(
         rows, rejected, scored_image_ids(root, state.model_id), scored_before
@@ -151,8 +181,8 @@ def _sweep(
     if not state.accounting.accounted:
         get_run_logger().warning(
             "accounting: %d image(s) neither scored nor quarantined, %d counted twice: %s",
-            state.accounting.missing, len(state.accounting.double_counted_uris),
-            ", ".join((state.accounting.missing_uris + state.accounting.double_counted_uris)[:10]),
+            state.accounting.missing, len(state.accounting.double_counted_ids),
+            ", ".join(i[:12] for i in state.accounting.missing_ids[:10]),
         )  # fmt: skip
     columns = ["image_id", "subject_id", "score", "predicted_label"]
     night = read_predictions(root, state.night, state.model_id, columns=columns)
@@ -168,9 +198,4 @@ def _sweep(
         state.scored, feature_mean, scores, state.record, settings.drift()
     )
     summary = state.summary("completed", datetime.now(UTC))
-    if explain_flagged and explain_limit > 0:
-        summary["explanations"] = explain_flagged_cells(
-            root, state.model_id, state.night, explain_limit, recipe.weights_dir
-        )
-    publish_sweep(summary)
     return summary

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -34,9 +36,11 @@ def explain_examples(
     weights_dir: str | None,
     per_kind: int = 3,
     maps: FeatureMapSource | None = None,
+    subject_keys: dict[str, str | None] | None = None,
 ) -> list[dict]:
     """Activation maps of up to `per_kind` true positives, false positives and false negatives of
-    the saved model (`scores` are its test scores, read against record["threshold"]).
+    the saved model (`scores` are its test scores, read against record["threshold"]), each
+    captioned with its subject's pseudonym (`subject_keys`), file name, score and threshold.
 
     `maps`: the run's backbone actors (tasks.actors.BackbonePool), so that no network is built
     again; without, each CNN is built once in this process.
@@ -53,6 +57,15 @@ def explain_examples(
         return []
     explainer = Explainer(model, record, weights_dir, maps=maps)
     gallery = example_gallery(explainer, cases, uris, vectors)
+    score_of = dict(zip(test_ids, np.asarray(scores, dtype=float).tolist(), strict=True))
+    for example in gallery:
+        image_id = example["image_id"]
+        example.update(
+            subject_key=(subject_keys or {}).get(image_id),
+            file_name=PurePosixPath(uris[image_id]).name,
+            score=score_of[image_id],
+            threshold=float(record["threshold"]),
+        )
     logger.info("examples: %s", ", ".join(f"{e['kind']} {e['image_id'][:12]}" for e in gallery))
     return gallery
 

@@ -41,6 +41,28 @@ class FittedModel:
     metrics: dict  # the paper's metrics of the plain classifier (held-out side)
     score_kind: str = "probability"
 
+    def paper_params(self) -> dict:
+        """The paper's classifier settings (JSON values only), e.g. C=1 and the hinge loss."""
+        params = self.paper_model[-1].get_params()
+        plain = (int, float, str, bool, type(None))
+        return {k: v for k, v in params.items() if isinstance(v, plain)}
+
+
+def drift_reference(fitted: FittedModel, x: np.ndarray) -> dict:
+    """What nightly drift compares against: the training side's feature moments, and the saved
+    model's scores on held-out cells (training-set scores of a separating SVM are more extreme
+    than new cells' ever are)."""
+    from leukoflow.tasks.score import score_reference
+
+    held_out = x[fitted.split.test]
+    return {
+        "feature_mean": x[fitted.split.train].mean(axis=0).tolist(),
+        "feature_std": x[fitted.split.train].std(axis=0).tolist(),
+        "scores": score_reference(
+            *train.decision_scores(fitted.model, held_out), split="held-out test"
+        ),
+    }
+
 
 def fit_and_measure(
     x: np.ndarray,

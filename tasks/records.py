@@ -16,6 +16,8 @@ from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTIN
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
 
+SHORT_ID = 12  # characters of a content id that name an image in messages
+
 NON_CLINICAL_NOTE = (
     "NOT CLINICALLY MEANINGFUL: features from random-initialised networks (--weights none)"
 )
@@ -53,18 +55,18 @@ class Accounting:
     done: int
     quarantined: int
     duplicate: int
-    missing_uris: list[str] = field(default_factory=list)
-    double_counted_uris: list[str] = field(default_factory=list)
+    missing_ids: list[str] = field(default_factory=list)
+    double_counted_ids: list[str] = field(default_factory=list)
     already_done: int = 0  # of `done`: finished by an earlier run (sweeps: already scored)
 
     @property
     def missing(self) -> int:
-        return len(self.missing_uris)
+        return len(self.missing_ids)
 
     @property
     def accounted(self) -> bool:
         total = self.done + self.quarantined + self.duplicate + self.missing
-        return total == self.found and not self.missing_uris and not self.double_counted_uris
+        return total == self.found and not self.missing_ids and not self.double_counted_ids
 
 
 def account(
@@ -91,9 +93,9 @@ def account(
             done += stored
             already += stored and image_id in done_before
             if set_aside and stored:
-                double.append(row["uri"])
+                double.append(image_id)
             elif not set_aside and not stored:
-                missing.append(row["uri"])
+                missing.append(image_id)
     return Accounting(len(rows), done, quarantined, duplicate, missing, double, already)
 
 
@@ -106,9 +108,9 @@ def accounting_dict(counts: Accounting, done_name: str) -> dict:
         "duplicate": counts.duplicate,
         "missing": counts.missing,
         "accounted": counts.accounted,
-        # File names only at the most, never subject ids; capped for the run row's size.
-        "missing_uris": counts.missing_uris[:100],
-        "double_counted_uris": counts.double_counted_uris[:100],
+        # Named by short content id: a file name can carry a subject id. Capped for the row.
+        "missing_images": [i[:SHORT_ID] for i in counts.missing_ids[:100]],
+        "double_counted_images": [i[:SHORT_ID] for i in counts.double_counted_ids[:100]],
     }
 
 
@@ -165,7 +167,6 @@ def model_record(
     dataset: str,
     recipe: FeatureRecipe,
     classifier: str,
-    classifier_params: dict,
     fitted,
     split: str,
     seed: int,
@@ -189,7 +190,7 @@ def model_record(
         "non_clinical": recipe.non_clinical,
         "classifier": classifier,
         # The paper's classifier settings; the saved model wraps them in calibration.
-        "classifier_params": classifier_params,
+        "classifier_params": fitted.paper_params(),
         "score_kind": fitted.score_kind,
         "threshold": fitted.threshold,
         "target_sensitivity": target_sensitivity,
@@ -205,4 +206,53 @@ def model_record(
         "metrics": fitted.metrics,
         "package_versions": package_versions(),
         "code_version": code_version,
+    }
+
+
+def run_summary(
+    *,
+    run_id: str,
+    record: dict,
+    store: str,
+    fitted,
+    counts: Accounting,
+    extraction: dict,
+    trained_and_tested: int,
+    ignored: int,
+) -> dict:
+    """What `leukoflow run` returns (its --json line): the model, its numbers, the accounting."""
+    recipe = record["feature_recipe"]
+    return {
+        "run_id": run_id,
+        "model_id": record["model_id"],
+        "dataset": record["dataset"],
+        "store": store,
+        "backbones": recipe["backbones"],
+        "feature_dim": recipe["feature_dim"],
+        "weights_id": ",".join(recipe["weights_ids"][n] for n in recipe["backbones"]),
+        "precision": recipe["precision"],
+        "non_clinical": record["non_clinical"],
+        "note": non_clinical_note(record["non_clinical"]),
+        "image_size": recipe["image_size"],
+        "classifier": record["classifier"],
+        "classifier_params": record["classifier_params"],
+        "split": record["split"],
+        "seed": record["seed"],
+        "n_train": record["n_train"],
+        "n_test": record["n_test"],
+        "counts": {
+            **accounting_dict(counts, "featurised"),
+            "trained_and_tested": trained_and_tested,
+            "ignored": ignored,
+        },
+        "extraction": extraction,
+        "metrics": fitted.metrics,
+        "operating_point": fitted.operating_point,
+        "patient_rule": fitted.patient_rule,
+        "score_kind": fitted.score_kind,
+        "threshold": fitted.threshold,
+        "calibration": fitted.calibration,
+        "created_at": record["created_at"],
+        "code_version": record["code_version"],
+        "package_versions": record["package_versions"],
     }

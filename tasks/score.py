@@ -19,7 +19,7 @@ import numpy as np
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.records import Accounting, run_row
+from leukoflow.tasks.records import SHORT_ID, Accounting, run_row
 from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
@@ -449,8 +449,8 @@ class Sweep:
             "duplicate": acc.duplicate,
             "missing": acc.missing,
             "accounted": acc.accounted,
-            "missing_uris": acc.missing_uris[:100],
-            "double_counted_uris": acc.double_counted_uris[:100],
+            "missing_images": [i[:SHORT_ID] for i in acc.missing_ids[:100]],
+            "double_counted_images": [i[:SHORT_ID] for i in acc.double_counted_ids[:100]],
             "unscored_at_start": self.new,
             "computed": self.computed,
             "ignored": self.ignored,

@@ -127,8 +127,13 @@ def featurise(
     compute: Compute,
     total_images: int | None = None,
     progress_bar: bool = False,
+    pool=None,
 ) -> dict:
-    """Compute the missing vectors on Ray actors; Ray is never started when there are none."""
+    """Compute the missing vectors on Ray actors; Ray is never started when there are none.
+
+    `pool` (tasks/actors.BackbonePool): take the actors from it and leave them running, so the
+    explanations that follow reuse the networks; without, the actors live for this stage only.
+    """
     empty = {"computed": {}, "rejected": {}, "seconds": 0.0, "images_per_second": None}
     if not any(todo.values()):
         return empty
@@ -138,8 +143,12 @@ def featurise(
     total = total_images if total_images is not None else pending
     logger = get_run_logger()
     with progress_reporter(progress_bar, total, total - pending, logger) as report:
-        with ray_session(compute.ray_address):
-            result = extract_features(store, uris, todo, recipe, compute, on_progress=report)
+        if pool is not None:  # the pool holds (or starts) its own Ray session
+            result = extract_features(store, uris, todo, recipe, compute, on_progress=report,
+                                      pool=pool)  # fmt: skip
+        else:
+            with ray_session(compute.ray_address):
+                result = extract_features(store, uris, todo, recipe, compute, on_progress=report)
     rate = result.images_done / result.seconds if result.seconds else None
     logger.info(
         "featurise: %s in %.1fs (%s images/s)", result.computed, result.seconds,

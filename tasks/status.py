@@ -134,18 +134,47 @@ def dataset_recipes(store: Location, runs: pa.Table) -> dict[str, tuple[str, lis
     return chosen
 
 
+def dataset_sweeps(store: Location, runs: pa.Table) -> dict[str, tuple[str, set[str]]]:
+    """dataset -> (model id, images that model has a prediction for) for every dataset whose
+    latest completed run is a nightly sweep: its images must be scored, not only featurised."""
+    latest: dict[str, dict] = {}
+    for row in sorted(runs.to_pylist(), key=lambda r: r["started_at"]):
+        if row["outcome"] == "completed":
+            latest[row["dataset"]] = row
+    models = {r["model_id"] for r in latest.values() if r["kind"] == "score" and r["model_id"]}
+    if not models:
+        return {}
+    predictions = read_predictions(store, columns=["image_id", "model_id"])
+    scored: dict[str, set[str]] = {model: set() for model in models}
+    for image_id, model_id in zip(
+        predictions.column("image_id").to_pylist(),
+        predictions.column("model_id").to_pylist(),
+        strict=True,
+    ):
+        if model_id in scored:
+            scored[model_id].add(image_id)
+    return {
+        dataset: (row["model_id"], scored[row["model_id"]])
+        for dataset, row in latest.items()
+        if row["kind"] == "score" and row["model_id"]
+    }
+
+
 def dataset_accounting(
     catalog: pa.Table,
     vectors: StoredVectors,
     recipes: dict[str, tuple[str, list[VectorKey]]] | None = None,
+    sweeps: dict[str, tuple[str, set[str]]] | None = None,
 ) -> dict[str, dict]:
     """Per dataset: found, featurised, missing, quarantined, duplicate, each measured.
 
     An ok image is featurised when it holds a vector under every key of the recipe the dataset's
     latest run used (`recipes`); for a dataset without such a run, under every backbone that
-    holds vectors of any of its images. `missing_images` names the rest (full content ids).
+    holds vectors of any of its images. A dataset a nightly sweep last ran on (`sweeps`) is
+    counted by predictions instead: an ok image is done when the sweep's model scored it.
+    `missing_images` names the rest (full content ids).
     """
-    recipes = recipes or {}
+    recipes, sweeps = recipes or {}, sweeps or {}
     per_backbone = vectors.per_backbone()
     columns = ("dataset", "image_id", "status")
     by_dataset: dict[str, list[tuple[str, str]]] = {}
@@ -167,7 +196,12 @@ def dataset_accounting(
             held = [per_backbone[n] for n in used]
             featurised = set.intersection(ok_ids, *held) if held else set()
             basis = "backbones holding its vectors: " + (", ".join(used) or "none")
-        missing = sorted(ok_ids - featurised)
+        done, done_name = featurised, "featurised"
+        if dataset in sweeps:
+            model_id, scored = sweeps[dataset]
+            done, done_name = scored & ok_ids, "scored"
+            basis = f"predictions of model {model_id} (the dataset's last sweep)"
+        missing = sorted(ok_ids - done)
         unknown = sorted(i for i, s in entries if s not in KNOWN_STATUSES)
         counts = {
             "found": len(entries),
@@ -176,7 +210,9 @@ def dataset_accounting(
             "quarantined": statuses[STATUS_QUARANTINED],
             "duplicate": statuses[STATUS_DUPLICATE],
         }
-        parts = sum(v for k, v in counts.items() if k != "found")
+        if done_name == "scored":
+            counts["scored"] = len(done)
+        parts = len(done) + counts["missing"] + counts["quarantined"] + counts["duplicate"]
         accounting[dataset] = {
             **counts,
             "accounted": parts == counts["found"] and not missing and not unknown,
@@ -234,7 +270,9 @@ def store_status(store: Location) -> dict:
         entry[status] = entry.get(status, 0) + 1
     runs = read_runs(store)
     vectors = StoredVectors.read(store)
-    by_dataset = dataset_accounting(catalog, vectors, dataset_recipes(store, runs))
+    by_dataset = dataset_accounting(
+        catalog, vectors, dataset_recipes(store, runs), dataset_sweeps(store, runs)
+    )
     by_run = runs_accounting(runs)
     last_run = None
     if runs.num_rows:

@@ -26,6 +26,7 @@ from leukoflow.cli.options import (
     shared_options,
 )
 from leukoflow.cli.output import console, print_json
+from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
 
@@ -122,6 +123,14 @@ def score(
     explain_limit: Annotated[
         int, typer.Option("--explain-limit", help="At most this many PNGs per sweep")
     ] = 100,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            help="Stop the sweep after this many seconds, with a timed_out run row [default: 6 h]",
+            show_default=False,
+        ),
+    ] = None,
     compute: Compute = COMPUTE,
     as_json: AsJson = False,
 ) -> None:
@@ -142,6 +151,10 @@ def score(
 
     from leukoflow.flows.score import score_inbox
 
+    if timeout is not None:
+        if timeout <= 0:
+            raise LeukoflowError(f"--timeout wants a positive number of seconds, got {timeout}")
+        score_inbox = score_inbox.with_options(timeout_seconds=timeout)
     before_flow()
     summary = score_inbox(
         inbox=inbox, store=store, model=model, compute=compute, sweep=sweep, date=date,
@@ -239,6 +252,10 @@ def dashboard(
     store: Store,
     out: Annotated[str, typer.Option(help="The HTML file to write (self-contained, offline)")],
     nights: Annotated[int, typer.Option(help="How many recent nights the plots show")] = 60,
+    stale_after_hours: Annotated[
+        float,
+        typer.Option(help="Banner when the last completed sweep is older than this many hours"),
+    ] = 36.0,
     as_json: AsJson = False,
 ) -> None:
     """One offline HTML page of the nightly sweeps: plots over nights, the last subject table."""
@@ -246,7 +263,9 @@ def dashboard(
     from leukoflow.tasks.status import open_existing_store
     from leukoflow.tasks.storage import open_location
 
-    facts = write_dashboard(open_existing_store(store), open_location(out), nights)
+    facts = write_dashboard(
+        open_existing_store(store), open_location(out), nights, stale_after_hours=stale_after_hours
+    )
     if as_json:
         print_json(facts)
     else:

@@ -45,12 +45,13 @@ def print_status(report: dict) -> None:
     )
     out.print(f"[bold{'' if report['accounted'] else ' red'}]{headline}[/]")
     for dataset, c in accounting["datasets"].items():
+        done = f"{c['scored']} scored" if "scored" in c else f"{c['featurised']} featurised"
         out.print(
-            f"  dataset {dataset}: {c['found']} found = {c['featurised']} featurised + "
+            f"  dataset {dataset}: {c['found']} found = {done} + "
             f"{c['missing']} missing + {c['quarantined']} quarantined + {c['duplicate']} "
             f"duplicate {_check(c['accounted'])}"
         )
-        out.print(f"    featurised per {c['basis']}", highlight=False)
+        out.print(f"    {done.split()[1]} per {c['basis']}", highlight=False)
         for kind, ids in (("missing", c["missing_images"]),
                           ("unknown status", c["unknown_status_images"])):  # fmt: skip
             if ids:

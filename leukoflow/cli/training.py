@@ -168,6 +168,15 @@ def validate(
     )
     for key, m in summary["metrics"].items():
         out.print(f"  {key:<18} {m['mean']:.4f} ± {m['std']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")
+    level = summary["patient_level"]
+    out.print(
+        f"patients: {level['n_patients']} ({level['n_cells']} cells), held out and pooled over "
+        f"the folds; confusion [[TN, FP], [FN, TP]] {level['confusion_matrix']['matrix']}"
+    )
+    for key, m in level["metrics"].items():
+        shown = "n/a" if m["pooled"] is None else f"{m['pooled']:.4f}"
+        interval = "" if m["low"] is None else f" [{m['low']:.4f}, {m['high']:.4f}]"
+        out.print(f"  {key:<18} {shown}{interval}")
 
 
 @shared_options

@@ -1,5 +1,6 @@
 """Backfills for real (local Ray, Prefect's harness): progress, resumability, one more backbone."""
 
+import os
 import subprocess
 import sys
 
@@ -59,6 +60,19 @@ def test_a_backfill_shows_progress_and_a_new_backbone_extracts_only_itself(
     for run in runs:
         found = run["images_featurised"] + run["images_quarantined"] + run["images_duplicate"]
         assert run["images_found"] == found == 7 and run["images_missing"] == 0
+
+    # An image that became undecodable after it was catalogued (same size and times, so the
+    # catalog reuses its row): extraction sets it aside and the catalog records it by name.
+    victim = next(iter(sorted((images / "fold_0" / "hem").glob("*.bmp"))))
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    fourth = backfill(recipe=FeatureRecipe(("vgg16",), weights="none", image_size=48),
+                      progress_bar=False, **options)  # fmt: skip
+    assert fourth["counts"]["quarantined"] == 2 and fourth["counts"]["accounted"] is True
+    rows = read_catalog(open_location(str(store)), "collection-2026").to_pylist()
+    (row,) = [r for r in rows if r["uri"].endswith(victim.name)]
+    assert row["status"] == "quarantined" and row["reason"]
 
 
 def test_a_second_backfill_with_a_full_resolution_extractor_computes_nothing(

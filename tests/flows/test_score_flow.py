@@ -158,8 +158,8 @@ def test_night_one_scores_every_readable_cell_once(world, nights):
         "skipped": 0,
         "missing": 0,
         "accounted": True,
-        "missing_uris": [],
-        "double_counted_uris": [],
+        "missing_images": [],
+        "double_counted_images": [],
         "unscored_at_start": 12,
         "computed": 12,
         "ignored": 0,
@@ -208,7 +208,7 @@ def test_a_backfill_computes_only_the_vectors_the_store_lacks(nights):
 
 def test_night_two_scores_only_new_cells_and_skips_copies_of_earlier_ones(world, nights):
     second = nights["second"]
-    counts = {k: v for k, v in second["counts"].items() if not k.endswith("_uris")}
+    counts = {k: v for k, v in second["counts"].items() if not k.endswith("_images")}
     assert counts == {
         "found": 28,
         "new": 12,

@@ -1,6 +1,7 @@
 """The colour/morphology extractor: segmentation against drawn cells of known geometry, a pinned
-feature list, determinism, finite output on degenerate and real C-NMC images, and the invariances
-cm-2 claims (global colour cast; size, rotation and starting point of the contour descriptors)."""
+feature list, determinism, finite output on degenerate and real C-NMC images; and the development
+blocks bench/cm_validate.py compares (not shipped in cm-1): the colour normalisation's invariance
+to a global colour cast, N:C and chromatin features, contour descriptors and their invariances."""
 
 from __future__ import annotations
 
@@ -240,9 +241,16 @@ def test_the_version_is_assembled_from_its_blocks():
     image, _, _ = _drawn_cell(BACKGROUNDS["black"])
     blocks = feature_blocks(image, SHIPPED_NORMALISE)
     assert list(blocks) == list(BLOCK_CATALOGUES)
+    # cm-1 ships the base block only, without colour normalisation (see the docs for why).
+    assert (SHIPPED_BLOCKS, SHIPPED_NORMALISE) == (("base",), False)
     shipped = np.concatenate([blocks[name] for name in SHIPPED_BLOCKS]).astype(np.float32)
     assert np.array_equal(extract_features(image), shipped)
     assert list(FEATURE_NAMES) == [n for name in SHIPPED_BLOCKS for n in _names(name)]
+
+
+def test_unknown_blocks_are_refused():
+    with pytest.raises(ValueError, match="unknown feature blocks"):
+        feature_blocks(np.zeros((8, 8, 3), np.uint8), False, ("base", "cnn"))
 
 
 def test_the_base_block_without_normalisation_is_cm1():

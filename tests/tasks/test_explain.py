@@ -119,7 +119,6 @@ def test_the_report_gallery_is_self_contained():
 
 
 def test_the_nightly_sweep_explains_its_flagged_cells(real_cells_store, real_cells, tmp_path):
-    import json
     import shutil
 
     from leukoflow.flows.score import score_inbox
@@ -130,14 +129,17 @@ def test_the_nightly_sweep_explains_its_flagged_cells(real_cells_store, real_cel
     model_id = real_cells_store[1]["model_id"]
     model, record = registry.load_model(root, model_id)
     x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in _catalog(store)])
-    # Twelve cells are too few for the calibrated threshold to flag any; put the operating
-    # point at the median score so that the night has flagged cells to explain.
-    record["threshold"] = float(np.median(train.decision_scores(model, x)[0]))
-    (store / "models" / model_id / "model.json").write_text(json.dumps(record))
+    # Twelve cells are too few for the calibrated threshold to flag any; save the same model
+    # with its operating point at the median score (an edited model.json would be refused as
+    # altered), so that the night has flagged cells to explain.
+    threshold = float(np.median(train.decision_scores(model, x)[0]))
+    registry.save_model(root, "m-median", model, {**record, "model_id": "m-median",
+                                                  "threshold": threshold})  # fmt: skip
+    registry.promote(root, "m-median")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for cell in sorted(real_cells.rglob("*.bmp")):
-        (inbox / cell.name).symlink_to(cell.resolve())
+        shutil.copyfile(cell, inbox / cell.name)
 
     def sweep() -> dict:
         night = score_inbox(

@@ -23,7 +23,7 @@ def test_every_file_is_in_exactly_one_measured_category():
 def test_an_image_lost_on_the_way_is_named_and_breaks_the_account():
     # "c" is ok in the catalog but its vector (or prediction) is not in the table.
     counts = records.account(ROWS, rejected=set(), done_ids={"a", "b"})
-    assert counts.missing_uris == ["/in/c.bmp"] and not counts.accounted
+    assert counts.missing_ids == ["c"] and not counts.accounted
     assert counts.found == counts.done + counts.quarantined + counts.duplicate + counts.missing
 
 
@@ -34,7 +34,7 @@ def test_an_image_set_aside_by_extraction_is_quarantined_not_missing():
 
 def test_an_image_both_set_aside_and_stored_is_counted_twice_and_says_so():
     counts = records.account(ROWS, rejected={"c"}, done_ids={"a", "b", "c"})
-    assert counts.double_counted_uris == ["/in/c.bmp"] and not counts.accounted
+    assert counts.double_counted_ids == ["c"] and not counts.accounted
 
 
 def test_work_done_by_earlier_runs_is_told_apart():

@@ -11,7 +11,7 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import records
 from leukoflow.tasks.status import open_existing_store, short_id, store_status
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import write_catalog, write_features, write_run
+from leukoflow.tasks.tables import write_catalog, write_features, write_predictions, write_run
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RECIPE = {"backbones": ["vgg16", "color_morphology"], "weights_ids": {"vgg16": "random-seed0",
@@ -145,3 +145,29 @@ def test_compaction_leftovers_are_counted_once(store, tmp_path):
     for part in spare.iterdir():
         shutil.copy(part, folder / f"again-{part.name}")
     assert store_status(store)["features"]["vgg16"] == {"random-seed0@32px": 4}
+
+
+def test_a_deleted_predictions_chunk_names_exactly_its_images(store, tmp_path):
+    """A dataset a sweep last ran on is counted by its predictions: a lost chunk shows."""
+
+    def prediction(n: int) -> dict:
+        return {
+            "image_id": image_id(n), "uri": f"/cells/{n}.bmp", "subject_id": None,
+            "model_id": "m1", "score": 0.9, "score_kind": "probability", "predicted_label": "all",
+            "threshold": 0.5, "scored_at": T0, "run_id": "s1",
+        }  # fmt: skip
+
+    first = write_predictions(store, "2026-01-02", "s1", [prediction(0), prediction(1)])
+    write_predictions(store, "2026-01-02", "s1b", [prediction(2), prediction(3)])
+    write_run(store, records.run_row(
+        "s1", "score", "d", T0 + timedelta(days=1), T0 + timedelta(days=1), "completed",
+        found=6, new=4, scored=4, quarantined=1, duplicate=1, model_id="m1",
+    ))  # fmt: skip
+    d = store_status(store)["accounting"]["datasets"]["d"]
+    assert (d["scored"], d["missing"], d["accounted"]) == (4, 0, True)
+    assert "predictions of model m1" in d["basis"]
+    first.fs.rm(first.path)  # the chunk holding images 0 and 1
+    d = store_status(store)["accounting"]["datasets"]["d"]
+    assert (d["scored"], d["missing"]) == (2, 2) and d["accounted"] is False
+    assert d["missing_images"] == [image_id(0), image_id(1)]
+    assert d["found"] == d["scored"] + d["missing"] + d["quarantined"] + d["duplicate"]
