@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 import numpy as np
 from prefect import flow
 
-from leukoflow.errors import LeukoflowError
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import augment as aug
 from leukoflow.tasks import evaluate, records, registry
@@ -68,7 +67,7 @@ def run_experiments(
     if images is not None:
         catalog_images(images, root, dataset)
     rows = read_catalog_rows(root, dataset)
-    labelled = _labelled(rows)
+    labelled = evaluate.labelled_rows(rows, "experiment on")
     # Too few images or subjects for the folds: say so before hours of extraction.
     ex.plan_evaluations(*_targets(labelled), evaluation_names, folds, seed)
     to_featurise = labelled + (_augmented_rows(labelled, seed) if augment else [])
@@ -143,14 +142,6 @@ def run_experiments(
         ),
     )  # fmt: skip
     return summary
-
-
-def _labelled(rows: list[dict]) -> list[dict]:
-    labels = (evaluate.POSITIVE_LABEL, evaluate.NEGATIVE_LABEL)
-    labelled = [r for r in rows if r["status"] == STATUS_OK and r["label"] in labels]
-    if not labelled:
-        raise LeukoflowError("no labelled images in this dataset's catalog to experiment on")
-    return labelled
 
 
 def _targets(rows: list[dict]) -> tuple[np.ndarray, list[str | None]]:

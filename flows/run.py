@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 
-from leukoflow.errors import LeukoflowError
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import calibration, evaluate, records, registry, train
 from leukoflow.tasks.explain_tasks import explain_examples
@@ -68,7 +67,7 @@ def run_pipeline(
     )
 
     catalog = catalog_images(images, root, dataset, labels)
-    trainable = _labelled(catalog.rows)
+    trainable = evaluate.labelled_rows(catalog.rows, "train on")
     planned_y = evaluate.labels_to_int([r["label"] for r in trainable])
     planned_subjects = [r["subject_id"] for r in trainable]
     split = train.choose_split(split, planned_y, planned_subjects)
@@ -161,12 +160,3 @@ def run_pipeline(
         ),
     )  # fmt: skip
     return summary
-
-
-def _labelled(rows: list[dict]) -> list[dict]:
-    """The catalogued images a classifier can learn from: decodable and labelled."""
-    labels = (evaluate.POSITIVE_LABEL, evaluate.NEGATIVE_LABEL)
-    labelled = [r for r in rows if r["status"] == STATUS_OK and r["label"] in labels]
-    if not labelled:
-        raise LeukoflowError("no labelled images to train on (labels come from folders or CSV)")
-    return labelled

@@ -13,9 +13,24 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
+from leukoflow.errors import LeukoflowError
+
 POSITIVE_LABEL = "all"
 NEGATIVE_LABEL = "hem"
 _LABEL_TO_INT = {NEGATIVE_LABEL: 0, POSITIVE_LABEL: 1}
+
+
+def labelled_rows(rows: Sequence[dict], what: str) -> list[dict]:
+    """The catalogued images a classifier can learn from: status ok and labelled all or hem.
+    None: a usage error saying what the images were for (`what`)."""
+    labels = (POSITIVE_LABEL, NEGATIVE_LABEL)
+    labelled = [r for r in rows if r["status"] == "ok" and r["label"] in labels]
+    if not labelled:
+        raise LeukoflowError(
+            f"no labelled images to {what} (labels all/hem come from C-NMC names, class folders "
+            "or a CSV manifest)"
+        )
+    return labelled
 
 
 def labels_to_int(labels: Sequence[str]) -> np.ndarray:

@@ -30,9 +30,9 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import augment, cam, registry, train
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels
-from leukoflow.tasks.join import join_features
+from leukoflow.tasks.join import concatenate
 from leukoflow.tasks.storage import Location, open_location, write_bytes_atomic
-from leukoflow.tasks.tables import STATUS_OK, read_catalog
+from leukoflow.tasks.tables import STATUS_OK, read_catalog, read_features
 
 TOP_FEATURES = 8
 # Recomputed features may differ from stored ones by float round-off (another machine, a GPU);
@@ -406,10 +406,20 @@ def catalog_uris(store: Location, image_ids: list[str]) -> dict[str, str]:
 
 
 def stored_vector(store: Location, recipe: dict, image_id: str) -> np.ndarray | None:
-    """The joined vector the store holds for the image under this recipe, if complete."""
-    joined = join_features(
-        store, [image_id], recipe["backbones"], recipe["weights_ids"], recipe["image_size"]
-    )
+    """The joined vector the store holds for the image under a model's recorded recipe, if
+    complete (read by the recorded keys: no weights file is needed to look vectors up)."""
+    names = list(recipe["backbones"])
+    vectors = {
+        name: read_features(
+            store,
+            name,
+            recipe["weights_ids"][name],
+            bb.size_key(bb.BACKBONES[name], int(recipe["image_size"])),
+            [image_id],
+        )  # fmt: skip
+        for name in names
+    }
+    joined = concatenate([image_id], vectors, names)
     return joined.matrix[0] if joined.image_ids else None
 
 

@@ -579,9 +579,11 @@ def _num(value: float | None) -> str:
 
 
 # -- precision at scoring --------------------------------------------------------------------
-# Backbones whose bf16 vectors were shown to give the fp32 model's decisions (docs/benchmarks.md,
-# "Precision parity"): only these may be scored at a precision other than the model's.
-PARITY_SHOWN = frozenset({"vgg16", "densenet121", "inception_resnet_v2", "color_morphology"})
+# Backbones whose vectors were shown to give the model's decisions at either precision: only
+# these may be scored at a precision other than the model's. color_morphology has no precision
+# (same vectors). The CNNs are not here: on 72 real cells at 224 px (docs/benchmarks.md,
+# "Precision parity") bf16 changed 2 decisions of the paper's SVM (97.2%, goal 99.5%).
+PARITY_SHOWN = frozenset({"color_morphology"})
 
 
 def scoring_recipe(

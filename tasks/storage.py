@@ -147,13 +147,8 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
     """Write `data` to `loc` so that readers see either nothing or the whole object."""
     parent = posixpath.dirname(loc.path)
     if loc.is_local:
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
+        tmp = _write_tmp(parent, posixpath.basename(loc.path), data)
         try:
-            os.makedirs(parent, exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(tmp, loc.path)
         except OSError as error:
             if os.path.exists(tmp):
@@ -310,6 +305,7 @@ def _read_local(path: str) -> bytes | None:
 
 
 def _write_tmp(parent: str, name: str, data: bytes) -> str:
+    """`data` in a new temporary file beside `name` in `parent`, flushed to disk; its path."""
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
     try:
         os.makedirs(parent, exist_ok=True)

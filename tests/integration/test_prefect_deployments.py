@@ -26,18 +26,49 @@ N_IMAGES = 8
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
+# Recognisable fake credentials in the worker's environment, and MRN-like subject ids in the
+# manifests: neither may reach the server's database, the worker's output or the store's pages.
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEWORKERLEAK0001",
+    "AWS_SECRET_ACCESS_KEY": "fakeWorkerSecretLeak/0002+xyz",
+    "RAY_AUTH_TOKEN": "fakeworkerraytokenleak0004",
+}
+
+
+def mrn_manifest(folder: Path) -> Path:
+    """MANIFEST.csv beside the cells: their paths, labels and an MRN-like id per subject."""
+    lines = ["path,label,subject_id"]
+    for cell in sorted(folder.rglob("*.bmp")):
+        subject = cell.name.split("_")[1]
+        lines.append(f"{cell.relative_to(folder)},{cell.parent.name},MRN-00{subject}-771")
+    manifest = folder / "MANIFEST.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
 @pytest.fixture(scope="module")
 def deployed(prefect_server, tmp_path_factory):
-    """`leukoflow deploy` against the server; the inbox holds the training cells again."""
+    """`leukoflow deploy` against the server; the inbox holds the training cells again, both
+    listed by manifests whose subject ids look like medical record numbers."""
     workdir = tmp_path_factory.mktemp("deployments")
     images = make_synthetic_dataset(
         workdir / "images", n_subjects=4, cells_per_subject=2, image_side=48
     )
+    mrn_manifest(images)
     inbox = workdir / "inbox"
     shutil.copytree(images, inbox)
     store = workdir / "store"
     result = run_cli(
-        ["deploy", "--store", str(store), "--inbox", str(inbox), "--timezone", TIMEZONE, "--json"],
+        [
+            "deploy",
+            "--store",
+            str(store),
+            "--inbox",
+            str(inbox / "MANIFEST.csv"),
+            "--timezone",
+            TIMEZONE,
+            "--json",
+        ],
         env=server_env(**prefect_server.env),
         cwd=workdir,
     )
@@ -50,7 +81,10 @@ def deployed(prefect_server, tmp_path_factory):
 def worker(prefect_server, deployed):
     """`prefect worker start --pool leukoflow`, polling every second, stopped after the module."""
     scratch = Path(tempfile.mkdtemp(prefix="lf-worker-", dir="/tmp"))  # short: Ray's sockets
-    env = server_env(TMPDIR=str(scratch), PREFECT_WORKER_QUERY_SECONDS="1", **prefect_server.env)
+    env = server_env(
+        TMPDIR=str(scratch), PREFECT_WORKER_QUERY_SECONDS="1", **FAKE_SECRETS,
+        **prefect_server.env,
+    )  # fmt: skip
     server = Server(
         "prefect-worker",
         [str(BIN / "prefect"), "worker", "start", "--pool", "leukoflow"],
@@ -97,11 +131,11 @@ def test_deploy_registers_three_deployments_on_the_process_pool(prefect_server, 
     nightly = deployment(prefect_server, "leukoflow-score/nightly")
     assert nightly["entrypoint"] == "flows/score.py:score_inbox"
     assert nightly["parameters"] == {
-        "inbox": str(deployed["inbox"]),
+        "inbox": str(deployed["inbox"] / "MANIFEST.csv"),
         "store": str(deployed["store"]),
     }
     # One sweep at a time: Prefect cancels a night that starts while another still runs.
-    assert nightly["concurrency_limit"] == 1
+    assert nightly["global_concurrency_limit"]["limit"] == 1
     assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
 
@@ -138,7 +172,7 @@ def test_a_worker_runs_training_then_the_nightly_sweep(prefect_server, deployed,
     train = run_to_the_end(
         prefect_server, worker, "leukoflow-run/train",
         # The recipe travels as a dict: Prefect validates it into a FeatureRecipe.
-        {"images": str(deployed["images"]),
+        {"images": str(deployed["images"] / "MANIFEST.csv"),
          "recipe": {"backbones": ["vgg16"], "weights": "none", "image_size": 32}},
     )  # fmt: skip
     assert train["state_type"] == "COMPLETED", worker.output()[-4000:]
@@ -151,6 +185,18 @@ def test_a_worker_runs_training_then_the_nightly_sweep(prefect_server, deployed,
     assert set(predictions.column("run_id").to_pylist()) == {predictions["run_id"][0].as_py()}
     kinds = sorted(read_runs(store).column("kind").to_pylist())
     assert kinds == ["run", "score"]
+
+    # Flow runs a worker starts install the masking and the pseudonyms themselves (no CLI in
+    # their process): nothing of either reaches the server's database, the worker's output or
+    # any file of the store but its Parquet tables.
+    subjects = set(predictions.column("subject_id").to_pylist())
+    assert subjects and all(s.startswith("MRN-") for s in subjects)
+    texts = {"worker": worker.output()}
+    for path in [*prefect_server.home.rglob("prefect.db*"), *deployed["store"].rglob("*")]:
+        if path.is_file() and path.suffix != ".parquet":
+            texts[str(path)] = path.read_bytes().decode("latin-1")
+    tokens = [*subjects, *FAKE_SECRETS.values()]
+    assert [(where, t) for where, text in texts.items() for t in tokens if t in text] == []
 
 
 def test_deploy_refuses_a_wrong_time_zone_and_a_missing_server(tmp_path):

@@ -66,11 +66,11 @@ def test_no_command_page_log_or_prefect_record_shows_a_raw_subject_id(cli, tmp_p
     debug_env = {**env, "PREFECT_LOGGING_LEVEL": "DEBUG"}
     results = {
         "run": leukoflow("run", train, *common, "--json", env=debug_env),
-        "backfill": leukoflow("backfill", inbox_manifest.parent, "--dataset", "night",
+        "backfill": leukoflow("backfill", inbox_manifest, "--dataset", "night",
                               *common, "--json", env=env),
-        "score": leukoflow("score", inbox_manifest.parent, "--store", store, "--json",
+        "score": leukoflow("score", inbox_manifest, "--store", store, "--json",
                            "--explain-flagged", env=debug_env),
-        "score-text": leukoflow("score", inbox_manifest.parent, "--store", store, env=env),
+        "score-text": leukoflow("score", inbox_manifest, "--store", store, env=env),
         "status": leukoflow("status", "--store", store, env=env),
         "dashboard": leukoflow("dashboard", "--store", store, "--out", out / "dash.html",
                                env=env),

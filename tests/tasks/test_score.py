@@ -12,7 +12,7 @@ import pytest
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.catalog import build_catalog
-from leukoflow.tasks.recipe import recipe_from_record
+from leukoflow.tasks.recipe import FeatureRecipe, recipe_from_record
 from leukoflow.tasks.records import Accounting
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
@@ -279,3 +279,17 @@ def test_an_empty_inbox_is_a_quiet_night_only_when_allowed(tmp_path):
     assert build_catalog(str(tmp_path), "inbox", allow_empty=True) == []
     with pytest.raises(LeukoflowError, match="no images found"):
         build_catalog(str(tmp_path), "inbox")
+
+
+def test_scoring_at_another_precision_only_where_parity_was_shown():
+    fp32 = FeatureRecipe(("vgg16", "color_morphology"), weights="none", image_size=32)
+    assert sc.scoring_recipe(fp32, None) == (fp32, None)
+    assert sc.scoring_recipe(fp32, "fp32") == (fp32, None)
+    # The CNNs' bf16 parity was measured and fell short: refused, naming the precision to use.
+    with pytest.raises(LeukoflowError, match="vgg16.*--precision fp32"):
+        sc.scoring_recipe(fp32, "bf16")
+    # An extractor without a precision scores the same at either.
+    cm = FeatureRecipe(("color_morphology",), weights="none")
+    swapped, note = sc.scoring_recipe(cm, "bf16")
+    assert swapped.precision == "bf16" and "parity" in note
+    assert swapped.weights_ids == cm.weights_ids  # the same vectors
