@@ -117,6 +117,8 @@ class PrefectServer:
     def call(self, method: str, path: str, body: dict | None = None):
         """One REST call to the server's API, authenticated; the decoded JSON answer."""
         import base64
+        import time
+        import urllib.error
         import urllib.request
 
         request = urllib.request.Request(
@@ -128,8 +130,16 @@ class PrefectServer:
                 "Content-Type": "application/json",
             },
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
+        # A loaded SQLite-backed server answers 503 while its database is busy (its scheduler
+        # writes upcoming runs on its own loop): retry a few times before failing the test.
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as error:
+                if error.code != 503 or attempt == 4:
+                    raise
+                time.sleep(2 * (attempt + 1))
 
 
 @pytest.fixture(scope="session")
