@@ -15,7 +15,7 @@ from prefect import flow
 
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import augment as aug
-from leukoflow.tasks import evaluate, records, registry
+from leukoflow.tasks import choices, evaluate, records, registry
 from leukoflow.tasks import experiments as ex
 from leukoflow.tasks.actors import ray_session
 from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
@@ -35,7 +35,7 @@ from leukoflow.tasks.tables import STATUS_OK, write_run
 @flow(name="leukoflow-experiments", log_prints=False)
 def run_experiments(
     store: str,
-    recipe: FeatureRecipe = FeatureRecipe(backbones=ex.PAPER_BACKBONES),
+    recipe: FeatureRecipe = FeatureRecipe(backbones=choices.PAPER_BACKBONES),
     compute: Compute = Compute(),
     dataset: str = "default",
     classifiers: list[str] | None = None,
@@ -57,7 +57,7 @@ def run_experiments(
     experiment_id = f"{started.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     # Validate everything a user can get wrong before any work starts.
     backbones = list(recipe.backbones)
-    classifiers = ex.parse_classifiers(classifiers or list(ex.PAPER_CLASSIFIERS))
+    classifiers = ex.parse_classifiers(classifiers or list(choices.PAPER_CLASSIFIERS))
     evaluation_names = ex.check_split_choice(split)
     sets = ex.feature_sets(backbones, trio)
     cells = ex.grid(sets, classifiers, evaluation_names)

@@ -13,17 +13,14 @@ from datetime import UTC, datetime
 
 from prefect import flow
 
-from leukoflow.errors import LeukoflowError
+from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import evaluate, validate
 from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.records import non_clinical_note, package_versions
 from leukoflow.tasks.stage_tasks import catalog_images, featurise, join, missing_vectors
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import STATUS_OK
 from leukoflow.tasks.validate_tasks import cross_validate
-
-LABELS = (evaluate.POSITIVE_LABEL, evaluate.NEGATIVE_LABEL)
 
 
 @flow(name="leukoflow-validate", log_prints=False)
@@ -43,15 +40,10 @@ def run_validation(
     Every image found is accounted for in `counts`: catalogued (ok, quarantined, duplicate),
     unlabelled, set aside by the extractor, or without a vector at the join.
     """
+    install_secret_masking()
     root = open_location(store)
     catalog = catalog_images(images, root, dataset, labels)
-    ok = [row for row in catalog.rows if row["status"] == STATUS_OK]
-    labelled = [row for row in ok if row["label"] in LABELS]
-    if not labelled:
-        raise LeukoflowError(
-            "validate needs labelled images (all/hem from C-NMC names, class folders or a "
-            f"manifest's label column); none of the {len(ok)} usable images has a label"
-        )
+    labelled = evaluate.labelled_rows(catalog.rows, "validate")
     image_ids = [row["image_id"] for row in labelled]
     todo = missing_vectors(root, image_ids, recipe)
     uris = {row["image_id"]: row["uri"] for row in labelled}
@@ -80,7 +72,7 @@ def run_validation(
             # Counts only: the names of ignored files stay in the catalog pass's log.
             **{k: v for k, v in catalog.counts.items() if k not in ("reasons", "ignored_files")},
             "quarantine_reasons": catalog.counts.get("reasons", {}),
-            "unlabelled": len(ok) - len(labelled),
+            "unlabelled": catalog.counts["ok"] - len(labelled),
             "rejected_by_extractor": len(features["rejected"]),
             "missing_vectors": len(joined.missing),
             "validated": len(joined.image_ids),

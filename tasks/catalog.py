@@ -111,9 +111,7 @@ def build_catalog(
     allow_empty accepts a folder without images (a quiet night's inbox).
     """
     mapping = _check_labels(labels)
-    sources = [images] if isinstance(images, str) else list(images)
-    if not sources:
-        raise LeukoflowError("no IMAGES given: name at least one folder or .csv manifest.")
+    sources = _sources(images)
     entries: list[_Entry] = []
     ignored: list[str] = []
     for source in sources:
@@ -157,14 +155,37 @@ def reason_code(reason: str) -> str:
 
 
 # -- discovery -------------------------------------------------------------------------------
+def check_sources(images: str | Sequence[str]) -> None:
+    """Each of IMAGES exists and is a folder or a .csv manifest: a command says so before it
+    starts any engine (the catalog pass checks again, for flows called directly)."""
+    for source in _sources(images):
+        _is_folder(open_location(source))
+
+
+def _sources(images: str | Sequence[str]) -> list[str]:
+    sources = [images] if isinstance(images, str) else list(images)
+    if not sources:
+        raise LeukoflowError("no IMAGES given: name at least one folder or .csv manifest.")
+    return sources
+
+
+def _is_folder(root: Location) -> bool:
+    """True for a folder, False for a .csv manifest; anything else is the user's error."""
+    if not root.fs.exists(root.path):
+        raise LeukoflowError(f"IMAGES {root.uri} does not exist.")
+    if root.fs.isdir(root.path):
+        return True
+    if root.path.lower().endswith(".csv"):
+        return False
+    raise LeukoflowError(f"IMAGES {root.uri} must be a folder or a .csv manifest.")
+
+
 def _source_entries(
     uri: str, mapping: dict[str, str], allow_empty: bool
 ) -> tuple[list[_Entry], list[str]]:
     """The entries of one source, and the uris of the files in it that are not images."""
     root = open_location(uri)
-    if not root.fs.exists(root.path):
-        raise LeukoflowError(f"IMAGES {root.uri} does not exist.")
-    if root.fs.isdir(root.path):
+    if _is_folder(root):
         entries, ignored = _folder_entries(root, mapping)
         if not entries and not allow_empty:
             others = f"; {len(ignored)} other file(s) ignored" if ignored else ""
@@ -172,9 +193,7 @@ def _source_entries(
                 f"no images found under {root.uri} (no file is an image Pillow decodes{others})."
             )
         return entries, ignored
-    if root.path.lower().endswith(".csv"):
-        return _manifest_entries(root, mapping), []
-    raise LeukoflowError(f"IMAGES {root.uri} must be a folder or a .csv manifest.")
+    return _manifest_entries(root, mapping), []
 
 
 def _one_entry_per_uri(entries: list[_Entry]) -> list[_Entry]:

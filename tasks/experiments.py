@@ -21,20 +21,10 @@ import numpy as np
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import evaluate, train
+from leukoflow.tasks.choices import CLASSIFIERS, EXPERIMENT_SPLITS
 
-SPLIT_CHOICES = ("random", "subject", "both")
 DEFAULT_FOLDS = 5
 DEFAULT_BOOTSTRAP = 1000
-# The paper's six backbones (Tables 2-3) and its five classical classifiers plus the MLP.
-PAPER_BACKBONES = (
-    "vgg16",
-    "vgg19",
-    "resnet101",
-    "mobilenet_v2",
-    "inception_resnet_v2",
-    "densenet121",
-)
-PAPER_CLASSIFIERS = ("knn", "linear-svm", "rbf-svm", "tree", "forest", "mlp")
 # The paper's table columns (Tables 5-6), then macro F1: its F1 values sit below accuracy on
 # 68% ALL data, which fits a class-averaged F1 better than the ALL-class one.
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
@@ -60,8 +50,8 @@ NO_SUBJECTS_NOTE = (
 # -- the grid --------------------------------------------------------------------------------
 def check_split_choice(split: str) -> list[str]:
     """The evaluations `--split` asks for, in report order."""
-    if split not in SPLIT_CHOICES:
-        raise LeukoflowError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
+    if split not in EXPERIMENT_SPLITS:
+        raise LeukoflowError(f"unknown split {split!r}; choose from {', '.join(EXPERIMENT_SPLITS)}")
     return ["random", "subject"] if split == "both" else [split]
 
 
@@ -69,11 +59,11 @@ def parse_classifiers(text: str | Sequence[str]) -> list[str]:
     """Validate a comma list of classifier names, keeping order and refusing duplicates."""
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in train.CLASSIFIERS]
+    unknown = [n for n in names if n not in CLASSIFIERS]
     if unknown or not names:
         raise LeukoflowError(
             f"unknown classifier {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(train.CLASSIFIERS)}"
+            f"choose from {', '.join(CLASSIFIERS)}"
         )
     if len(set(names)) != len(names):
         raise LeukoflowError(f"classifier listed twice: {','.join(names)}")

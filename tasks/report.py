@@ -284,7 +284,7 @@ class ReportView:
     no_roc_reason: str
     risk: RiskView | None
     operating_point: OperatingPointView | None
-    saved_model_first: bool  # the saved model's sections lead, the paper's method follows
+    saved_model_first: bool  # a saved model is reported: its sections lead, the paper's follow
     examples: ExamplesView | None
     accounting: Table
     accounting_check: str
@@ -392,7 +392,6 @@ def report_view(
     examples: Sequence[Mapping[str, Any]] | None = None,
     operating_point: Mapping[str, Any] | None = None,
     patient_level: Mapping[str, Any] | None = None,
-    saved_model_first: bool = False,
 ) -> ReportView:
     """Compute what the evaluation report shows, plots included, once for both renderings."""
     metrics = _metrics(summary, y_true, y_pred, scores)
@@ -423,9 +422,9 @@ def report_view(
         confusion=confusion,
         plots=tuple(plots),
         no_roc_reason=no_roc_reason,
-        risk=_risk_view(risk, "below" if saved_model_first else "above") if risk else None,
+        risk=_risk_view(risk) if risk else None,
         operating_point=_operating_point_view(operating_point, patient_level),
-        saved_model_first=saved_model_first and bool(risk or operating_point or patient_level),
+        saved_model_first=bool(risk or operating_point or patient_level),
         examples=_examples_view(examples) if examples else None,
         accounting=accounting,
         accounting_check=accounting_check,
@@ -445,7 +444,6 @@ def render_report(
     *,
     operating_point: Mapping[str, Any] | None = None,
     patient_level: Mapping[str, Any] | None = None,
-    saved_model_first: bool = False,
 ) -> tuple[str, str]:
     """Build the evaluation report; returns (markdown, html). The HTML is fully self-contained.
 
@@ -459,12 +457,12 @@ def render_report(
     "sensitivity_ci", "sensitivity_n", "specificity", ..., "n"}, "patients": tasks/patient's
     patient_metrics() or None}. `patient_level` (optional) is that "patients" part on its own
     (it wins over operating_point["patients"]). Per-patient rows are never shown: they hold ids.
-    `saved_model_first` puts those sections (and the risk section) before the paper's method.
+    The saved model's sections (risk, operating point, patients), where given, come first: they
+    are what scores new images; the paper's plain classifier follows for comparison.
     """
     view = report_view(
-        summary, y_true, y_pred, scores, risk, examples, operating_point, patient_level,
-        saved_model_first,
-    )  # fmt: skip
+        summary, y_true, y_pred, scores, risk, examples, operating_point, patient_level
+    )
     return pages.render("report.md", report=view), pages.render("report.html", report=view)
 
 
@@ -514,8 +512,8 @@ def _examples_view(examples: Sequence[Mapping[str, Any]]) -> ExamplesView:
 RISK_TITLE = "Risk score and operating point"
 
 
-def _risk_explanation(risk: Mapping[str, Any], paper: str = "above") -> str:
-    """What the calibrated score is; `paper` says where the paper's metrics are on the page."""
+def _risk_explanation(risk: Mapping[str, Any]) -> str:
+    """What the calibrated score is (its section leads the report; the paper's metrics follow)."""
     grouping = "grouped by subject" if risk.get("grouping") == "subject" else "of images"
     note = (
         f" (not grouped by subject: {risk['grouping_note']})" if risk.get("grouping_note") else ""
@@ -527,13 +525,8 @@ def _risk_explanation(risk: Mapping[str, Any], paper: str = "above") -> str:
         f"{_fmt_metric(risk.get('threshold'))}, chosen on those folds (out of fold, never on the "
         f"test split) to reach a sensitivity of {_fmt_metric(risk.get('target_sensitivity'))} for "
         "ALL. "
-        + (
-            "The metrics above are the paper's plain classifier; those below are the calibrated "
-            "model at this threshold."
-            if paper == "above"
-            else "These are the calibrated model at this threshold; the paper's plain classifier "
-            "is measured further down."
-        )
+        + "These are the calibrated model at this threshold; the paper's plain classifier is "
+        "measured further down."
     )
 
 
@@ -676,11 +669,11 @@ def _operating_point_view(
     )
 
 
-def _risk_view(risk: Mapping[str, Any], paper: str) -> RiskView:
+def _risk_view(risk: Mapping[str, Any]) -> RiskView:
     summary = risk["summary"]
     return RiskView(
         title=RISK_TITLE,
-        explanation=_risk_explanation(summary, paper),
+        explanation=_risk_explanation(summary),
         table=table(["", "validation (out of fold)", "test"], _risk_rows(summary), numeric=2),
         confusion=_confusion((summary.get("test") or {}).get("metrics") or {}),
         plots=tuple(_risk_plots(risk)),

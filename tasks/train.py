@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import skops.io as sio
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
@@ -18,9 +21,10 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks.choices import CLASSIFIERS, SPLITS
+from leukoflow.tasks.choices import DEFAULT_CLASSIFIER as DEFAULT_CLASSIFIER  # for callers
 
-DEFAULT_CLASSIFIER = "linear-svm"
-SPLITS = ("random", "subject")
+log = logging.getLogger("leukoflow.train")
 
 
 def _estimator(name: str, seed: int) -> ClassifierMixin:
@@ -40,9 +44,6 @@ def _estimator(name: str, seed: int) -> ClassifierMixin:
         # The paper's "MLP 256-2": one hidden layer of 256 units, two outputs.
         return MLPClassifier(hidden_layer_sizes=(256,), max_iter=500, random_state=seed)
     raise LeukoflowError(f"unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
-
-
-CLASSIFIERS = ("linear-svm", "rbf-svm", "knn", "tree", "forest", "mlp")
 
 
 def make_classifier(name: str, seed: int = 0) -> Pipeline:
@@ -168,8 +169,25 @@ def _check_two_classes(y: np.ndarray, what: str) -> None:
 
 
 def fit(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Pipeline:
+    """The named classifier fitted; one log line, not scikit-learn's warning text, where its
+    solver stopped at the iteration limit (the linear SVM on thousands of near-collinear
+    random-init features can): the model is then the last iterate, still usable."""
     _check_two_classes(y, "the training set")
-    return make_classifier(name, seed).fit(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = make_classifier(name, seed).fit(x, y)
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            log.warning(
+                "%s stopped at its iteration limit before converging (%d cells x %d features);"
+                " its decisions are those of the last iterate",
+                name, x.shape[0], x.shape[1],
+            )  # fmt: skip
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return model
 
 
 def decision_scores(model: Pipeline, x: np.ndarray) -> tuple[np.ndarray, str]:

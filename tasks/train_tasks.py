@@ -79,7 +79,7 @@ def save_model(
     # per patient; the paper's plain classifier on the same split follows for comparison.
     markdown, html = render_report(
         summary, fitted.y_test, fitted.paper_predictions, fitted.paper_scores, risk=risk,
-        examples=examples, operating_point=fitted.operating_point, saved_model_first=True,
+        examples=examples, operating_point=fitted.operating_point,
     )  # fmt: skip
     metrics_file = {
         **fitted.metrics,  # the paper's classifier, as the paper reports it

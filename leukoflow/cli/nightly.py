@@ -14,13 +14,14 @@ from leukoflow.cli.options import (
     COMPUTE,
     RECIPE,
     AsJson,
-    Images,
+    ImagesList,
     Labels,
     ModelId,
     OptionGroup,
     Precision,
     Store,
     WeightsDir,
+    check_images,
     check_store,
     parse_labels,
     shared_options,
@@ -212,7 +213,7 @@ def print_score_summary(summary: dict) -> None:
 
 @shared_options
 def backfill(
-    images: Images,
+    images: ImagesList,
     store: Store,
     dataset: Annotated[str, typer.Option("--dataset", help="Dataset name recorded in the catalog")],
     recipe: FeatureRecipe = RECIPE,
@@ -223,8 +224,11 @@ def backfill(
     compute: Compute = COMPUTE,
     as_json: AsJson = False,
 ) -> None:
-    """Catalog and featurise a whole collection; a re-run computes only what the store lacks."""
+    """Catalog and featurise a whole collection (one or more folders or manifests); a re-run
+    computes only what the store lacks."""
     label_map = parse_labels(labels)
+    check_store(store)
+    check_images(images)
 
     from leukoflow.flows.backfill import backfill as backfill_flow
 

@@ -5,7 +5,7 @@ value are an `OptionGroup`: the recipe options build a `FeatureRecipe`, the comp
 `Compute`. A command asks for the value, not the options:
 
     @shared_options
-    def run(images: Images, recipe: FeatureRecipe = RECIPE, compute: Compute = COMPUTE): ...
+    def run(images: ImagesList, recipe: FeatureRecipe = RECIPE, compute: Compute = COMPUTE): ...
 
 and `shared_options` puts the group's options in the command's signature (where Typer reads
 them) and hands the command the built value. Importing this module stays cheap (no sklearn,
@@ -23,22 +23,17 @@ import typer
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
+from leukoflow.tasks import choices
 from leukoflow.tasks.recipe import PRECISION_CHOICES, Compute, FeatureRecipe
 
-# The names click offers as choices. tasks.train and tasks.experiments own them (tests check
-# that these are theirs); importing those here would load scikit-learn for every --help.
-CLASSIFIERS = ("linear-svm", "rbf-svm", "knn", "tree", "forest", "mlp")
-SPLITS = ("random", "subject")
-EXPERIMENT_SPLITS = (*SPLITS, "both")
-
 DEFAULT_BACKBONES = ",".join(bb.DEFAULT_BACKBONES)
-PAPER_BACKBONES = "vgg16,vgg19,resnet101,mobilenet_v2,inception_resnet_v2,densenet121"
+PAPER_BACKBONES = ",".join(choices.PAPER_BACKBONES)
+PAPER_CLASSIFIERS = ",".join(choices.PAPER_CLASSIFIERS)
 
 # -- single options --------------------------------------------------------------------------
 Store = Annotated[str, typer.Option("--store", help="Store root: a folder or s3://bucket/prefix")]
 AsJson = Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line")]
 Dataset = Annotated[str, typer.Option("--dataset", help="Dataset name recorded in the catalog")]
-Images = Annotated[str, typer.Argument(help="Folder (C-NMC or class folders) or CSV manifest")]
 ImagesList = Annotated[
     list[str], typer.Argument(help="Folders (C-NMC or class folders) or CSV manifests")
 ]
@@ -60,10 +55,10 @@ Precision = Annotated[
     ),
 ]
 Classifier = Annotated[
-    Literal[CLASSIFIERS], typer.Option(help="Classifier (linear-svm is the paper's)")
+    Literal[choices.CLASSIFIERS], typer.Option(help="Classifier (linear-svm is the paper's)")
 ]
 Split = Annotated[
-    Literal[SPLITS] | None,
+    Literal[choices.SPLITS] | None,
     typer.Option(
         help="random (the paper's 90/10) or subject (each patient on one side: honest) "
         "[default: subject when every image carries a subject id, else random]",
@@ -71,7 +66,7 @@ Split = Annotated[
     ),
 ]
 ExperimentSplit = Annotated[
-    Literal[EXPERIMENT_SPLITS],
+    Literal[choices.EXPERIMENT_SPLITS],
     typer.Option(help="random (the paper's 90/10), subject (grouped k-fold) or both"),
 ]
 NBoot = Annotated[int, typer.Option("--n-boot", help="Subject bootstrap resamples")]
@@ -96,6 +91,13 @@ def check_store(store: str) -> None:
     from leukoflow.tasks.storage import open_location
 
     check(open_location(store))
+
+
+def check_images(images: str | list[str]) -> None:
+    """A missing folder or manifest is the user's error: said in a second, before any engine."""
+    from leukoflow.tasks.catalog import check_sources
+
+    check_sources(images)
 
 
 # -- option groups ---------------------------------------------------------------------------

@@ -11,17 +11,18 @@ from leukoflow.cli.boundary import before_flow
 from leukoflow.cli.options import (
     COMPUTE,
     PAPER_BACKBONES,
+    PAPER_CLASSIFIERS,
     RECIPE,
     AsJson,
     Classifier,
     Dataset,
     ExperimentSplit,
-    Images,
     ImagesList,
     Labels,
     NBoot,
     Split,
     Store,
+    check_images,
     check_store,
     parse_labels,
     shared_options,
@@ -30,7 +31,6 @@ from leukoflow.cli.output import console, print_json
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
 METRICS_SHOWN = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
-PAPER_CLASSIFIERS = "knn,linear-svm,rbf-svm,tree,forest,mlp"
 
 TargetSensitivity = Annotated[
     float,
@@ -60,6 +60,7 @@ def train_model(
     calibration.check_target_sensitivity(target_sensitivity)
     label_map = parse_labels(labels)
     check_store(store)
+    check_images(images)
 
     from leukoflow.flows.run import run_pipeline
 
@@ -73,7 +74,7 @@ def train_model(
 
 @shared_options
 def run(
-    images: Images,
+    images: ImagesList,
     store: Store,
     dataset: Dataset = "default",
     recipe: FeatureRecipe = RECIPE,
@@ -94,7 +95,8 @@ def run(
     compute: Compute = COMPUTE,
     as_json: AsJson = False,
 ) -> None:
-    """Catalog -> extract -> join -> train -> evaluate -> report on a collection of images."""
+    """Catalog -> extract -> join -> train -> evaluate -> report on one collection of images
+    (several folders or manifests make one collection)."""
     summary = train_model(
         images, store, recipe, compute, dataset, classifier, split, labels,
         target_sensitivity, promote, force,
@@ -149,6 +151,8 @@ def validate(
 ) -> None:
     """Subject-grouped k-fold metrics of one feature set with the paper's linear SVM."""
     label_map = parse_labels(labels)
+    check_store(store)
+    check_images(images)
     from leukoflow.flows.validate import run_validation
 
     before_flow()
@@ -217,6 +221,8 @@ def experiments(
     classifier_names = ex.parse_classifiers(classifiers)
     trio_names = bb.parse_backbones(trio) if trio else None
     ex.feature_sets(list(recipe.backbones), trio_names)
+    if images:
+        check_images(images)
 
     from leukoflow.flows.experiments import run_experiments
 

@@ -90,7 +90,12 @@ def test_the_decode_stage_accounts_for_every_image_and_compares_to_one_core(resu
     assert _positive(decode["pipeline_over_cores_x_single_core"])
     s3 = decode["s3"]
     assert s3.get("skipped") or (
-        s3["images"] == 8 and _positive(s3["concurrent_over_one_at_a_time"])
+        s3["images"] == 8
+        and _positive(s3["local"]["concurrent_over_one_at_a_time"])
+        and s3["with_latency"]["latency_ms_per_request"] == 20
+        # Each request waits 20 ms: one at a time cannot pass 50 reads/s.
+        and s3["with_latency"]["reads_per_second_one_at_a_time"] < 50
+        and _positive(s3["with_latency"]["concurrent_over_one_at_a_time"])
     )
     assert "decode stage:" in stdout
     assert "decode_pipeline_over_cores_x_single_core" in data["goals"]

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from leukoflow.cli import app, options
 from leukoflow.cli.options import COMPUTE, RECIPE, shared_options
-from leukoflow.tasks import experiments, recipe, train
+from leukoflow.tasks import choices, experiments, recipe, train
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
 from . import assert_user_error, leukoflow, leukoflow_here
@@ -26,11 +26,14 @@ def command_options(*path: str) -> list[str]:
     return [opt for param in command.params for opt in param.opts]
 
 
-def test_the_choices_are_the_ones_the_stages_accept():
-    assert options.CLASSIFIERS == train.CLASSIFIERS
-    assert options.SPLITS == train.SPLITS
-    assert options.EXPERIMENT_SPLITS == experiments.SPLIT_CHOICES
-    assert options.PAPER_BACKBONES.split(",") == list(experiments.PAPER_BACKBONES)
+def test_every_choice_offered_is_one_the_stages_accept():
+    for name in train.CLASSIFIERS:
+        train.make_classifier(name)
+    for name in train.SPLITS:
+        train.check_split(name)
+    for name in choices.EXPERIMENT_SPLITS:
+        experiments.check_split_choice(name)
+    assert experiments.parse_classifiers(options.PAPER_CLASSIFIERS.split(","))
     assert recipe.PRECISION_CHOICES == ("fp32", "bf16", "auto")
 
 

@@ -4,6 +4,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -52,10 +53,15 @@ def test_missing_imagenet_weights_exit_2_naming_the_file(tmp_path, synthetic_ima
     )
 
 
-@pytest.mark.integration
-def test_missing_images_folder_exits_2(tmp_path):
-    result = leukoflow("run", tmp_path / "nope", "--store", tmp_path, "--weights", "none")
-    assert_user_error(result, "nope")
+@pytest.mark.parametrize("command", ["run", "validate", "backfill"])
+def test_a_missing_images_folder_exits_2_before_any_engine_starts(tmp_path, command):
+    extra = ["--dataset", "d"] if command == "backfill" else []
+    result = leukoflow(
+        command, tmp_path, tmp_path / "nope", "--store", tmp_path / "s", "--weights", "none", *extra
+    )
+    assert_user_error(result, "IMAGES", "nope", "does not exist")
+    # Said before Prefect or Ray start: neither has logged a line.
+    assert "Prefect" not in result.stderr and "Ray" not in result.stderr
 
 
 @pytest.mark.integration
@@ -70,10 +76,22 @@ def test_one_class_only_exits_2_before_extraction(tmp_path, synthetic_images):
 
 
 @pytest.mark.integration
+def split_in_two(images: Path, tmp_path: Path) -> list[Path]:
+    """The cells of `images` in two collections of class folders, subjects split between them."""
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for n, cell in enumerate(sorted(images.rglob("*.bmp"))):
+        target = folders[n % 2] / cell.parent.name / cell.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(cell, target)
+    return folders
+
+
 def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthetic_images):
     store = tmp_path / "store"
     recipe = ["--weights", "none", "--backbones", "vgg16", "--image-size", "32"]
-    summary = last_json(leukoflow("run", synthetic_images, "--store", store, *recipe, "--json"))
+    # One collection in two folders (as the development pool is): one catalog, one model.
+    folders = split_in_two(synthetic_images, tmp_path)
+    summary = last_json(leukoflow("run", *folders, "--store", store, *recipe, "--json"))
     assert summary["counts"]["found"] == 24 and summary["feature_dim"] == 512
     assert summary["non_clinical"] is True and "NOT CLINICALLY" in summary["note"]
     assert 0 <= summary["metrics"]["accuracy"] <= 1
@@ -95,7 +113,7 @@ def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthet
     assert report["accounting"]["datasets"]["default"]["featurised"] == 24
 
     again = leukoflow(
-        "run", synthetic_images, "--store", store, *recipe, "--split", "random",
+        "run", *folders, "--store", store, *recipe, "--split", "random",
         "--no-promote", "--json",
     )  # fmt: skip
     second = last_json(again)
@@ -107,12 +125,7 @@ def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthet
 
 @pytest.mark.integration
 def test_validate_takes_several_image_folders(tmp_path, synthetic_images):
-    # Two collections in class folders, the subjects split between them.
-    folders = [tmp_path / "first", tmp_path / "second"]
-    for n, cell in enumerate(sorted(synthetic_images.rglob("*.bmp"))):
-        target = folders[n % 2] / cell.parent.name / cell.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(cell, target)
+    folders = split_in_two(synthetic_images, tmp_path)
     result = leukoflow(
         "validate", *folders, "--store", tmp_path / "store", "--backbones", "color_morphology",
         "--folds", "3", "--n-boot", "50", "--json",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import choices, train
 from leukoflow.tasks import experiments as ex
-from leukoflow.tasks import train
 from leukoflow.tasks.report import render_experiments_html
 
 TRIO = ["vgg16", "densenet121", "inception_resnet_v2"]
@@ -34,7 +34,7 @@ def test_the_grid_has_singles_then_the_pairs_and_the_trio():
         ("densenet121",),
         ("vgg16", "densenet121"),
     ]
-    six = list(ex.PAPER_BACKBONES)
+    six = list(choices.PAPER_BACKBONES)
     sets = ex.feature_sets(six)
     assert sets[:6] == [(n,) for n in six]
     # The paper's trio, in the user's order: VGG16, InceptionResNetV2, DenseNet121.

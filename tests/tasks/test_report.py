@@ -234,12 +234,12 @@ def test_without_subject_ids_the_operating_point_says_so() -> None:
     assert "No patient-level result" in markdown and "| Count | 10 | n/a |" in markdown
 
 
-def test_the_saved_model_can_lead_and_the_paper_follow() -> None:
+def test_the_saved_model_leads_and_the_paper_follows() -> None:
     point = operating_point()
     markdown, html_text = render_report(make_summary(), Y_TRUE, Y_PRED, SCORES)
-    assert "The paper's method" not in markdown  # today's order by default
+    assert "The paper's method" not in markdown  # no saved model: the paper's metrics alone
     markdown, html_text = render_report(
-        make_summary(), Y_TRUE, Y_PRED, SCORES, operating_point=point, saved_model_first=True
+        make_summary(), Y_TRUE, Y_PRED, SCORES, operating_point=point
     )
     for text, heading in ((markdown, "## The paper's method"), (html_text, "The paper's method")):
         assert text.index("At the operating point") < text.index(heading)

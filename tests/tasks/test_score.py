@@ -12,7 +12,7 @@ import pytest
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.catalog import build_catalog
-from leukoflow.tasks.recipe import FeatureRecipe, recipe_from_record
+from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.records import Accounting
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
@@ -21,17 +21,10 @@ from leukoflow.tasks.tables import RUN_SCHEMA, read_runs, write_run
 STARTED = datetime(2026, 3, 14, 23, 30, tzinfo=UTC)
 
 
-def record(**changes) -> dict:
-    recipe = {
-        "backbones": ["vgg16", "densenet121"],
-        "dims": [512, 1024],
-        "feature_dim": 1536,
-        "weights": "none",
-        "weights_ids": {"vgg16": "random-seed0", "densenet121": "random-seed0"},
-        "image_size": 32,
-    }
-    recipe.update(changes)
-    return {"model_id": "m1", "feature_recipe": recipe, "seed": 0, "score_kind": "probability"}
+# The recipe of a small two-CNN model, as scoring rebuilds it from the model's record
+# (tests/tasks/test_recipe.py covers that rebuilding).
+RECIPE = FeatureRecipe(("vgg16", "densenet121"), weights="none", image_size=32)
+MODEL = {"model_id": "m1", "feature_recipe": RECIPE.to_record(), "seed": 0}
 
 
 # -- dates and recipes -----------------------------------------------------------------------
@@ -52,20 +45,18 @@ def test_the_night_defaults_to_the_utc_date_and_refuses_non_dates():
     ],
 )
 def test_a_model_differing_from_the_sweeps_recipe_is_refused(expected, words):
-    recipe = recipe_from_record(record())
     with pytest.raises(LeukoflowError, match="refusing to score") as error:
-        sc.check_expected_recipe(recipe, "m1", expected)
+        sc.check_expected_recipe(RECIPE, "m1", expected)
     assert words in str(error.value)
 
 
 def test_matching_expectations_pass_and_the_model_width_is_checked():
-    recipe = recipe_from_record(record())
     sc.check_expected_recipe(
-        recipe, "m1", {"backbones": ["vgg16", "densenet121"], "image_size": 32, "weights": None}
+        RECIPE, "m1", {"backbones": ["vgg16", "densenet121"], "image_size": 32, "weights": None}
     )
-    sc.check_model_width(1536, recipe, "m1")
+    sc.check_model_width(1536, RECIPE, "m1")
     with pytest.raises(LeukoflowError, match="takes 512 features"):
-        sc.check_model_width(512, recipe, "m1")
+        sc.check_model_width(512, RECIPE, "m1")
 
 
 # -- selection and predictions ---------------------------------------------------------------
@@ -212,7 +203,7 @@ def test_a_sweep_row_fits_the_runs_table_and_accounts_for_every_image(tmp_path):
         "inbox",
         "2026-03-14",
         "m1",
-        record() | {"threshold": 0.4, "non_clinical": True},
+        MODEL | {"threshold": 0.4, "non_clinical": True},
         rule,
         "random-seed0",
         # 10 files: 6 scored now, 1 earlier, 2 quarantined, 1 duplicate, nothing missing.

@@ -1,3 +1,6 @@
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import skops.io as sio
@@ -95,3 +98,14 @@ def test_scores_are_decision_values_for_the_svm_and_probabilities_otherwise():
     assert kind == "decision_value"
     scores, kind = train.decision_scores(train.fit("forest", x, y), x)
     assert kind == "probability" and scores.min() >= 0 and scores.max() <= 1
+
+
+def test_a_solver_stopped_at_its_limit_is_one_log_line_not_a_warning(caplog):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), np.tile([0, 1], 20)  # noise: the MLP cannot settle
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping fit() fails the test
+        with caplog.at_level(logging.WARNING, logger="leukoflow.train"):
+            model = train.fit("mlp", x, y)
+    assert "mlp stopped at its iteration limit" in caplog.text and "40 cells x 5" in caplog.text
+    assert model.predict(x).shape == (40,)

@@ -1,0 +1,24 @@
+"""The names users choose from: classifiers, splits, the paper's backbones.
+
+One owner, imported by the stages that accept these names (tasks/train.py,
+tasks/experiments.py) and by the command line, whose `--help` lists them as choices. It imports
+nothing, so `leukoflow --help` does not load scikit-learn to print them.
+"""
+
+CLASSIFIERS = ("linear-svm", "rbf-svm", "knn", "tree", "forest", "mlp")
+DEFAULT_CLASSIFIER = "linear-svm"  # the paper's
+# The paper's five classical classifiers plus its MLP, in the order of its tables.
+PAPER_CLASSIFIERS = ("knn", "linear-svm", "rbf-svm", "tree", "forest", "mlp")
+
+SPLITS = ("random", "subject")
+EXPERIMENT_SPLITS = (*SPLITS, "both")
+
+# The paper's six backbones (Tables 2-3).
+PAPER_BACKBONES = (
+    "vgg16",
+    "vgg19",
+    "resnet101",
+    "mobilenet_v2",
+    "inception_resnet_v2",
+    "densenet121",
+)
