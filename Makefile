@@ -32,7 +32,7 @@ chromium:
 test: $(VENV)/.installed-dev chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # Throughput harness (docs/benchmarks.md has the full measurement's options), e.g.
 #   make bench BENCH_ARGS="--n 256 --source DIR --join-calibration"

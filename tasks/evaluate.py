@@ -181,9 +181,13 @@ def bootstrap_interval(
     """Percentile bootstrap (1 - alpha) interval of one compute_metrics value, resampling cells.
 
     With `groups` (one subject id per cell) whole subjects are resampled instead, so cells of one
-    patient, which are not independent, move together. For roc_auc, resamples that contain a
-    single class are skipped (AUC is undefined there); if every resample is skipped, ValueError
-    is raised.
+    patient, which are not independent, move together. Resamples where the metric is undefined
+    are skipped, not scored 0: recall without a positive cell, precision without a positive
+    prediction, roc_auc with a single class (with few subjects such draws are common, and
+    counting them as 0 would drag the interval down to 0 for a perfect result). Where recall or
+    precision is undefined in every resample (no positive cell, or none predicted, at all), the
+    interval is (0, 0), the zero-division convention of compute_metrics' own value; for roc_auc
+    that case raises ValueError.
     """
     if metric not in _BOOTSTRAP_METRICS:
         raise ValueError(
@@ -212,14 +216,27 @@ def bootstrap_interval(
             idx = rng.integers(0, n, size=n)
         else:
             idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        yt_b = yt[idx]
-        if sc is not None and np.unique(yt_b).size < 2:
+        yt_b, yp_b = yt[idx], yp[idx]
+        if not _defined(metric, yt_b, yp_b):
             continue
-        values.append(_single_metric(metric, yt_b, yp[idx], None if sc is None else sc[idx]))
+        values.append(_single_metric(metric, yt_b, yp_b, None if sc is None else sc[idx]))
     if not values:
-        raise ValueError(f"no bootstrap resample had both classes; cannot bound {metric}")
+        if metric != "roc_auc":
+            return 0.0, 0.0
+        raise ValueError("roc_auc is undefined in every bootstrap resample; cannot bound it")
     low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+def _defined(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> bool:
+    """Whether `metric` has a value on this resample (see bootstrap_interval)."""
+    if metric == "recall":
+        return bool(y_true.any())
+    if metric == "precision":
+        return bool(y_pred.any())
+    if metric == "roc_auc":
+        return np.unique(y_true).size == 2
+    return True
 
 
 def _group_members(groups: Sequence | np.ndarray, n: int) -> list[np.ndarray]:

@@ -165,10 +165,25 @@ def test_bootstrap_roc_auc_skips_one_class_resamples() -> None:
     assert 0.0 <= low <= 6 / 7 <= high <= 1.0
 
 
+def test_a_subject_bootstrap_skips_draws_without_the_class_it_measures() -> None:
+    # Three test subjects, as a 90/10 subject split of the pool gives: two ALL patients whose
+    # cells are all flagged, one normal donor. A third of all draws hold no ALL patient; scored
+    # as sensitivity 0 they once gave this perfect sensitivity the interval [0, 1].
+    y_true = np.array([1] * 10 + [0] * 5)
+    y_pred = y_true.copy()
+    subjects = ["a"] * 5 + ["b"] * 5 + ["n"] * 5
+    assert bootstrap_interval(y_true, y_pred, None, "recall", 500, groups=subjects) == (1.0, 1.0)
+    # Precision likewise skips the draws without a flagged cell (the normal donor alone).
+    assert bootstrap_interval(y_true, y_pred, None, "precision", 500, groups=subjects) == (1.0, 1.0)
+    # Nothing flagged at all: precision is 0 by convention, and so is its interval.
+    nothing = np.zeros_like(y_true)
+    assert bootstrap_interval(y_true, nothing, None, "precision", 50, groups=subjects) == (0, 0)
+
+
 def test_bootstrap_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="unknown metric"):
         bootstrap_interval(Y_TRUE, Y_PRED, SCORES, "confusion_matrix")
     with pytest.raises(ValueError, match="scores"):
         bootstrap_interval(Y_TRUE, Y_PRED, None, "roc_auc")
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(ValueError, match="undefined in every bootstrap resample"):
         bootstrap_interval(np.ones(4, int), np.ones(4, int), np.ones(4), "roc_auc", n_boot=10)
