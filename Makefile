@@ -29,10 +29,13 @@ chromium:
 	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# Two pytest workers, one test file at a time each (module fixtures built once): most tests wait
+# on process start-ups (Python, TensorFlow, Ray, Prefect) with one core busy. 22 min on 2 cores
+# against 27-31 one at a time; grouping the files that share a session fixture was slower (27).
 test: $(VENV)/.installed-dev chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Throughput harness (docs/benchmarks.md has the full measurement's options), e.g.
 #   make bench BENCH_ARGS="--n 256 --source DIR --join-calibration"

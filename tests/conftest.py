@@ -15,24 +15,6 @@ os.environ.pop("RAY_ADDRESS", None)
 
 import pytest  # noqa: E402
 
-# `make test` runs two xdist workers (--dist loadgroup): most tests spend their time starting
-# processes (Python, TensorFlow, Ray, a Prefect server) on one core, so two at once use the
-# machine's two cores. The tests of one file go to one worker, so module fixtures are built
-# once; files that share one of these expensive session fixtures go to the same worker, so it
-# is built once as well.
-SHARED_SESSION_FIXTURES = ("messy_runs", "real_cells_store")
-
-
-def pytest_collection_modifyitems(config, items):
-    by_file: dict[Path, list] = {}
-    for item in items:
-        by_file.setdefault(item.path, []).append(item)
-    for path, members in by_file.items():
-        used = {name for item in members for name in item.fixturenames}
-        group = next((name for name in SHARED_SESSION_FIXTURES if name in used), str(path))
-        for item in members:
-            item.add_marker(pytest.mark.xdist_group(group))
-
 
 @pytest.fixture(scope="session")
 def ray_local():
