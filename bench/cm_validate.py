@@ -124,7 +124,9 @@ def _patient_scores(
     return ids, frac, label, count
 
 
-def patient_level(x: np.ndarray, y: np.ndarray, subjects: np.ndarray) -> dict:
+def patient_level(
+    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str = "linear-svm"
+) -> dict:
     """Outer subject-grouped folds; each fold's threshold from inner folds of its training side."""
     folds = train.kfold(y, list(subjects), FOLDS, SEED)
     decisions = []
@@ -132,11 +134,11 @@ def patient_level(x: np.ndarray, y: np.ndarray, subjects: np.ndarray) -> dict:
         inner = train.kfold(y[train_rows], list(subjects[train_rows]), FOLDS, SEED)
         inner_pred = np.zeros(len(train_rows), np.int64)
         for fit_rows, held_rows in inner.indices:
-            model = train.fit("linear-svm", x[train_rows][fit_rows], y[train_rows][fit_rows], SEED)
+            model = train.fit(classifier, x[train_rows][fit_rows], y[train_rows][fit_rows], SEED)
             inner_pred[held_rows] = model.predict(x[train_rows][held_rows])
         _, frac, label, _ = _patient_scores(inner_pred, y[train_rows], subjects[train_rows])
         threshold = _best_threshold(frac, label)
-        model = train.fit("linear-svm", x[train_rows], y[train_rows], SEED)
+        model = train.fit(classifier, x[train_rows], y[train_rows], SEED)
         predicted = model.predict(x[test_rows])
         ids, frac, label, count = _patient_scores(predicted, y[test_rows], subjects[test_rows])
         for s, f, lab, n in zip(ids, frac, label, count, strict=True):
@@ -169,15 +171,18 @@ def patient_level(x: np.ndarray, y: np.ndarray, subjects: np.ndarray) -> dict:
     }
 
 
-def run_variant(blocks: dict[bool, dict[str, np.ndarray]], variant: str, y, subjects) -> dict:
+def run_variant(
+    blocks: dict[bool, dict[str, np.ndarray]], variant: str, y, subjects, classifier: str
+) -> dict:
     normalise, names = VARIANTS[variant]
     x = np.concatenate([blocks[normalise][name] for name in names], axis=1)
-    cell = validate.cross_validate(x, y, list(subjects), "linear-svm", FOLDS, SEED, N_BOOT)
+    cell = validate.cross_validate(x, y, list(subjects), classifier, FOLDS, SEED, N_BOOT)
     return {
         "variant": variant,
+        "classifier": classifier,
         "dim": int(x.shape[1]),
         "cell": cell,
-        "patient": patient_level(x, y, subjects),
+        "patient": patient_level(x, y, subjects, classifier),
     }
 
 
@@ -190,7 +195,7 @@ def _row(result: dict) -> str:
     ]
     low, high = p["balanced_accuracy_interval"]
     return (
-        f"| `{result['variant']}` | {result['dim']} | "
+        f"| `{result['variant']}` | `{result['classifier']}` | {result['dim']} | "
         + " | ".join(cells)
         + f" | {p['correct']}/{p['patients']} | {p['sensitivity']:.3f} / {p['specificity']:.3f}"
         + f" | {p['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}] |"
@@ -210,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifests", nargs="+", type=Path)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cm_validate"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--classifiers",
+        default=train.DEFAULT_CLASSIFIER,
+        help="comma-separated; each variant is fitted with each",
+    )
     parser.add_argument("--json", type=Path, help="write every number here too")
     args = parser.parse_args(argv)
     rows = read_manifests(args.manifests)
@@ -219,20 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     blocks = extract_all(rows, args.cache)
     results = []
     print(
-        "| variant | dim | cell balanced accuracy | cell ROC AUC | patients correct "
+        "| variant | classifier | dim | cell balanced accuracy | cell ROC AUC | patients correct "
         "| patient sens / spec | patient balanced accuracy |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for variant in args.variants.split(","):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = run_variant(blocks, variant, y, subjects)
-        result["warnings"] = sorted({str(w.message)[:120] for w in caught})
-        results.append(result)
-        print(_row(result), flush=True)
+        for classifier in args.classifiers.split(","):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = run_variant(blocks, variant, y, subjects, classifier)
+            result["warnings"] = sorted({str(w.message)[:120] for w in caught})
+            results.append(result)
+            print(_row(result), flush=True)
     for result in results:
         wrong = ", ".join(_wrong_call(d) for d in result["patient"]["wrong"])
-        print(f"{result['variant']}: wrong patients: {wrong or 'none'}")
+        print(f"{result['variant']} {result['classifier']}: wrong patients: {wrong or 'none'}")
         print(f"  warnings: {result['warnings'] or 'none'}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -1,10 +1,10 @@
 """`leukoflow validate`: catalog -> featurise -> join -> subject-grouped cross-validation.
 
-The fixed protocol of docs/results.md, as one command: the paper's linear SVM on one feature
-recipe, k folds grouped by subject, cell- and patient-level metrics with intervals that resample
-whole subjects (tasks/validate.py, tasks/patient.py). Vectors already in the store are reused,
-so several feature sets of the same images cost one extraction per backbone. Several folders or
-manifests can be validated as one pool.
+The fixed protocol of docs/results.md, as one command: the paper's linear SVM (or another
+classifier by name) on one feature recipe, k folds grouped by subject, cell- and patient-level
+metrics with intervals that resample whole subjects (tasks/validate.py, tasks/patient.py).
+Vectors already in the store are reused, so several feature sets of the same images cost one
+extraction per backbone. Several folders or manifests can be validated as one pool.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from prefect import flow
 
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import evaluate, validate
+from leukoflow.tasks import evaluate, train, validate
 from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.records import non_clinical_note, package_versions
@@ -30,6 +30,7 @@ def run_validation(
     recipe: FeatureRecipe = FeatureRecipe(),  # noqa: B008 - frozen, validated once at import
     compute: Compute = Compute(),  # noqa: B008
     dataset: str = "default",
+    classifier: str = train.DEFAULT_CLASSIFIER,
     folds: int = validate.DEFAULT_FOLDS,
     seed: int = 0,
     n_boot: int = validate.DEFAULT_BOOTSTRAP,
@@ -53,7 +54,7 @@ def run_validation(
     by_id = {row["image_id"]: row for row in labelled}
     y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
     subjects = [by_id[i]["subject_id"] for i in joined.image_ids]
-    result = cross_validate(joined.matrix, y, subjects, folds, seed, n_boot)
+    result = cross_validate(joined.matrix, y, subjects, classifier, folds, seed, n_boot)
 
     # Raw subject ids stay in the store's tables; what this flow returns is printed.
     level = result["patient_level"]

@@ -54,19 +54,10 @@ def ray_session(address: str | None) -> Iterator[None]:
             # the job so workers run exactly the version that submitted it. A folder, not module
             # objects: a Ray Client (ray://) driver must send the runtime env over the wire.
             staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="leukoflow-code-"))
-            try:
-                ray.init(
-                    address=address,
-                    runtime_env={"py_modules": [stage_package(staging)], "env_vars": ACTOR_ENV},
-                    log_to_driver=False,
-                )
-            except (ConnectionError, ray.exceptions.AuthenticationError) as error:
-                # The port answered: most often the cluster wants a token this driver lacks.
-                raise LeukoflowError(
-                    f"cannot join the Ray cluster at {address} ({error}); with token "
-                    "authentication set RAY_AUTH_MODE=token and the cluster's token in "
-                    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
-                ) from error
+            _join_cluster(
+                address,
+                runtime_env={"py_modules": [stage_package(staging)], "env_vars": ACTOR_ENV},
+            )
         else:
             # address="local": never attach to a stale `ray start` cluster left on this machine.
             ray.init(
@@ -101,6 +92,45 @@ def stage_package(folder: str) -> str:
             dirs_exist_ok=True,
         )  # fmt: skip
     return target
+
+
+# How often a ray:// driver asks the cluster's Ray Client server for a session. The server
+# starts one process per driver; on a busy head that start sometimes fails ("Initialization
+# failure from server") and the next request succeeds. Ray retries a dropped connection, not a
+# failed start, so the retry is ours.
+CLIENT_SESSION_ATTEMPTS = 3
+CLIENT_RETRY_PAUSE_S = 2.0
+
+
+def _join_cluster(address: str, runtime_env: dict) -> None:
+    """ray.init on a running cluster; a clear error when it refuses this driver."""
+    client = address.startswith("ray://")
+    attempts = CLIENT_SESSION_ATTEMPTS if client else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            return
+        except (ConnectionError, ray.exceptions.AuthenticationError) as error:
+            ray.shutdown()
+            if not (client and isinstance(error, ConnectionAbortedError)):
+                # The port answered: most often the cluster wants a token this driver lacks.
+                raise LeukoflowError(
+                    f"cannot join the Ray cluster at {address} ({error}); with token "
+                    "authentication set RAY_AUTH_MODE=token and the cluster's token in "
+                    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+                ) from error
+            if attempt == attempts:  # the Ray Client server could not start a session
+                raise LeukoflowError(
+                    f"the Ray Client server at {address} could not start a session for this "
+                    f"driver ({attempts} attempts; the last said: {error}); its logs are "
+                    "ray_client_server_*.err in the head node's Ray log folder"
+                ) from error
+            log.warning(
+                "the Ray Client server at %s could not start a session (attempt %d of %d); "
+                "asking again in %.0f s",
+                address, attempt, attempts, CLIENT_RETRY_PAUSE_S,
+            )  # fmt: skip
+            time.sleep(CLIENT_RETRY_PAUSE_S)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

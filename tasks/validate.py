@@ -1,7 +1,7 @@
-"""Subject-grouped cross-validation of one feature set with the paper's classifier.
+"""Subject-grouped cross-validation of one feature set and one classifier.
 
 The fixed protocol of docs/results.md: stratified k folds grouped by subject (no patient on both
-sides), the linear SVM as the paper has it, and at two levels:
+sides), the linear SVM as the paper has it unless another classifier is named, at two levels:
 
 * **cells**: accuracy, balanced accuracy, F1 and ROC AUC, each as the mean +- std over folds
   plus a 95% interval that resamples whole subjects of the pooled out-of-fold predictions;

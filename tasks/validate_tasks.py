@@ -11,11 +11,19 @@ from leukoflow.tasks import validate
 
 @task(name="cross-validate", cache_policy=NO_CACHE)
 def cross_validate(
-    x: np.ndarray, y: np.ndarray, subjects: list, n_folds: int, seed: int, n_boot: int
+    x: np.ndarray,
+    y: np.ndarray,
+    subjects: list,
+    classifier: str,
+    n_folds: int,
+    seed: int,
+    n_boot: int,
 ) -> dict:
     """Cell- and patient-level subject-grouped cross-validation, logged metric by metric."""
     logger = get_run_logger()
-    result = validate.cross_validate(x, y, subjects, n_folds=n_folds, seed=seed, n_boot=n_boot)
+    result = validate.cross_validate(
+        x, y, subjects, classifier, n_folds=n_folds, seed=seed, n_boot=n_boot
+    )
     for key, value in result["metrics"].items():
         logger.info(
             "validate (cells): %s %.4f ± %.4f [%.4f, %.4f]",

@@ -143,13 +143,14 @@ def validate(
     store: Store,
     dataset: Dataset = "default",
     recipe: FeatureRecipe = RECIPE,
+    classifier: Classifier = "linear-svm",
     folds: Annotated[int, typer.Option(help="Subject-grouped folds")] = 5,
     n_boot: NBoot = 1000,
     labels: Labels = None,
     compute: Compute = COMPUTE,
     as_json: AsJson = False,
 ) -> None:
-    """Subject-grouped k-fold metrics of one feature set with the paper's linear SVM."""
+    """Subject-grouped k-fold metrics of one feature set (the paper's linear SVM by default)."""
     label_map = parse_labels(labels)
     check_store(store)
     check_images(images)
@@ -158,7 +159,7 @@ def validate(
     before_flow()
     summary = run_validation(
         images=list(images), store=store, recipe=recipe, compute=compute, dataset=dataset,
-        folds=folds, seed=recipe.seed, n_boot=n_boot, labels=label_map,
+        classifier=classifier, folds=folds, seed=recipe.seed, n_boot=n_boot, labels=label_map,
     )  # fmt: skip
     if as_json:
         print_json(summary)
@@ -167,8 +168,9 @@ def validate(
     if summary["note"]:
         out.print(summary["note"])
     out.print(
-        f"{'+'.join(recipe.backbones)}: {summary['n_images']} cells, {summary['n_subjects']} "
-        f"subjects, {summary['folds']} subject-grouped folds (mean ± std [95% subject bootstrap])"
+        f"{'+'.join(recipe.backbones)}, {summary['classifier']}: {summary['n_images']} cells, "
+        f"{summary['n_subjects']} subjects, {summary['folds']} subject-grouped folds "
+        "(mean ± std [95% subject bootstrap])"
     )
     for key, m in summary["metrics"].items():
         out.print(f"  {key:<18} {m['mean']:.4f} ± {m['std']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")

@@ -128,7 +128,8 @@ def test_validate_takes_several_image_folders(tmp_path, synthetic_images):
     folders = split_in_two(synthetic_images, tmp_path)
     result = leukoflow(
         "validate", *folders, "--store", tmp_path / "store", "--backbones", "color_morphology",
-        "--folds", "3", "--n-boot", "50", "--json",
+        "--classifier", "rbf-svm", "--folds", "3", "--n-boot", "50", "--json",
     )  # fmt: skip
     summary = last_json(result)
     assert summary["n_images"] == 24 and summary["n_subjects"] == 6 and summary["folds"] == 3
+    assert summary["classifier"] == "rbf-svm"  # the recommended one for color_morphology

@@ -33,9 +33,10 @@ class RayCluster:
     def auth_header(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def log_tails(self, pattern: str, chars: int = 2000) -> str:
-        """The ends of the cluster's log files named like `pattern`, for a failing assertion."""
-        files = sorted((self.temp_dir / "session_latest" / "logs").glob(pattern))
+    def log_tails(self, *patterns: str, chars: int = 2000) -> str:
+        """The ends of the cluster's log files named like `patterns`, for a failing assertion."""
+        logs = self.temp_dir / "session_latest" / "logs"
+        files = sorted({f for pattern in patterns for f in logs.glob(pattern)})
         return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-chars:]}" for f in files)
 
     def state(self, resource: str, **filters: str) -> list[dict]:

@@ -90,7 +90,7 @@ def test_a_remote_driver_backfills_through_ray_client_from_ray_address(
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, (
-        result.stderr[-4000:] + ray_cluster.log_tails("ray_client_server*")
+        result.stderr[-4000:] + ray_cluster.log_tails("*ray_client_server*", "runtime_env_agent.log")
     )
     assert last_json_line(result.stdout)["extraction"]["computed"] == {"vgg16": 4}
     # Its actor ran on the cluster (a local Ray would have left no trace there).
