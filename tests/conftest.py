@@ -15,6 +15,38 @@ os.environ.pop("RAY_ADDRESS", None)
 
 import pytest  # noqa: E402
 
+# -- two workers (make test: pytest -n 2) ---------------------------------------------------
+# xdist hands each worker one test file at a time (module fixtures are built once). A session
+# fixture, though, is built once per worker that meets it: the files that share an expensive one
+# go to the same worker as one unit, so it is built once. Minutes each: `messy_runs` makes two
+# `leukoflow run`s, `real_cells_store` one run on real cells.
+SHARED_SESSION_FIXTURES = {
+    "messy_runs": (
+        "tests/reliability/test_security.py",
+        "tests/reliability/test_config_errors.py",
+        "tests/reliability/test_bad_input_e2e.py",
+    ),
+    "real_cells_store": (
+        "tests/tasks/test_explain.py",
+        "tests/cli/test_status.py",
+        "tests/cli/test_explain.py",
+    ),
+}
+_UNIT_OF_FILE = {f: name for name, files in SHARED_SESSION_FIXTURES.items() for f in files}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's file-by-file scheduling, with the files of SHARED_SESSION_FIXTURES kept together
+    (xdist's own grouping marks, loadgroup, would split every other file test by test)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return _UNIT_OF_FILE.get(file, file)
+
+    return SharedFixtureScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def ray_local():
