@@ -1,10 +1,11 @@
 """Compare `color_morphology` feature variants on the development pool, subject-grouped.
 
-The protocol of docs/color_morphology.md ("Developing cm-2"): the pool's cells (one or more
-manifests with path, label, subject_id), the product's subject-grouped folds and linear SVM
-(`tasks.validate.cross_validate`) at cell level, and a patient-level decision whose threshold is
-chosen on the training folds only (inner subject-grouped folds). A development tool, not part of
-the wheel. Features are cached under --cache (never in the repository): re-runs only refit.
+The protocol of docs/color_morphology.md ("Developing cm-2", rounds 1-4): the pool's cells (one
+or more manifests with path, label, subject_id), the product's subject-grouped folds and
+classifiers (`tasks.validate.cross_validate`) at cell level, and a patient-level decision whose
+threshold is chosen on the training folds only (inner subject-grouped folds). A development
+tool, not part of the wheel. Features are cached under --cache (never in the repository): re-runs
+only refit.
 
     nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.cm_validate \\
         /work/shared/data/cnmc/MANIFEST.csv /work/shared/data/cnmc-pool/MANIFEST.csv
@@ -28,14 +29,19 @@ from leukoflow.tasks import color_morphology as cm
 from leukoflow.tasks import evaluate, train, validate
 
 # name -> (colour normalisation, feature blocks): the pre-declared variants, nothing else.
-VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "cm-1": (False, ("base",)),
-    "stain": (True, ("base",)),
-    "nc": (False, ("base", "nc")),
-    "contour": (False, ("base", "contour")),
-    "all-raw": (False, ("base", "nc", "contour")),
-    "all": (True, ("base", "nc", "contour")),
+# Colour normalisation: "raw" none, "cell" per image (round 1), "subject" one transform per
+# subject from all its cells' pixels (round 4).
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cm-1": ("raw", ("base",)),
+    "stain": ("cell", ("base",)),
+    "nc": ("raw", ("base", "nc")),
+    "contour": ("raw", ("base", "contour")),
+    "all-raw": ("raw", ("base", "nc", "contour")),
+    "all": ("cell", ("base", "nc", "contour")),
+    "subject-stain": ("subject", ("base",)),
 }
+# Cache file suffix of each colour mode (rounds 1-3 wrote "raw" and "norm").
+_MODE_FILES = {"raw": "raw", "cell": "norm", "subject": "subject"}
 FOLDS, SEED, N_BOOT = 5, 0, 1000
 
 
@@ -64,38 +70,57 @@ def _code_digest() -> str:
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
 
 
-def extract_all(rows: list[dict[str, str]], cache: Path) -> dict[bool, dict[str, np.ndarray]]:
-    """Every block, raw and colour-normalised, for every row: from the cache or computed."""
+def _pixels(row: dict[str, str]) -> np.ndarray:
+    with Image.open(row["file"]) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _subject_references(rows: list[dict[str, str]]) -> dict[str, tuple | None]:
+    """Per subject, the pooled RGB mean and std of all its cells' pixels (no label used)."""
+    pooled: dict[str, cm.ColourMoments] = {}
+    for row in rows:
+        moments = cm.colour_moments(_pixels(row))
+        subject = row["subject"]
+        pooled[subject] = pooled[subject] + moments if subject in pooled else moments
+    return {subject: m.reference() for subject, m in pooled.items()}
+
+
+def extract_all(
+    rows: list[dict[str, str]], cache: Path, modes: tuple[str, ...] = ("raw", "cell")
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every block in each colour mode asked for, for every row: from the cache or computed."""
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256("".join(r["sha256"] for r in rows).encode()).hexdigest()[:12]
-    out: dict[bool, dict[str, np.ndarray]] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
     todo = []
-    for normalise in (False, True):
-        path = cache / f"{_code_digest()}-{key}-{'norm' if normalise else 'raw'}.npz"
+    for mode in modes:
+        path = cache / f"{_code_digest()}-{key}-{_MODE_FILES[mode]}.npz"
         if path.exists():
             with np.load(path) as data:
-                out[normalise] = {name: data[name] for name in cm.BLOCK_CATALOGUES}
+                out[mode] = {name: data[name] for name in cm.BLOCK_CATALOGUES}
         else:
-            todo.append((normalise, path))
+            todo.append((mode, path))
     if not todo:
         return out
-    blocks = {n: {name: [] for name in cm.BLOCK_CATALOGUES} for n, _ in todo}
+    references = _subject_references(rows) if any(m == "subject" for m, _ in todo) else {}
+    blocks = {m: {name: [] for name in cm.BLOCK_CATALOGUES} for m, _ in todo}
     seconds = 0.0
     for i, row in enumerate(rows):
-        with Image.open(row["file"]) as image:
-            pixels = np.asarray(image.convert("RGB"))
+        pixels = _pixels(row)
         start = time.perf_counter()
-        for normalise, _ in todo:
-            for name, values in cm.feature_blocks(pixels, normalise).items():
-                blocks[normalise][name].append(values)
+        for mode, _ in todo:
+            reference = references.get(row["subject"]) if mode == "subject" else None
+            values = cm.feature_blocks(pixels, mode == "cell", reference=reference)
+            for name, vector in values.items():
+                blocks[mode][name].append(vector)
         seconds += time.perf_counter() - start
         if (i + 1) % 100 == 0:
             print(
                 f"  {i + 1}/{len(rows)} cells, {seconds / (i + 1) * 1000:.0f} ms/cell", flush=True
             )
-    for normalise, path in todo:
-        out[normalise] = {name: np.asarray(v) for name, v in blocks[normalise].items()}
-        np.savez(path, **out[normalise])
+    for mode, path in todo:
+        out[mode] = {name: np.asarray(v) for name, v in blocks[mode].items()}
+        np.savez(path, **out[mode])
     return out
 
 
@@ -134,11 +159,14 @@ def patient_level(
         inner = train.kfold(y[train_rows], list(subjects[train_rows]), FOLDS, SEED)
         inner_pred = np.zeros(len(train_rows), np.int64)
         for fit_rows, held_rows in inner.indices:
-            model = train.fit(classifier, x[train_rows][fit_rows], y[train_rows][fit_rows], SEED)
+            model = train.fit(
+                classifier, x[train_rows][fit_rows], y[train_rows][fit_rows], SEED,
+                subjects[train_rows][fit_rows],
+            )  # fmt: skip
             inner_pred[held_rows] = model.predict(x[train_rows][held_rows])
         _, frac, label, _ = _patient_scores(inner_pred, y[train_rows], subjects[train_rows])
         threshold = _best_threshold(frac, label)
-        model = train.fit(classifier, x[train_rows], y[train_rows], SEED)
+        model = train.fit(classifier, x[train_rows], y[train_rows], SEED, subjects[train_rows])
         predicted = model.predict(x[test_rows])
         ids, frac, label, count = _patient_scores(predicted, y[test_rows], subjects[test_rows])
         for s, f, lab, n in zip(ids, frac, label, count, strict=True):
@@ -172,10 +200,10 @@ def patient_level(
 
 
 def run_variant(
-    blocks: dict[bool, dict[str, np.ndarray]], variant: str, y, subjects, classifier: str
+    blocks: dict[str, dict[str, np.ndarray]], variant: str, y, subjects, classifier: str
 ) -> dict:
-    normalise, names = VARIANTS[variant]
-    x = np.concatenate([blocks[normalise][name] for name in names], axis=1)
+    mode, names = VARIANTS[variant]
+    x = np.concatenate([blocks[mode][name] for name in names], axis=1)
     cell = validate.cross_validate(x, y, list(subjects), classifier, FOLDS, SEED, N_BOOT)
     return {
         "variant": variant,
@@ -218,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--classifiers",
         default=train.DEFAULT_CLASSIFIER,
-        help="comma-separated; each variant is fitted with each",
+        help=f"comma-separated, of {', '.join(train.CLASSIFIERS)} and {train.TUNED}; each "
+        "variant is fitted with each",
     )
     parser.add_argument("--json", type=Path, help="write every number here too")
     args = parser.parse_args(argv)
@@ -226,14 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     y = evaluate.labels_to_int([r["label"] for r in rows])
     subjects = np.array([r["subject"] for r in rows])
     print(f"{len(rows)} cells, {len(set(subjects))} subjects; extracting (cached in {args.cache})")
-    blocks = extract_all(rows, args.cache)
+    variants = args.variants.split(",")
+    modes = tuple(dict.fromkeys(VARIANTS[v][0] for v in variants))
+    blocks = extract_all(rows, args.cache, modes)
     results = []
     print(
         "| variant | classifier | dim | cell balanced accuracy | cell ROC AUC | patients correct "
         "| patient sens / spec | patient balanced accuracy |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for variant in args.variants.split(","):
+    for variant in variants:
         for classifier in args.classifiers.split(","):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

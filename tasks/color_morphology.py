@@ -13,8 +13,9 @@ Pipeline, all at full resolution:
 3. features: colour statistics per segment (L*a*b*, HSV, RGB), morphology of cell and nucleus,
    GLCM and uniform-LBP texture of the nucleus.
 
-Also here, for development (bench/cm_validate.py), and not in the shipped vector: a per-image
-colour normalisation and two more blocks (nucleus-to-cytoplasm and chromatin; contour shape).
+Also here, for development (bench/cm_validate.py), and not in the shipped vector: a colour
+normalisation per image or per subject, and two more blocks (nucleus-to-cytoplasm and chromatin;
+contour shape).
 They were compared with cm-1 on the development pool and did not beat it by the margin fixed in
 advance (docs/color_morphology.md), so FEATURE_VERSION stays cm-1 and its vector is unchanged.
 
@@ -409,6 +410,12 @@ def _sample_indices(n: int, limit: int) -> np.ndarray:
     return np.sort(np.random.default_rng(_SAMPLE_SEED).choice(n, limit, replace=False))
 
 
+def _shift_scale(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Cell pixels (3 x N, 0-255) with per-channel `mean`/`std` (3 x 1) moved to the target."""
+    scale = np.where(std > 1e-3, _TARGET_STD / np.maximum(std, 1e-3), 1.0)
+    return np.clip((rgb - mean) * scale + _TARGET_MEAN, 0.0, 255.0).astype(np.float32)
+
+
 def _normalise_colors(rgb: np.ndarray) -> np.ndarray:
     """Per-image colour normalisation of the cell's pixels (3 x N, 0-255): each RGB channel is
     shifted and scaled to a fixed target mean and std (Reinhard-style, in RGB).
@@ -417,10 +424,41 @@ def _normalise_colors(rgb: np.ndarray) -> np.ndarray:
     batch) is removed by construction, so the features do not carry it: stain batches differ
     between patients, and a model should not learn a patient's batch instead of the cell.
     """
-    mean = rgb.mean(axis=1, keepdims=True)
-    std = rgb.std(axis=1, keepdims=True)
-    scale = np.where(std > 1e-3, _TARGET_STD / np.maximum(std, 1e-3), 1.0)
-    return np.clip((rgb - mean) * scale + _TARGET_MEAN, 0.0, 255.0).astype(np.float32)
+    return _shift_scale(rgb, rgb.mean(axis=1, keepdims=True), rgb.std(axis=1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class ColourMoments:
+    """Pixel count and per-channel RGB sums of one or more cells' masks, for a per-subject
+    colour normalisation (development only): add the cells of a subject, then `.reference()`."""
+
+    n: int
+    total: np.ndarray  # (3,) float64: sum of R, G, B over the cell pixels
+    squares: np.ndarray  # (3,) float64: sum of their squares
+
+    def __add__(self, other: ColourMoments) -> ColourMoments:
+        return ColourMoments(
+            self.n + other.n, self.total + other.total, self.squares + other.squares
+        )
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pooled (mean, std) per channel, or None when no cell pixel was seen."""
+        if self.n == 0:
+            return None
+        mean = self.total / self.n
+        std = np.sqrt(np.maximum(self.squares / self.n - mean**2, 0.0))
+        return mean, std
+
+
+def colour_moments(pixels: np.ndarray) -> ColourMoments:
+    """The moments of one crop's cell pixels (the same cell mask the features use); an image
+    with no cell adds nothing."""
+    found = _cell_mask(_check_pixels(pixels))
+    if found is None:
+        return ColourMoments(0, np.zeros(3), np.zeros(3))
+    mask, _ = found
+    rgb = pixels[mask].astype(np.float64)  # N x 3
+    return ColourMoments(int(rgb.shape[0]), rgb.sum(axis=0), (rgb**2).sum(axis=0))
 
 
 def _split_nucleus(lab: np.ndarray) -> np.ndarray:
@@ -446,14 +484,19 @@ def _split_nucleus(lab: np.ndarray) -> np.ndarray:
     return labels == int(np.argmin(centres[:, 0]))  # lower L* = more stained = nucleus
 
 
-def _segment(pixels: np.ndarray, normalise: bool) -> _CellCrop | None:
+def _segment(
+    pixels: np.ndarray, normalise: bool, reference: tuple[np.ndarray, np.ndarray] | None
+) -> _CellCrop | None:
     found = _cell_mask(pixels)
     if found is None:
         return None
     mask, box = found
     cell = mask[box]
     rgb = pixels[box][cell].T.astype(np.float32)  # 3 x N
-    if normalise:
+    if reference is not None:
+        mean, std = (np.asarray(v, np.float32).reshape(3, 1) for v in reference)
+        rgb = _shift_scale(rgb, mean, std)
+    elif normalise:
         rgb = _normalise_colors(rgb)
     # float32 in 0-1: skimage keeps float32 (uint8 input is converted to float64, slower).
     lab = color.rgb2lab(rgb / 255.0, channel_axis=0)
@@ -477,7 +520,7 @@ def segment_cell(pixels: np.ndarray) -> Segmentation:
     pixels = _check_pixels(pixels)
     shape = pixels.shape[:2]
     cell, nucleus = np.zeros(shape, bool), np.zeros(shape, bool)
-    crop = _segment(pixels, SHIPPED_NORMALISE)
+    crop = _segment(pixels, SHIPPED_NORMALISE, None)
     if crop is not None:
         cell[crop.box], nucleus[crop.box] = crop.cell, crop.nucleus
     return Segmentation(cell_mask=cell, nucleus_mask=nucleus, cytoplasm_mask=cell & ~nucleus)
@@ -745,14 +788,22 @@ def _contour_shape(outline: _Outline | None) -> list[float]:
 
 
 def feature_blocks(
-    pixels: np.ndarray, normalise: bool, blocks: tuple[str, ...] = tuple(BLOCK_CATALOGUES)
+    pixels: np.ndarray,
+    normalise: bool,
+    blocks: tuple[str, ...] = tuple(BLOCK_CATALOGUES),
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The named blocks of BLOCK_CATALOGUES (float64, finite) of one crop, with or without colour
-    normalisation: what extract_features assembles, and what bench/cm_validate.py compares."""
+    normalisation: what extract_features assembles, and what bench/cm_validate.py compares.
+
+    `reference`: a subject's pooled RGB (mean, std) (`ColourMoments.reference()` of all its
+    cells): the cell is normalised with it instead of its own (per-subject normalisation)."""
     unknown = set(blocks) - set(BLOCK_CATALOGUES)
     if unknown:
         raise ValueError(f"unknown feature blocks {sorted(unknown)}")
-    crop = _segment(_check_pixels(pixels), normalise)
+    if normalise and reference is not None:
+        raise ValueError("normalise per image or per subject (reference), not both")
+    crop = _segment(_check_pixels(pixels), normalise, reference)
     if crop is None:
         return {name: np.zeros(len(BLOCK_CATALOGUES[name])) for name in blocks}
     cell, nucleus = crop.cell, crop.nucleus

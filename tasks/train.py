@@ -12,7 +12,12 @@ import skops.io as sio
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import (
+    GridSearchCV,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    train_test_split,
+)
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
@@ -168,14 +173,48 @@ def _check_two_classes(y: np.ndarray, what: str) -> None:
         raise LeukoflowError(f"{what} has only one class; training needs both ALL and normal")
 
 
-def fit(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Pipeline:
+# `rbf-svm-tuned` (development, bench/cm_validate.py round 4; not a user choice): the RBF SVM
+# with C and gamma chosen by inner folds of the training side, subject-grouped where subjects
+# are given, by balanced accuracy. Gamma is a multiple of scikit-learn's "scale" value.
+TUNED = "rbf-svm-tuned"
+TUNED_C = (0.1, 1.0, 10.0, 100.0)
+TUNED_GAMMA = (0.1, 0.3, 1.0, 3.0)
+TUNING_FOLDS = 5
+
+
+def _fit_tuned(x: np.ndarray, y: np.ndarray, groups, seed: int) -> Pipeline:
+    """The best grid point's plain scale + RBF SVM pipeline, refitted on all of x."""
+    spread = float(StandardScaler().fit_transform(x).var())
+    scale = 1.0 / (x.shape[1] * spread) if spread > 0 else 1.0
+    subjects = list(groups) if groups is not None else [None] * len(y)
+    folds = kfold(y, subjects, TUNING_FOLDS, seed)
+    grid = {"clf__C": list(TUNED_C), "clf__gamma": [f * scale for f in TUNED_GAMMA]}
+    search = GridSearchCV(
+        make_classifier("rbf-svm", seed), grid, scoring="balanced_accuracy",
+        cv=folds.indices, n_jobs=1, error_score="raise",
+    )  # fmt: skip
+    search.fit(x, y)
+    best = search.best_params_
+    log.info(
+        "%s: C=%g, gamma=%.3g x scale (inner %s folds, balanced accuracy %.3f)",
+        TUNED, best["clf__C"], best["clf__gamma"] / scale, folds.grouping, search.best_score_,
+    )  # fmt: skip
+    return search.best_estimator_
+
+
+def fit(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0, groups=None) -> Pipeline:
     """The named classifier fitted; one log line, not scikit-learn's warning text, where its
     solver stopped at the iteration limit (the linear SVM on thousands of near-collinear
-    random-init features can): the model is then the last iterate, still usable."""
+    random-init features can): the model is then the last iterate, still usable.
+
+    `groups`: the subject of each row, used only by `rbf-svm-tuned`'s inner folds."""
     _check_two_classes(y, "the training set")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model = make_classifier(name, seed).fit(x, y)
+        if name == TUNED:
+            model = _fit_tuned(x, y, groups, seed)
+        else:
+            model = make_classifier(name, seed).fit(x, y)
     for warning in caught:
         if issubclass(warning.category, ConvergenceWarning):
             log.warning(

@@ -51,7 +51,7 @@ def cross_validate(
     scores = np.zeros(len(y), np.float64)
     per_fold, per_fold_patients, decisions = [], [], {}
     for train_rows, test_rows in folds.indices:
-        model = train.fit(classifier, x[train_rows], y[train_rows], seed)
+        model = train.fit(classifier, x[train_rows], y[train_rows], seed, groups[train_rows])
         scores[test_rows], kind = train.decision_scores(model, x[test_rows])
         cell_threshold = CELL_THRESHOLDS[kind]
         predicted[test_rows] = scores[test_rows] >= cell_threshold
@@ -137,7 +137,7 @@ def _inner_scores(
     inner = _subject_folds(y, list(subjects), n_folds, seed, why)
     scores = np.zeros(len(y), np.float64)
     for train_rows, test_rows in inner.indices:
-        model = train.fit(classifier, x[train_rows], y[train_rows], seed)
+        model = train.fit(classifier, x[train_rows], y[train_rows], seed, subjects[train_rows])
         scores[test_rows], _ = train.decision_scores(model, x[test_rows])
     return scores
 

@@ -1,7 +1,8 @@
 """The colour/morphology extractor: segmentation against drawn cells of known geometry, a pinned
 feature list, determinism, finite output on degenerate and real C-NMC images; and the development
-blocks bench/cm_validate.py compares (not shipped in cm-1): the colour normalisation's invariance
-to a global colour cast, N:C and chromatin features, contour descriptors and their invariances."""
+blocks bench/cm_validate.py compares (not shipped in cm-1): the colour normalisations' (per cell,
+per subject) invariance to a global colour cast, N:C and chromatin features, contour descriptors
+and their invariances."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from leukoflow.tasks.color_morphology import (
     SHIPPED_BLOCKS,
     SHIPPED_NORMALISE,
     Segmentation,
+    colour_moments,
     describe_features,
     extract_features,
     feature_blocks,
@@ -294,6 +296,54 @@ def test_the_normalised_cell_colours_have_the_target_statistics():
     np.testing.assert_allclose(a, b, atol=1e-3)
     np.testing.assert_allclose(a.mean(axis=1, keepdims=True), _TARGET_MEAN, atol=0.1)
     np.testing.assert_allclose(a.std(axis=1, keepdims=True), _TARGET_STD, rtol=0.05)
+
+
+def test_a_subject_reference_removes_the_subjects_cast_and_keeps_its_cells_apart():
+    """Per-subject normalisation (round 4): one transform from all of a subject's cells. A cast
+    on the whole subject is removed as the per-cell normalisation removes it, while the cells'
+    own brightness and colour, which the per-cell one erases, stay different from cell to cell."""
+    cells = [_load(p) for p in _real_cells()]
+    colour = [row["group"] == "color" for row in BLOCK_CATALOGUES["base"]]
+    cell_means = [_names("base").index(f"cell_rgb_{c}_mean") for c in "rgb"]
+
+    def subject_features(images):
+        reference = sum((colour_moments(c) for c in images[1:]), colour_moments(images[0]))
+        assert reference.n > 0
+        return np.array(
+            [feature_blocks(c, False, reference=reference.reference())["base"] for c in images]
+        )
+
+    plain, cast = subject_features(cells), subject_features([_cast(c) for c in cells])
+    raw = np.array([feature_blocks(c, False)["base"] for c in cells])
+    spread = np.maximum(raw[:, colour].std(axis=0), 0.05 * np.abs(raw[:, colour]).mean(axis=0))
+    moved = np.abs(cast[:, colour] - plain[:, colour]) / np.where(spread > 1e-9, spread, 1.0)
+    assert np.median(moved) < 0.1
+    # The cells' own mean colours still differ (per-cell normalisation makes them ~equal).
+    assert plain[:, cell_means].std(axis=0).min() > 1.0
+    per_cell = np.array([feature_blocks(c, True)["base"] for c in cells])
+    assert per_cell[:, cell_means].std(axis=0).max() < 0.5  # sampled, clipped at 0/255
+
+
+def test_one_cells_own_reference_is_the_per_cell_normalisation():
+    image = _load(_real_cells()[0])
+    own = colour_moments(image).reference()
+    np.testing.assert_allclose(
+        feature_blocks(image, False, reference=own)["base"],
+        feature_blocks(image, True)["base"],
+        rtol=1e-3, atol=1e-3,
+    )  # fmt: skip
+
+
+def test_colour_moments_of_an_image_without_a_cell_add_nothing():
+    empty = colour_moments(np.zeros((32, 32, 3), np.uint8))
+    assert empty.n == 0 and empty.reference() is None
+    image = _load(_real_cells()[0])
+    one = colour_moments(image)
+    both = one + empty
+    assert both.n == one.n
+    np.testing.assert_array_equal(both.reference()[0], one.reference()[0])
+    with pytest.raises(ValueError, match="not both"):
+        feature_blocks(image, True, reference=one.reference())
 
 
 def test_nc_features_measure_the_drawn_geometry():

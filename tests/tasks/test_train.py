@@ -109,3 +109,20 @@ def test_a_solver_stopped_at_its_limit_is_one_log_line_not_a_warning(caplog):
             model = train.fit("mlp", x, y)
     assert "mlp stopped at its iteration limit" in caplog.text and "40 cells x 5" in caplog.text
     assert model.predict(x).shape == (40,)
+
+
+def test_the_tuned_rbf_svm_chooses_on_subject_folds_and_saves_as_a_plain_svm(caplog):
+    """bench/cm_validate.py round 4's `rbf-svm-tuned`: C and gamma from its grid, chosen on
+    subject-grouped inner folds when subjects are given; the result is the plain pipeline."""
+    y, subjects = _dataset(n_subjects=10, cells=6)
+    x = np.random.default_rng(0).normal(size=(len(y), 4)) + y[:, None]
+    with caplog.at_level(logging.INFO, logger="leukoflow.train"):
+        grouped = train.fit(train.TUNED, x, y, 0, subjects)
+        ungrouped = train.fit(train.TUNED, x, y, 0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(train.TUNED)]
+    assert "inner subject folds" in lines[0] and "inner image folds" in lines[1]
+    for model in (grouped, ungrouped):
+        assert [name for name, _ in model.steps] == ["scale", "clf"]
+        assert model[-1].kernel == "rbf" and model[-1].C in train.TUNED_C
+    loaded = train.model_from_bytes(train.model_to_bytes(grouped))
+    assert np.array_equal(loaded.predict(x), grouped.predict(x))
