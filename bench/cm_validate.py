@@ -149,37 +149,37 @@ def _patient_scores(
     return ids, frac, label, count
 
 
-def patient_level(
-    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str = "linear-svm"
-) -> dict:
-    """Outer subject-grouped folds; each fold's threshold from inner folds of its training side."""
-    folds = train.kfold(y, list(subjects), FOLDS, SEED)
-    decisions = []
-    for train_rows, test_rows in folds.indices:
-        inner = train.kfold(y[train_rows], list(subjects[train_rows]), FOLDS, SEED)
-        inner_pred = np.zeros(len(train_rows), np.int64)
-        for fit_rows, held_rows in inner.indices:
-            model = train.fit(
-                classifier, x[train_rows][fit_rows], y[train_rows][fit_rows], SEED,
-                subjects[train_rows][fit_rows],
-            )  # fmt: skip
-            inner_pred[held_rows] = model.predict(x[train_rows][held_rows])
-        _, frac, label, _ = _patient_scores(inner_pred, y[train_rows], subjects[train_rows])
-        threshold = _best_threshold(frac, label)
-        model = train.fit(classifier, x[train_rows], y[train_rows], SEED, subjects[train_rows])
-        predicted = model.predict(x[test_rows])
-        ids, frac, label, count = _patient_scores(predicted, y[test_rows], subjects[test_rows])
-        for s, f, lab, n in zip(ids, frac, label, count, strict=True):
-            decisions.append(
-                {
-                    "subject": str(s),
-                    "label": int(lab),
-                    "score": float(f),
-                    "threshold": threshold,
-                    "call": int(f > threshold),
-                    "cells": int(n),
-                }
-            )
+def _fit_with_threshold(
+    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str
+) -> tuple[object, float]:
+    """A model fitted on one training side, and its patient threshold chosen on that side's own
+    inner subject-grouped folds (out-of-fold predictions, never in-sample ones)."""
+    inner = train.kfold(y, list(subjects), FOLDS, SEED)
+    inner_pred = np.zeros(len(y), np.int64)
+    for fit_rows, held_rows in inner.indices:
+        model = train.fit(classifier, x[fit_rows], y[fit_rows], SEED, subjects[fit_rows])
+        inner_pred[held_rows] = model.predict(x[held_rows])
+    _, frac, label, _ = _patient_scores(inner_pred, y, subjects)
+    threshold = _best_threshold(frac, label)
+    return train.fit(classifier, x, y, SEED, subjects), threshold
+
+
+def _decide(predicted: np.ndarray, y: np.ndarray, subjects: np.ndarray, threshold: float):
+    ids, frac, label, count = _patient_scores(predicted, y, subjects)
+    return [
+        {
+            "subject": str(s),
+            "label": int(lab),
+            "score": float(f),
+            "threshold": threshold,
+            "call": int(f > threshold),
+            "cells": int(n),
+        }
+        for s, f, lab, n in zip(ids, frac, label, count, strict=True)
+    ]
+
+
+def _patient_summary(decisions: list[dict]) -> dict:
     truth = np.array([d["label"] for d in decisions])
     calls = np.array([d["call"] for d in decisions])
     metrics = evaluate.compute_metrics(truth, calls)
@@ -199,11 +199,54 @@ def patient_level(
     }
 
 
+def patient_level(
+    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str = "linear-svm"
+) -> dict:
+    """Outer subject-grouped folds; each fold's threshold from inner folds of its training side."""
+    folds = train.kfold(y, list(subjects), FOLDS, SEED)
+    decisions = []
+    for train_rows, test_rows in folds.indices:
+        model, threshold = _fit_with_threshold(
+            x[train_rows], y[train_rows], subjects[train_rows], classifier
+        )
+        predicted = model.predict(x[test_rows])
+        decisions += _decide(predicted, y[test_rows], subjects[test_rows], threshold)
+    return _patient_summary(decisions)
+
+
+def held_out_check(dev: tuple, test: tuple, classifier: str) -> dict:
+    """Fit on the whole development pool (patient threshold from its inner folds), then measure
+    once on cells of other subjects: `dev` and `test` are (x, y, subjects). No choice is made
+    on the held-out side: this is the independent check of a recipe declared beforehand."""
+    (x, y, subjects), (x_test, y_test, s_test) = dev, test
+    shared = set(subjects) & set(s_test)
+    if shared:
+        raise ValueError(f"the held-out cells share {len(shared)} subject(s) with the pool")
+    model, threshold = _fit_with_threshold(x, y, subjects, classifier)
+    predicted = model.predict(x_test)
+    scores, _ = train.decision_scores(model, x_test)
+    metrics = evaluate.compute_metrics(y_test, predicted, scores)
+    cell = {"n": int(len(y_test)), "subjects": len(set(s_test))}
+    for key in ("balanced_accuracy", "roc_auc"):
+        low, high = evaluate.bootstrap_interval(
+            y_test, predicted, scores, key, n_boot=N_BOOT, seed=SEED, groups=list(s_test)
+        )
+        cell[key] = {"value": metrics[key], "low": low, "high": high}
+    return {
+        "cell": cell,
+        "patient": _patient_summary(_decide(predicted, y_test, s_test, threshold)),
+    }
+
+
+def _matrix(blocks: dict[str, dict[str, np.ndarray]], variant: str) -> np.ndarray:
+    mode, names = VARIANTS[variant]
+    return np.concatenate([blocks[mode][name] for name in names], axis=1)
+
+
 def run_variant(
     blocks: dict[str, dict[str, np.ndarray]], variant: str, y, subjects, classifier: str
 ) -> dict:
-    mode, names = VARIANTS[variant]
-    x = np.concatenate([blocks[mode][name] for name in names], axis=1)
+    x = _matrix(blocks, variant)
     cell = validate.cross_validate(x, y, list(subjects), classifier, FOLDS, SEED, N_BOOT)
     return {
         "variant": variant,
@@ -238,6 +281,30 @@ def _wrong_call(decision: dict) -> str:
     )
 
 
+def _load(manifests: list[Path], cache: Path, modes: tuple[str, ...]):
+    """Labels, subjects and feature blocks of the cells of `manifests`."""
+    rows = read_manifests(manifests)
+    y = evaluate.labels_to_int([r["label"] for r in rows])
+    subjects = np.array([r["subject"] for r in rows])
+    print(f"{len(rows)} cells, {len(set(subjects))} subjects; extracting (cached in {cache})")
+    return y, subjects, extract_all(rows, cache, modes)
+
+
+def _held_out_row(result: dict) -> str:
+    c, p = result["cell"], result["patient"]
+    cells = [
+        f"{c[k]['value']:.3f} [{c[k]['low']:.3f}, {c[k]['high']:.3f}]"
+        for k in ("balanced_accuracy", "roc_auc")
+    ]
+    low, high = p["balanced_accuracy_interval"]
+    return (
+        f"| `{result['variant']}` | `{result['classifier']}` | {result['dim']} | "
+        + " | ".join(cells)
+        + f" | {p['correct']}/{p['patients']} | {p['sensitivity']:.3f} / {p['specificity']:.3f}"
+        + f" | {p['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}] |"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifests", nargs="+", type=Path)
@@ -249,29 +316,52 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, of {', '.join(train.CLASSIFIERS)} and {train.TUNED}; each "
         "variant is fitted with each",
     )
+    parser.add_argument(
+        "--held-out",
+        nargs="+",
+        type=Path,
+        metavar="MANIFEST",
+        help="cells of other subjects: fit on the pool once and measure on these instead of "
+        "cross-validating (the independent check of docs/color_morphology.md)",
+    )
     parser.add_argument("--json", type=Path, help="write every number here too")
     args = parser.parse_args(argv)
-    rows = read_manifests(args.manifests)
-    y = evaluate.labels_to_int([r["label"] for r in rows])
-    subjects = np.array([r["subject"] for r in rows])
-    print(f"{len(rows)} cells, {len(set(subjects))} subjects; extracting (cached in {args.cache})")
     variants = args.variants.split(",")
     modes = tuple(dict.fromkeys(VARIANTS[v][0] for v in variants))
-    blocks = extract_all(rows, args.cache, modes)
+    y, subjects, blocks = _load(args.manifests, args.cache, modes)
+    test = _load(args.held_out, args.cache, modes) if args.held_out else None
+    if test is not None and set(subjects) & set(test[1]):
+        parser.error(
+            f"--held-out shares {len(set(subjects) & set(test[1]))} subject(s) with the pool"
+        )
     results = []
+    what = "held-out" if test else "fold-mean"
     print(
-        "| variant | classifier | dim | cell balanced accuracy | cell ROC AUC | patients correct "
-        "| patient sens / spec | patient balanced accuracy |"
+        f"| variant | classifier | dim | cell balanced accuracy ({what}) | cell ROC AUC "
+        "| patients correct | patient sens / spec | patient balanced accuracy |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for variant in variants:
         for classifier in args.classifiers.split(","):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = run_variant(blocks, variant, y, subjects, classifier)
+                if test is None:
+                    result = run_variant(blocks, variant, y, subjects, classifier)
+                else:
+                    x_test = _matrix(test[2], variant)
+                    result = {
+                        "variant": variant,
+                        "classifier": classifier,
+                        "dim": int(x_test.shape[1]),
+                        **held_out_check(
+                            (_matrix(blocks, variant), y, subjects),
+                            (x_test, test[0], test[1]),
+                            classifier,
+                        ),
+                    }
             result["warnings"] = sorted({str(w.message)[:120] for w in caught})
             results.append(result)
-            print(_row(result), flush=True)
+            print(_row(result) if test is None else _held_out_row(result), flush=True)
     for result in results:
         wrong = ", ".join(_wrong_call(d) for d in result["patient"]["wrong"])
         print(f"{result['variant']} {result['classifier']}: wrong patients: {wrong or 'none'}")

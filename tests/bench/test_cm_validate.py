@@ -1,11 +1,14 @@
-"""bench/cm_validate.py's feature cache, the record behind docs/color_morphology.md's rounds: the
-raw vectors are the shipped ones, and the per-subject normalisation pools each subject's own
-cells (round 4), on a handful of real cells."""
+"""bench/cm_validate.py, the record behind docs/color_morphology.md's rounds, on a handful of
+real cells: its cache (the raw vectors are the shipped ones; the per-subject normalisation pools
+each subject's own cells) and the held-out check of a declared recipe on other subjects."""
 
+import csv
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench import cm_validate
 from leukoflow.tasks.color_morphology import colour_moments, extract_features, feature_blocks
@@ -51,3 +54,42 @@ def test_the_cache_holds_the_shipped_vectors_and_per_subject_normalised_ones(tmp
     for mode in ("raw", "subject"):
         for name, values in blocks[mode].items():
             assert np.array_equal(again[mode][name], values)
+
+
+def _manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "subject_id", "sha256"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(
+                {"path": r["file"], "label": r["label"], "subject_id": r["subject"],
+                 "sha256": r["sha256"]}
+            )  # fmt: skip
+    return path
+
+
+def test_the_held_out_check_fits_on_the_pool_and_measures_other_subjects_once(tmp_path, capsys):
+    rows = cm_validate.read_manifests([CNMC / "MANIFEST.csv"])
+    subjects = sorted({r["subject"] for r in rows})
+    kept = set(subjects[::4])  # a quarter of the subjects, both classes among them
+    pool = _manifest(tmp_path / "pool.csv", [r for r in rows if r["subject"] not in kept])
+    aside = _manifest(tmp_path / "aside.csv", [r for r in rows if r["subject"] in kept])
+    out = tmp_path / "held.json"
+    common = ["--cache", str(tmp_path / "cache"), "--variants", "cm-1", "--classifiers",
+              "rbf-svm"]  # fmt: skip
+    assert cm_validate.main([str(pool), *common, "--held-out", str(aside), "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    aside_rows = [r for r in rows if r["subject"] in kept]
+    assert result["cell"]["n"] == len(aside_rows) and result["cell"]["subjects"] == len(kept)
+    bacc = result["cell"]["balanced_accuracy"]
+    assert 0 <= bacc["low"] <= bacc["value"] <= bacc["high"] <= 1
+    patient = result["patient"]
+    assert patient["patients"] == len(kept)
+    assert {d["subject"] for d in patient["decisions"]} == kept
+    assert all(d["cells"] >= 1 and 0 <= d["threshold"] <= 1 for d in patient["decisions"])
+    assert "(held-out)" in capsys.readouterr().out
+
+    # Cells of a pool subject are not "other subjects": refused, nothing measured.
+    with pytest.raises(SystemExit) as refused:
+        cm_validate.main([str(pool), *common, "--held-out", str(pool)])
+    assert refused.value.code == 2

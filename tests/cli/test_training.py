@@ -75,7 +75,6 @@ def test_one_class_only_exits_2_before_extraction(tmp_path, synthetic_images):
     assert "Traceback" not in result.stderr and "extract" not in result.stderr
 
 
-@pytest.mark.integration
 def split_in_two(images: Path, tmp_path: Path) -> list[Path]:
     """The cells of `images` in two collections of class folders, subjects split between them."""
     folders = [tmp_path / "first", tmp_path / "second"]
@@ -86,6 +85,7 @@ def split_in_two(images: Path, tmp_path: Path) -> list[Path]:
     return folders
 
 
+@pytest.mark.integration
 def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthetic_images):
     store = tmp_path / "store"
     recipe = ["--weights", "none", "--backbones", "vgg16", "--image-size", "32"]
