@@ -258,12 +258,15 @@ def run_variant(
 
 
 def _row(result: dict) -> str:
-    m = result["cell"]["metrics"]
-    p = result["patient"]
-    cells = [
-        f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f} [{m[k]['low']:.3f}, {m[k]['high']:.3f}]"
-        for k in ("balanced_accuracy", "roc_auc")
-    ]
+    """One markdown row: cross-validated (mean ± std [interval]) or held-out (value [interval])."""
+    c, p = result["cell"], result["patient"]
+    cells = []
+    for k in ("balanced_accuracy", "roc_auc"):
+        if "metrics" in c:  # cross-validation
+            m = c["metrics"][k]
+            cells.append(f"{m['mean']:.3f} ± {m['std']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
+        else:  # the held-out check
+            cells.append(f"{c[k]['value']:.3f} [{c[k]['low']:.3f}, {c[k]['high']:.3f}]")
     low, high = p["balanced_accuracy_interval"]
     return (
         f"| `{result['variant']}` | `{result['classifier']}` | {result['dim']} | "
@@ -288,21 +291,6 @@ def _load(manifests: list[Path], cache: Path, modes: tuple[str, ...]):
     subjects = np.array([r["subject"] for r in rows])
     print(f"{len(rows)} cells, {len(set(subjects))} subjects; extracting (cached in {cache})")
     return y, subjects, extract_all(rows, cache, modes)
-
-
-def _held_out_row(result: dict) -> str:
-    c, p = result["cell"], result["patient"]
-    cells = [
-        f"{c[k]['value']:.3f} [{c[k]['low']:.3f}, {c[k]['high']:.3f}]"
-        for k in ("balanced_accuracy", "roc_auc")
-    ]
-    low, high = p["balanced_accuracy_interval"]
-    return (
-        f"| `{result['variant']}` | `{result['classifier']}` | {result['dim']} | "
-        + " | ".join(cells)
-        + f" | {p['correct']}/{p['patients']} | {p['sensitivity']:.3f} / {p['specificity']:.3f}"
-        + f" | {p['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}] |"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
             result["warnings"] = sorted({str(w.message)[:120] for w in caught})
             results.append(result)
-            print(_row(result) if test is None else _held_out_row(result), flush=True)
+            print(_row(result), flush=True)
     for result in results:
         wrong = ", ".join(_wrong_call(d) for d in result["patient"]["wrong"])
         print(f"{result['variant']} {result['classifier']}: wrong patients: {wrong or 'none'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,7 +183,7 @@ TUNED_GAMMA = (0.1, 0.3, 1.0, 3.0)
 TUNING_FOLDS = 5
 
 
-def _fit_tuned(x: np.ndarray, y: np.ndarray, groups, seed: int) -> Pipeline:
+def _fit_tuned(x: np.ndarray, y: np.ndarray, groups: Sequence | None, seed: int) -> Pipeline:
     """The best grid point's plain scale + RBF SVM pipeline, refitted on all of x."""
     spread = float(StandardScaler().fit_transform(x).var())
     scale = 1.0 / (x.shape[1] * spread) if spread > 0 else 1.0
@@ -202,7 +203,9 @@ def _fit_tuned(x: np.ndarray, y: np.ndarray, groups, seed: int) -> Pipeline:
     return search.best_estimator_
 
 
-def fit(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0, groups=None) -> Pipeline:
+def fit(
+    name: str, x: np.ndarray, y: np.ndarray, seed: int = 0, groups: Sequence | None = None
+) -> Pipeline:
     """The named classifier fitted; one log line, not scikit-learn's warning text, where its
     solver stopped at the iteration limit (the linear SVM on thousands of near-collinear
     random-init features can): the model is then the last iterate, still usable.
