@@ -29,14 +29,15 @@ chromium:
 	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-# Two pytest workers, one test file at a time each (module fixtures built once): most tests wait
-# on process start-ups (Python, TensorFlow, Ray, Prefect) with one core busy. tests/conftest.py
-# keeps the files that share a session fixture on one worker and hands out the longest first.
-# On 2 cores: 20 min 13 s, against 22 min without that and 27-31 min one test at a time.
+# Two pytest workers, one test file at a time each (module fixtures are built once): most tests
+# wait on process start-ups (Python, TensorFlow, Ray, Prefect) with one core busy. One Prefect
+# and one moto server serve the whole run; tests/conftest.py keeps the files that share a session
+# fixture on one worker and hands out the longest first. docs/testing.md has the timings; the
+# ten slowest tests are printed at the end.
 test: $(VENV)/.installed-dev chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
 
 # Throughput harness (docs/benchmarks.md has the full measurement's options), e.g.
 #   make bench BENCH_ARGS="--n 256 --source DIR --join-calibration"

@@ -8,7 +8,10 @@ tool, not part of the wheel. Features are cached under --cache (never in the rep
 only refit.
 
     nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.cm_validate \\
-        /work/shared/data/cnmc/MANIFEST.csv /work/shared/data/cnmc-pool/MANIFEST.csv
+        ../shared/data/cnmc/MANIFEST.csv ../shared/data/cnmc-pool/MANIFEST.csv
+
+Without manifests it reads those two, from `shared/data` beside the clone or from
+LEUKOFLOW_SHARED_DATA.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -27,6 +31,15 @@ from PIL import Image
 
 from leukoflow.tasks import color_morphology as cm
 from leukoflow.tasks import evaluate, train, validate
+
+SHARED_DATA = Path(
+    os.environ.get("LEUKOFLOW_SHARED_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+DEFAULT_MANIFESTS = (
+    SHARED_DATA / "cnmc" / "MANIFEST.csv",
+    SHARED_DATA / "cnmc-pool" / "MANIFEST.csv",
+)
 
 # name -> (colour normalisation, feature blocks): the pre-declared variants, nothing else.
 # Colour normalisation: "raw" none, "cell" per image (round 1), "subject" one transform per
@@ -295,7 +308,13 @@ def _load(manifests: list[Path], cache: Path, modes: tuple[str, ...]):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("manifests", nargs="+", type=Path)
+    parser.add_argument(
+        "manifests",
+        nargs="*",
+        type=Path,
+        default=list(DEFAULT_MANIFESTS),
+        help="the pool's manifests (default: the development pool in shared/data)",
+    )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cm_validate"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument(

@@ -25,7 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_SOURCES = ("/work/shared/data/cnmc", "/work/shared/data/cnmc-pool")
+# The development cells: `shared/data` beside the clone, or LEUKOFLOW_SHARED_DATA.
+SHARED_DATA = Path(
+    os.environ.get("LEUKOFLOW_SHARED_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+DEFAULT_SOURCES = (str(SHARED_DATA / "cnmc"), str(SHARED_DATA / "cnmc-pool"))
 
 
 def read_cells(sources: list[str]) -> list[dict]:

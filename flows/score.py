@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
@@ -65,8 +66,12 @@ def score_inbox(
     logger = get_run_logger()
     started = datetime.now(UTC)
     run_id = sc.new_run_id(started)
-    if compute.batch_timeout_s is None:
-        compute = dataclasses.replace(compute, batch_timeout_s=SWEEP_BATCH_TIMEOUT_S)
+    # The sweep's time limit (its flow timeout, `with_options` or the decorator's).
+    time_limit_s = get_run_context().flow.timeout_seconds or SWEEP_TIMEOUT_S
+    # A wait for a batch's vectors blocks inside Ray, where the flow's timeout cannot interrupt
+    # it: no batch waits longer than the sweep may run.
+    batch_timeout_s = min(compute.batch_timeout_s or SWEEP_BATCH_TIMEOUT_S, time_limit_s)
+    compute = dataclasses.replace(compute, batch_timeout_s=batch_timeout_s)
     night = sc.night_of(date, started)
     root = open_location(store)
     model_id = registry.resolve_model_id(root, model)
@@ -82,6 +87,14 @@ def score_inbox(
     )  # fmt: skip
 
     lease = StoreLease(lease_location(root, SWEEP_LEASE), "sweep", sweep.lease_ttl_s, run_id)
+    if sweep.wait_s > 0:
+        # A sweep waiting for the lease says so: otherwise it looks hung for up to --wait.
+        holder = lease.holder()
+        if holder is not None:
+            logger.warning(
+                "another sweep holds the lease on this store (%s): waiting up to %g s for it",
+                holder.describe(), sweep.wait_s,
+            )  # fmt: skip
     try:
         lease.acquire(sweep.wait_s)
     except LeaseBusy as busy:
@@ -93,9 +106,9 @@ def score_inbox(
     state.lease_note = lease.took_over
     if lease.took_over:
         logger.warning("lease: %s", lease.took_over)
-    # Renewed no longer than the sweep may run (its flow timeout, `with_options` or the
-    # decorator's): a hung sweep's lease then goes stale and the next night can take over.
-    hold_limit_s = get_run_context().flow.timeout_seconds or SWEEP_TIMEOUT_S
+    # Renewed no longer than the sweep may run: a hung sweep's lease then goes stale and the
+    # next night can take over.
+    hold_limit_s = time_limit_s
     with lease.kept_alive(hold_limit_s=hold_limit_s):
         write_run(root, state.run_row("running", None))
         outcome = "failed"
@@ -103,15 +116,56 @@ def score_inbox(
             summary = _sweep(state, root, recipe, sweep, lease, compute, explain_flagged,
                              explain_limit)  # fmt: skip
             outcome = "completed"
-        except (TimeoutError, asyncio.CancelledError):
-            # Prefect's flow timeout interrupts the sweep here (it raises in the flow's thread).
-            outcome, state.message = "timed_out", f"stopped after its timeout of {hold_limit_s} s"
+        except BaseException as error:
+            if _stopped_by_timeout(error, started, hold_limit_s):
+                outcome = "timed_out"
+                state.message = f"stopped after its timeout of {hold_limit_s} s"
+                raise SweepTimedOut(
+                    f"the sweep stopped after its timeout of {hold_limit_s:g} s (--timeout); "
+                    "its run row says timed_out, and the next sweep scores what is left"
+                ) from error
+            if _batch_timed_out(error):
+                state.message = (
+                    f"no vectors came back for a batch within the --batch-timeout of "
+                    f"{compute.batch_timeout_s:g} s (a backbone actor is stuck or too slow): "
+                    "the night is not done; the next sweep scores what is left"
+                )
+                raise BatchTimedOut(state.message) from error
             raise
         finally:
             # A failed sweep leaves its row too; a killed one stays "running" (dashboard:
             # interrupted) and the next sweep finishes its work.
             write_run(root, state.run_row(outcome, datetime.now(UTC)))
     return summary
+
+
+class BatchTimedOut(RuntimeError):
+    """A batch's vectors did not come back within the batch timeout (a stuck or lost actor)."""
+
+
+class SweepTimedOut(TimeoutError):
+    """The sweep ran out of its time (its flow timeout, `leukoflow score --timeout`)."""
+
+
+def _stopped_by_timeout(error: BaseException, started: datetime, limit_s: float) -> bool:
+    """Whether the flow's timeout ended the sweep. Prefect raises CancelledError in the flow's
+    thread; one that strikes while Ray waits surfaces only when the wait ends (cut to the time
+    left, above), as the cause of Ray's own error."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen and len(seen) < 20:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    if any(isinstance(e, asyncio.CancelledError) for e in seen):
+        return True
+    spent = (datetime.now(UTC) - started).total_seconds() >= limit_s
+    return spent and isinstance(seen[0], TimeoutError)
+
+
+def _batch_timed_out(error: BaseException) -> bool:
+    """Whether `error` is Ray's answer to a batch that outlasted its timeout (Ray is imported
+    only by sweeps with vectors to compute: without it, the error cannot be Ray's)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    return ray_exceptions is not None and isinstance(error, ray_exceptions.GetTimeoutError)
 
 
 def _sweep(

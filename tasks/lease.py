@@ -82,7 +82,7 @@ def store_write_budget_s(loc: Location) -> float:
     """
     if loc.is_local:
         return LOCAL_WRITE_BUDGET_S
-    attempts = s3_retry_options()["config_kwargs"]["retries"]["max_attempts"]
+    attempts = s3_retry_options()["config_kwargs"]["retries"]["total_max_attempts"]
     backoffs = sum(
         min(2.0**k, _BOTO_MAX_BACKOFF_S) + _BOTO_RETRY_AFTER_EXTRA_S for k in range(attempts - 1)
     )

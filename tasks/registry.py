@@ -175,6 +175,10 @@ def promote(
         create_if_absent(loc, data) if seen is None else replace_if_unchanged(loc, data, seen[1])
     )
     if not swapped:
+        now = read_versioned(loc)
+        if now is not None and now[0] == data:
+            # Our own write: it landed, its answer was lost, and the retry found it in place.
+            return pointer
         raise LeukoflowError(
             f"another promotion changed the current model of {store.uri} at the same time; "
             f"{model_id} was not promoted (check `leukoflow models list` and retry)"

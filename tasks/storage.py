@@ -98,7 +98,9 @@ def s3_retry_options() -> dict:
         raise LeukoflowError(f"LEUKOFLOW_S3_MAX_ATTEMPTS wants a whole number >= 1, got {text!r}")
     return {
         "config_kwargs": {
-            "retries": {"mode": "standard", "max_attempts": int(text)},
+            # total_max_attempts counts the first attempt; botocore's max_attempts would mean
+            # that many retries, one attempt more than the budget says.
+            "retries": {"mode": "standard", "total_max_attempts": int(text)},
             "connect_timeout": S3_CONNECT_TIMEOUT_S,
             "read_timeout": S3_READ_TIMEOUT_S,
         },
@@ -184,7 +186,12 @@ def write_parquet_atomic(loc: Location, table: pa.Table) -> None:
 
 
 def exists(loc: Location) -> bool:
-    return loc.fs.exists(loc.path)
+    if loc.is_local:
+        return loc.fs.exists(loc.path)
+    try:
+        return loc.fs.exists(loc.path)
+    except (OSError, *_remote_errors()) as error:  # refused (403), or past the retry budget
+        raise StoreUnavailable(f"cannot read {loc.uri}: {_first_line(error)}") from error
 
 
 # -- conditional writes (compare-and-swap on one small object) -------------------------------

@@ -1,9 +1,11 @@
-"""Shared fixtures: real engines (local Ray, Prefect's test harness) started once per session."""
+"""Shared fixtures: real engines started once: one Prefect server and one moto S3 server for the
+whole run (both workers), a local Ray and a two-node Ray cluster per session."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # Set before Prefect, Ray or TensorFlow are imported anywhere in the session.
@@ -14,17 +16,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
 import pytest  # noqa: E402
+from datapaths import CNMC  # noqa: E402
+from prefect_console import prefect_console_on_this_tests_stderr  # noqa: E402, F401
 
 # -- two workers (make test: pytest -n 2) ---------------------------------------------------
 # xdist hands each worker one test file at a time (module fixtures are built once). A session
 # fixture, though, is built once per worker that meets it: the files that share an expensive one
 # go to the same worker as one unit, so it is built once. Minutes each: `messy_runs` makes two
-# `leukoflow run`s, `real_cells_store` one run on real cells.
+# `leukoflow run`s, `real_cells_store` one run on real cells, `ray_cluster` starts two Ray nodes.
+# (The Prefect and moto servers are the run's, shared by both workers: see below.)
 SHARED_SESSION_FIXTURES = {
     "messy_runs": (
         "tests/reliability/test_security.py",
         "tests/reliability/test_config_errors.py",
         "tests/reliability/test_bad_input_e2e.py",
+    ),
+    "ray_cluster": (
+        "tests/integration/test_ray_cluster.py",
+        "tests/reliability/test_faults_ray_node.py",
     ),
     "real_cells_store": (
         "tests/tasks/test_explain.py",
@@ -34,22 +43,28 @@ SHARED_SESSION_FIXTURES = {
 }
 _UNIT_OF_FILE = {f: name for name, files in SHARED_SESSION_FIXTURES.items() for f in files}
 # The longest units first, so that no worker is left with a two-minute file at the end while the
-# other idles (longest-processing-time-first). Wall seconds from `pytest -n 2 --durations=40` on
-# 2 cores, 2026-11-30: test_faults ~450; messy_runs, test_ray_cluster, test_training ~200; ...
-# Only the suite's speed depends on this list; a file not in it runs after these.
+# other idles (longest-processing-time-first), by wall seconds on one worker of `make test` on 2
+# cores (docs/testing.md). Only the suite's speed depends on this list; a file not in it runs
+# after these.
 LONGEST_FIRST = (
-    "tests/reliability/test_faults.py",
     "messy_runs",
-    "tests/integration/test_ray_cluster.py",
     "tests/cli/test_training.py",
-    "tests/flows/test_run_flow.py",
-    "tests/flows/test_score_flow.py",
-    "tests/bench/test_bench_smoke.py",
     "tests/reliability/test_patient_ids.py",
-    "real_cells_store",
+    "tests/flows/test_run_flow.py",
+    "tests/flows/test_score_limits_cli.py",
+    "tests/bench/test_bench_smoke.py",
+    "tests/reliability/test_faults_kill.py",
+    "tests/reliability/test_faults_s3_outage.py",
+    "ray_cluster",
     "tests/integration/test_prefect_deployments.py",
-    "tests/flows/test_experiments_flow.py",
+    "tests/flows/test_score_nights_cli.py",
+    "real_cells_store",
+    "tests/reliability/test_s3_failures.py",
+    "tests/flows/test_score_flow.py",
     "tests/integration/test_s3_store.py",
+    "tests/flows/test_bf16.py",
+    "tests/cli/test_demo.py",
+    "tests/flows/test_experiments_flow.py",
     "tests/flows/test_backfill_flow.py",
 )
 
@@ -80,6 +95,89 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedFixtureScheduling(config, log)
 
 
+# -- servers shared by the whole run -----------------------------------------------------------
+# One Prefect server and one moto S3 server for the whole run, both workers and every CLI
+# subprocess included (tests/servers.py): the controller starts them before the workers exist,
+# so the workers inherit PREFECT_API_URL and the server's auth string from its environment.
+_SHARED: dict = {}
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller started them
+        return
+    from servers import SERVERS_STATE, SharedServers
+
+    shared, processes = SharedServers.start()
+    _SHARED.update(shared=shared, processes=processes)
+    os.environ[SERVERS_STATE] = str(shared.folder)
+    os.environ.update(shared.prefect.env)
+
+
+def pytest_unconfigure(config):
+    if _SHARED:
+        # Without xdist the controller ran flows itself: send their last logs and events while
+        # the server still answers (Prefect would retry at exit for a minute). Prefect has no
+        # public call for this; its exit hook uses the same one.
+        services = sys.modules.get("prefect._internal.concurrency.services")
+        if services is not None:
+            services.QueueService.drain_all(timeout=30)
+        for process in _SHARED["processes"]:
+            process.stop(grace_s=1)  # their data is thrown away with their folder
+        shutil.rmtree(_SHARED["shared"].folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_servers():
+    from servers import SharedServers
+
+    return SharedServers.find()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(shared_servers):
+    """The run's Prefect server (basic auth on), already named in this process's environment."""
+    shared_servers.wait("prefect-server", shared_servers.prefect.healthy)
+    return shared_servers.prefect
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_server):
+    """What in-process flows report to: the run's one Prefect server (a temporary database for
+    the run, as Prefect's own test harness would give, without a server per worker)."""
+    return prefect_server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(shared_servers):
+    """The run's moto S3 server on 127.0.0.1."""
+    shared_servers.wait("moto", shared_servers.s3.healthy)
+    return shared_servers.s3
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """s3_endpoint's AWS environment set in this test's process (for in-process s3:// access)."""
+    for key, value in s3_endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One two-node Ray cluster per session (tests/servers.RayCluster); the files using it run on
+    one worker (SHARED_SESSION_FIXTURES). A test that kills its second node restarts it."""
+    import tempfile
+
+    from servers import RayCluster
+
+    cluster = RayCluster(Path(tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp")))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A private local Ray for the session (never a stale `ray start` cluster)."""
@@ -88,15 +186,6 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """Prefect's own test harness: a temporary database and API for the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +198,8 @@ def synthetic_images(tmp_path_factory):
     )
 
 
-# Real C-NMC cells for the explanation tests: the read-only shared copy, never the repository.
-# It lies in shared/ beside the checkout (CI clones elsewhere and copies shared/ beside it).
-CNMC_FOLDER = os.environ.setdefault(
-    "LEUKOFLOW_CNMC", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc")
-)
+# Real C-NMC cells for the explanation tests: the read-only shared copy (tests/datapaths.py),
+# never the repository.
 REAL_CELLS = (
     *(f"all/UID_{s}_1_1_all.bmp" for s in (1, 4, 5, 11, 24, 25)),
     "hem/UID_H10_100_1_hem.bmp",
@@ -132,7 +218,7 @@ def real_cells(tmp_path_factory):
     folder = tmp_path_factory.mktemp("real-cells")
     for relative in REAL_CELLS:
         (folder / relative).parent.mkdir(exist_ok=True)
-        shutil.copyfile(Path(CNMC_FOLDER) / relative, folder / relative)
+        shutil.copyfile(CNMC / relative, folder / relative)
     return folder
 
 
@@ -150,89 +236,3 @@ def real_cells_store(tmp_path_factory, real_cells, ray_local, prefect_harness):
         recipe=FeatureRecipe(("vgg16", "color_morphology"), weights="none", image_size=32),
     )
     return store, summary
-
-
-# -- a real S3 endpoint (moto's server) ------------------------------------------------------
-class S3Endpoint:
-    """moto's S3 server on 127.0.0.1, and the AWS environment a client needs to reach it."""
-
-    def __init__(self, url: str, secret: str) -> None:
-        self.url = url
-        # Recognisable fake credentials, so tests can prove they leak nowhere.
-        self.env = {
-            "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKE1234",
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": url,
-            # Never a developer's real profile or credentials file.
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }
-
-    def filesystem(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(
-            endpoint_url=self.url,
-            key=self.env["AWS_ACCESS_KEY_ID"],
-            secret=self.env["AWS_SECRET_ACCESS_KEY"],
-            skip_instance_cache=True,
-        )
-
-    def make_bucket(self, prefix: str = "leukoflow") -> str:
-        """A new empty bucket (a fresh name per call, so tests never see each other's objects)."""
-        import uuid
-
-        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        self.filesystem().mkdir(name)
-        return name
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """moto's S3 server as its own process on a free 127.0.0.1 port, stopped after the session."""
-    import secrets
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as sink:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: ended whole at teardown
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto did not start:\n{log.read_text()}") from None
-                time.sleep(0.2)
-        secret = f"leukoflow-test-secret-{secrets.token_hex(8)}"
-        yield S3Endpoint(f"http://127.0.0.1:{port}", secret)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-
-
-@pytest.fixture
-def s3_env(s3_endpoint, monkeypatch):
-    """s3_endpoint's AWS environment set in this test's process (for in-process s3:// access)."""
-    for key, value in s3_endpoint.env.items():
-        monkeypatch.setenv(key, value)
-    return s3_endpoint

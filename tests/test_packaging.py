@@ -6,6 +6,7 @@ from __future__ import annotations
 import site
 import subprocess
 import sys
+import tomllib
 import venv
 import zipfile
 from pathlib import Path
@@ -17,15 +18,35 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_build_backend_is_in_the_test_environment():
+    """The wheel is built with the environment's own setuptools (no build isolation, no package
+    index: CI machines may have none), so the dev extras must bring what [build-system] asks."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    for text in requires:
+        requirement = Requirement(text)
+        installed = version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), (
+            f"{requirement.name} {installed} does not satisfy {text}: `make test` installs "
+            "the dev extras of pyproject.toml, which must list it"
+        )
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(ROOT), "-w", str(out)],
-        check=True, timeout=600,
+    # --no-index and no isolation: nothing is fetched; the environment's setuptools builds it.
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
+         "--no-build-isolation", str(ROOT), "-w", str(out)],
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    (built,) = out.glob("leukoflow-*.whl")
-    return built
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel_file,) = out.glob("leukoflow-*.whl")
+    return wheel_file
 
 
 def test_the_wheel_holds_one_package_with_its_templates_and_no_dev_tools(wheel):
@@ -47,7 +68,7 @@ def test_installed_not_editable_only_the_leukoflow_root_imports(wheel, tmp_path)
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
         check=True, timeout=300,
     )  # fmt: skip
     # The dependencies come from the test's own environment, appended after the fresh venv's

@@ -88,14 +88,16 @@ def test_the_decode_stage_accounts_for_every_image_and_compares_to_one_core(resu
     assert _positive(decode["single_core"]["images_per_second_wall"])
     assert _positive(decode["threads"]["images_per_second"]) and decode["threads"]["threads"] >= 1
     assert _positive(decode["pipeline_over_cores_x_single_core"])
+    # The S3 part runs against moto's server, which the test environment has: never skipped.
     s3 = decode["s3"]
-    assert s3.get("skipped") or (
-        s3["images"] == 8
-        and _positive(s3["local"]["concurrent_over_one_at_a_time"])
-        and s3["with_latency"]["latency_ms_per_request"] == 20
-        # Each request waits 20 ms: one at a time cannot pass 50 reads/s.
-        and s3["with_latency"]["reads_per_second_one_at_a_time"] < 50
-        and _positive(s3["with_latency"]["concurrent_over_one_at_a_time"])
-    )
+    assert "skipped" not in s3, s3
+    assert s3["images"] == 8
+    assert _positive(s3["local"]["concurrent_over_one_at_a_time"])
+    assert _positive(s3["local"]["load_pixels_images_per_second"])
+    assert s3["with_latency"]["latency_ms_per_request"] == 20
+    # Each request is held 20 ms by the forwarder: one at a time cannot pass 50 reads/s (a
+    # bound of the set-up, not a speed goal: it fails only if the latency was not applied).
+    assert s3["with_latency"]["reads_per_second_one_at_a_time"] < 50
+    assert _positive(s3["with_latency"]["concurrent_over_one_at_a_time"])
     assert "decode stage:" in stdout
     assert "decode_pipeline_over_cores_x_single_core" in data["goals"]

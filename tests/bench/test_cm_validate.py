@@ -4,16 +4,14 @@ each subject's own cells) and the held-out check of a declared recipe on other s
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from datapaths import CNMC  # noqa: E402
 
 from bench import cm_validate
 from leukoflow.tasks.color_morphology import colour_moments, extract_features, feature_blocks
-
-CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 
 
 def _two_subjects() -> list[dict[str, str]]:

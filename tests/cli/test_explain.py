@@ -1,4 +1,5 @@
-"""`leukoflow explain` as a user meets it: a real subprocess on a real cell, PNG, --json, exit 2."""
+"""`leukoflow explain` as a user meets it: a real subprocess on a real cell (PNG, --json); the
+other cases through the same entry point in this process."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog
 
-from . import assert_user_error, leukoflow
+from . import assert_user_error, leukoflow, leukoflow_here
 
 pytestmark = pytest.mark.integration  # the store comes from the real run flow (Ray, Prefect)
 
@@ -27,10 +28,13 @@ def test_explain_writes_a_png_for_a_real_cell(real_cells_store, real_cells, tmp_
     assert facts["predicted_label"] in ("all", "hem") and len(facts["top_features"]) == 8
 
 
-def test_explain_by_catalog_id_writes_next_to_the_user(real_cells_store, tmp_path):
+def test_explain_by_catalog_id_writes_next_to_the_user(
+    real_cells_store, tmp_path, monkeypatch, capsys
+):
     store, _ = real_cells_store
     first = read_catalog(open_location(str(store))).column("image_id").to_pylist()[0]
-    result = leukoflow("explain", first, "--store", store, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = leukoflow_here(capsys, "explain", first, "--store", store)
     assert result.returncode == 0, result.stderr
     assert "NOT CLINICALLY MEANINGFUL" in result.stdout
     assert (tmp_path / f"{first[:12]}-explained.png").stat().st_size > 20_000
@@ -43,9 +47,11 @@ def test_explain_by_catalog_id_writes_next_to_the_user(real_cells_store, tmp_pat
         (["--image", "nope.bmp"], "not found"),
     ],
 )
-def test_user_errors_exit_2_with_one_line(real_cells_store, real_cells, tmp_path, args, words):
+def test_user_errors_exit_2_with_one_line(
+    real_cells_store, real_cells, tmp_path, capsys, args, words
+):
     store, _ = real_cells_store
     image = str(sorted(real_cells.rglob("*.bmp"))[0])
     if args[0] == "--image":
         image, args = str(tmp_path / args[1]), []
-    assert_user_error(leukoflow("explain", image, "--store", store, *args), words)
+    assert_user_error(leukoflow_here(capsys, "explain", image, "--store", store, *args), words)

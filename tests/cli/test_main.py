@@ -8,8 +8,11 @@ from importlib.metadata import version
 import pytest
 
 from leukoflow.cli import main
+from leukoflow.tasks import registry
+from leukoflow.tasks.storage import open_location
 
 from . import assert_click_usage, assert_user_error, leukoflow, leukoflow_here
+from .test_models import fitted_record
 
 
 @pytest.mark.parametrize("args", [[], ["models"]])
@@ -20,9 +23,9 @@ def test_a_bare_group_prints_its_help_and_succeeds(capsys, args):
     assert "Commands:" in result.stdout and result.stderr == ""
 
 
-def test_version_comes_from_the_installed_package():
-    result = leukoflow("--version")
-    assert result.returncode == 0
+def test_version_comes_from_the_installed_package(capsys):
+    result = leukoflow_here(capsys, "--version")
+    assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.strip() == f"leukoflow {version('leukoflow')}"
 
 
@@ -46,13 +49,32 @@ def test_bad_usage_prints_clicks_usage_message_and_exits_2(capsys, args, words):
     assert_click_usage(leukoflow_here(capsys, *args), *words)
 
 
-def test_the_script_keeps_the_conventions():
-    """One process per rule: bare help, usage errors, a configuration error."""
-    bare = leukoflow()
-    assert bare.returncode == 0 and bare.stdout.startswith("Usage: leukoflow [OPTIONS]")
+def test_the_script_keeps_the_conventions(tmp_path):
+    """One process per exit status, as a user's shell sees it: the status, no traceback, and one
+    line on stderr (the cases behind each status run in-process in the other tests)."""
+    # 0: done. `python -m leukoflow`, the package's own entry point.
+    done = subprocess.run(
+        [sys.executable, "-m", "leukoflow", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout == f"leukoflow {version('leukoflow')}\n"
+    # 2: bad usage, click's usage message.
     assert_click_usage(leukoflow("status", "--stor", "x"), "No such option: --stor")
-    assert_click_usage(leukoflow("run", "x", "--store", "s", "--split", "time"), "--split")
-    assert_user_error(leukoflow("status", "--store", "/no/such/store"), "no store at")
+    # 2: a configuration error, one `leukoflow: error:` line.
+    missing = tmp_path / "no-such-store"
+    configuration = leukoflow("status", "--store", missing)
+    assert_user_error(configuration, f"no store at {missing}")
+    assert configuration.stderr.count("\n") == 1 and configuration.stdout == ""
+    # 1: the run failed; here a model whose threshold was changed after saving is refused.
+    root = open_location(str(tmp_path / "store"))
+    registry.save_model(root, "m-1", *fitted_record("m-1", 0.9))
+    record = tmp_path / "store" / "models" / "m-1" / "model.json"
+    record.write_text(record.read_text().replace('"threshold": 0.42', '"threshold": 0.01'))
+    refused = leukoflow("models", "show", "m-1", "--store", tmp_path / "store")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("leukoflow: refused: model file refused: model m-1 in ")
+    assert "model.json is not the file that was saved" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and refused.stdout == ""
 
 
 def test_help_lists_the_choices_of_split_and_classifier(capsys):
@@ -103,10 +125,3 @@ def test_main_reads_sys_argv_like_the_script(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 2 and "No such option" in capsys.readouterr().err
-
-
-def test_the_package_runs_as_a_module():
-    result = subprocess.run(
-        [sys.executable, "-m", "leukoflow", "--version"], capture_output=True, text=True
-    )
-    assert result.returncode == 0 and result.stdout.startswith("leukoflow ")

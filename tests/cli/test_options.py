@@ -1,15 +1,20 @@
 """The shared options: defined once, stacked by every command that needs them, and built into
 one FeatureRecipe and one Compute before any engine starts."""
 
+import re
+
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from leukoflow.cli import app, options
 from leukoflow.cli.options import COMPUTE, RECIPE, shared_options
+from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import choices, experiments, recipe, train
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
-from . import assert_user_error, leukoflow, leukoflow_here
+from . import assert_user_error, leukoflow_here
 
 RECIPE_OPTIONS = {"--backbones", "--weights", "--weights-dir", "--image-size", "--seed",
                   "--precision"}  # fmt: skip
@@ -26,7 +31,13 @@ def command_options(*path: str) -> list[str]:
     return [opt for param in command.params for opt in param.opts]
 
 
-def test_every_choice_offered_is_one_the_stages_accept():
+def option_choices(capsys, command_name: str, option: str) -> list[str]:
+    """The choices the command's help offers for `option` (`--option <a|b|c>`)."""
+    help_text = leukoflow_here(capsys, command_name, "--help").stdout
+    return re.search(rf"{option} <([^>]+)>", help_text).group(1).split("|")
+
+
+def test_every_choice_offered_is_one_the_stages_accept(capsys):
     for name in train.CLASSIFIERS:
         train.make_classifier(name)
     for name in train.SPLITS:
@@ -34,7 +45,17 @@ def test_every_choice_offered_is_one_the_stages_accept():
     for name in choices.EXPERIMENT_SPLITS:
         experiments.check_split_choice(name)
     assert experiments.parse_classifiers(options.PAPER_CLASSIFIERS.split(","))
-    assert recipe.PRECISION_CHOICES == ("fp32", "bf16", "auto")
+    # --precision: every choice the command line offers builds a recipe of a concrete precision
+    # (auto resolves to this machine's), and one it does not offer is refused by the recipe too.
+    offered = set(option_choices(capsys, "run", "--precision"))
+    assert offered == {"fp32", "bf16", "auto"}
+    for name in offered:
+        built = FeatureRecipe(("vgg16",), "none", 32, precision=name).precision
+        assert built in recipe.PRECISIONS and built == (
+            bb.native_precision() if name == "auto" else name
+        )
+    with pytest.raises(LeukoflowError, match="--precision wants one of fp32, bf16, auto"):
+        FeatureRecipe(("vgg16",), "none", 32, precision="fp8")
 
 
 def test_every_extracting_command_takes_the_recipe_and_compute_options():
@@ -103,8 +124,3 @@ def test_every_extracting_command_refuses_an_unschedulable_actor_share(
         assert_user_error(leukoflow_here(capsys, *base, "--actor-cpus", "0"), "--actor-cpus")
         assert_user_error(leukoflow_here(capsys, *base, "--batch-timeout", "0"), "--batch-timeout")
     assert not store.exists()  # refused before anything was written
-    # Once as a user meets it: a separate process.
-    result = leukoflow(
-        "run", synthetic_images, "--store", store, "--weights", "none", "--gpu-share", "1.5"
-    )
-    assert_user_error(result, "--gpu-share", "1.5")

@@ -10,7 +10,7 @@ import pytest
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog
 
-from . import leukoflow
+from . import leukoflow, leukoflow_here
 
 pytestmark = pytest.mark.integration  # the store comes from the real run flow (Ray, Prefect)
 
@@ -26,8 +26,9 @@ def store(real_cells_store, tmp_path):
     return shutil.copytree(source, tmp_path / "store")
 
 
-def test_a_lost_feature_file_names_its_images_and_exits_1(store):
-    intact = leukoflow("status", "--store", store, "--json")
+def test_a_lost_feature_file_names_its_images_and_exits_1(store, capsys):
+    # --json in this process; the text report as a real process (its exit status 1).
+    intact = leukoflow_here(capsys, "status", "--store", store, "--json")
     assert intact.returncode == 0, intact.stderr
     report = last_json(intact)
     dataset = report["accounting"]["datasets"]["default"]
@@ -43,7 +44,7 @@ def test_a_lost_feature_file_names_its_images_and_exits_1(store):
     expected = sorted(lost & ok)
     assert expected
 
-    damaged = leukoflow("status", "--store", store, "--json")
+    damaged = leukoflow_here(capsys, "status", "--store", store, "--json")
     assert damaged.returncode == 1, damaged.stderr
     report = last_json(damaged)
     dataset = report["accounting"]["datasets"]["default"]

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from . import assert_click_usage, assert_user_error, leukoflow, leukoflow_here
+from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.tables import read_catalog
+
+from . import assert_click_usage, assert_user_error, leukoflow_here
 
 
 def last_json(result) -> dict:
@@ -43,36 +46,60 @@ def test_unknown_choices_are_usage_errors(tmp_path, synthetic_images, capsys, ex
     assert_click_usage(result, *words)
 
 
-def test_missing_imagenet_weights_exit_2_naming_the_file(tmp_path, synthetic_images):
-    result = leukoflow(
-        "run", synthetic_images, "--store", tmp_path, "--backbones", "densenet121",
-        env={"KERAS_HOME": str(tmp_path / "empty")},
-    )  # fmt: skip
+def test_missing_imagenet_weights_exit_2_naming_the_file(
+    tmp_path, synthetic_images, capsys, monkeypatch
+):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
+    result = leukoflow_here(
+        capsys, "run", synthetic_images, "--store", tmp_path, "--backbones", "densenet121"
+    )
     assert_user_error(
         result, "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", "--weights none"
     )
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "backfill"])
-def test_a_missing_images_folder_exits_2_before_any_engine_starts(tmp_path, command):
+# The flow each command would start: none may start on a configuration error.
+FLOWS = {
+    "run": ("leukoflow.flows.run", "run_pipeline"),
+    "validate": ("leukoflow.flows.validate", "run_validation"),
+    "backfill": ("leukoflow.flows.backfill", "backfill"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(FLOWS))
+def test_a_missing_images_folder_exits_2_before_any_engine_starts(
+    tmp_path, capsys, monkeypatch, command
+):
+    import importlib
+
+    module, name = FLOWS[command]
+    started = []
+    monkeypatch.setattr(importlib.import_module(module), name, lambda **kw: started.append(kw))
     extra = ["--dataset", "d"] if command == "backfill" else []
-    result = leukoflow(
-        command, tmp_path, tmp_path / "nope", "--store", tmp_path / "s", "--weights", "none", *extra
-    )
+    result = leukoflow_here(
+        capsys, command, tmp_path, tmp_path / "nope", "--store", tmp_path / "s",
+        "--weights", "none", *extra,
+    )  # fmt: skip
     assert_user_error(result, "IMAGES", "nope", "does not exist")
-    # Said before Prefect or Ray start: neither has logged a line.
-    assert "Prefect" not in result.stderr and "Ray" not in result.stderr
+    # Said before Prefect or Ray start: the command never called its flow, catalogued nothing.
+    assert started == [] and not (tmp_path / "s" / "catalog").exists()
 
 
 @pytest.mark.integration
-def test_one_class_only_exits_2_before_extraction(tmp_path, synthetic_images):
-    result = leukoflow(
-        "run", synthetic_images / "fold_0" / "all", "--store", tmp_path / "s",
+def test_one_class_only_exits_2_before_extraction(
+    tmp_path, synthetic_images, capsys, prefect_harness
+):
+    # Only the ALL cells, in their class folder: every image is labelled, all of one class.
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_images / "fold_0" / "all", images / "all")
+    store = tmp_path / "s"
+    result = leukoflow_here(
+        capsys, "run", images, "--store", store,
         "--weights", "none", "--backbones", "vgg16", "--image-size", "32",
-        "--labels", "fold_0=all",
     )  # fmt: skip
-    assert_user_error(result)
-    assert "Traceback" not in result.stderr and "extract" not in result.stderr
+    assert_user_error(result, "only one class", "needs both ALL and normal")
+    # Refused after cataloguing, before extraction: the catalog is there, no vector is.
+    assert (store / "catalog").exists() and not (store / "features").exists()
 
 
 def split_in_two(images: Path, tmp_path: Path) -> list[Path]:
@@ -86,12 +113,16 @@ def split_in_two(images: Path, tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.integration
-def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthetic_images):
+def test_run_json_then_status_then_a_run_that_does_not_promote(
+    tmp_path, synthetic_images, capsys, ray_local, prefect_harness
+):
     store = tmp_path / "store"
     recipe = ["--weights", "none", "--backbones", "vgg16", "--image-size", "32"]
     # One collection in two folders (as the development pool is): one catalog, one model.
     folders = split_in_two(synthetic_images, tmp_path)
-    summary = last_json(leukoflow("run", *folders, "--store", store, *recipe, "--json"))
+    summary = last_json(
+        leukoflow_here(capsys, "run", *folders, "--store", store, *recipe, "--json")
+    )
     assert summary["counts"]["found"] == 24 and summary["feature_dim"] == 512
     assert summary["non_clinical"] is True and "NOT CLINICALLY" in summary["note"]
     assert 0 <= summary["metrics"]["accuracy"] <= 1
@@ -99,7 +130,7 @@ def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthet
     # Every synthetic image carries its subject id: the default split keeps patients apart.
     assert summary["split"] == "subject"
 
-    status = leukoflow("status", "--store", store, "--json")
+    status = leukoflow_here(capsys, "status", "--store", store, "--json")
     report = last_json(status)
     assert report["datasets"]["default"] == {
         "found": 24,
@@ -112,24 +143,35 @@ def test_run_json_then_status_then_a_run_that_does_not_promote(tmp_path, synthet
     assert report["accounted"] is True
     assert report["accounting"]["datasets"]["default"]["featurised"] == 24
 
-    again = leukoflow(
-        "run", *folders, "--store", store, *recipe, "--split", "random",
+    again = leukoflow_here(
+        capsys, "run", *folders, "--store", store, *recipe, "--split", "random",
         "--no-promote", "--json",
     )  # fmt: skip
     second = last_json(again)
     assert second["model_id"] != summary["model_id"] and second["promoted"] is False
     assert second["split"] == "random" and second["extraction"]["computed"] == {}
-    current = last_json(leukoflow("models", "list", "--store", store, "--json"))["current"]
+    listing = leukoflow_here(capsys, "models", "list", "--store", store, "--json")
+    current = last_json(listing)["current"]
     assert current == summary["model_id"]
 
 
 @pytest.mark.integration
-def test_validate_takes_several_image_folders(tmp_path, synthetic_images):
+def test_validate_takes_several_image_folders(
+    tmp_path, synthetic_images, capsys, ray_local, prefect_harness
+):
     folders = split_in_two(synthetic_images, tmp_path)
-    result = leukoflow(
-        "validate", *folders, "--store", tmp_path / "store", "--backbones", "color_morphology",
-        "--classifier", "rbf-svm", "--folds", "3", "--n-boot", "50", "--json",
+    result = leukoflow_here(
+        capsys, "validate", *folders, "--store", tmp_path / "store",
+        "--backbones", "color_morphology", "--classifier", "rbf-svm", "--folds", "3",
+        "--n-boot", "50", "--json",
     )  # fmt: skip
     summary = last_json(result)
+    # One collection: every cell of both folders, each subject once (its cells are in both).
     assert summary["n_images"] == 24 and summary["n_subjects"] == 6 and summary["folds"] == 3
-    assert summary["classifier"] == "rbf-svm"  # the recommended one for color_morphology
+    assert summary["patient_level"]["n_patients"] == 6
+    catalog = read_catalog(open_location(str(tmp_path / "store")), "default")
+    assert catalog.num_rows == 24
+    assert {Path(uri).parent.parent.name for uri in catalog.column("uri").to_pylist()} == {
+        "first",
+        "second",
+    }

@@ -1,11 +1,10 @@
-"""Backfills for real (local Ray, Prefect's harness): progress, resumability, one more backbone."""
+"""Backfills for real (local Ray, the run's Prefect server): progress, resuming, a new backbone."""
 
 import os
-import subprocess
-import sys
 
 import pyarrow.dataset as ds
 import pytest
+from cli import leukoflow_here
 
 from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
@@ -98,14 +97,11 @@ def test_a_second_backfill_with_a_full_resolution_extractor_computes_nothing(
         (["backfill", "IMAGES", "--dataset", "d", "--backbones", "alexnet"], "unknown backbone"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line_before_any_engine_starts(tmp_path, args, words):
-    result = subprocess.run(
-        [sys.executable, "-m", "leukoflow.cli", *args, "--store", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_usage_errors_exit_2_with_one_line_before_any_engine_starts(tmp_path, capsys, args, words):
+    # In-process: tests/cli/test_main.py proves the exit status of a real process.
+    result = leukoflow_here(capsys, *args, "--store", tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "prefect" not in result.stderr.lower()
     lines = [line for line in result.stderr.splitlines() if "leukoflow: error" in line]
     assert len(lines) == 1 and words in lines[0]
+    assert not (tmp_path / "catalog").exists()  # refused before any work

@@ -11,9 +11,10 @@ import pytest
 
 from leukoflow.tasks import registry, train
 from leukoflow.tasks.catalog import build_catalog
+from leukoflow.tasks.explain import stored_vector
 from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_runs, write_catalog
+from leukoflow.tasks.tables import read_catalog, read_runs, write_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +56,30 @@ def test_a_run_on_the_same_images_reuses_the_features_and_saves_a_calibrated_mod
     assert record["calibration"]["validation"]["sensitivity"] >= 0.95
     assert record["classifier_params"]["loss"] == "hinge"  # the paper's classifier, calibrated
     assert record["code_version"].startswith(("git:", "leukoflow=="))
-    scores, kind = train.decision_scores(model, np.zeros((2, 512 + 1024), np.float32))
-    assert kind == "probability" and ((scores >= 0) & (scores <= 1)).all()
     folder = store / "models" / run["model_id"]
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["accuracy"] == run["metrics"]["accuracy"]  # headline: the plain classifier
+    # The saved model, on the held-out cells' stored vectors (the experiments' own), at its
+    # threshold: exactly the operating point metrics.json reports.
+    root = open_location(str(store))
+    test_ids = record["test_image_ids"]
+    x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in test_ids])
+    assert x.shape == (len(test_ids), 512 + 1024)
+    scores, kind = train.decision_scores(model, x)
+    assert kind == "probability"
+    labels = {r["image_id"]: r["label"] for r in read_catalog(root, "synthetic").to_pylist()}
+    y = np.array([int(labels[i] == "all") for i in test_ids])
+    flagged = (scores >= record["threshold"]).astype(int)
+    confusion = [
+        [int(((y == 0) & (flagged == 0)).sum()), int(((y == 0) & (flagged == 1)).sum())],
+        [int(((y == 1) & (flagged == 0)).sum()), int(((y == 1) & (flagged == 1)).sum())],
+    ]
+    cells = metrics["operating_point"]["cells"]
+    assert cells["confusion_matrix"]["matrix"] == confusion and cells["n"] == len(test_ids)
     assert metrics["calibrated"]["threshold"] == record["threshold"]
+    # The headline is the paper's plain classifier on the same held-out cells.
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
+    assert tn + fp + fn + tp == len(test_ids) and tp + fn == y.sum()
+    assert metrics["accuracy"] == pytest.approx((tp + tn) / len(test_ids))
     assert "Risk score and operating point" in (folder / "report.html").read_text()
 
 
@@ -95,7 +114,18 @@ def test_tables_reports_and_the_run_row_are_written(experiment):
     html_text = (folder / "report.html").read_text()
     assert "Random split vs. subject split" in html_text and "NOT CLINICALLY" in html_text
     assert "★" in (folder / "report.md").read_text()
-    assert json.loads((folder / "results.json").read_text())["best"] == summary["best"]
+    # results.json names, per split, the grid cell its CSV marks best: the highest accuracy.
+    best = json.loads((folder / "results.json").read_text())["best"]
+    assert set(best) == {"random", "subject"}
+    for name in ("random", "subject"):
+        rows = list(csv.DictReader((folder / f"grid_{name}.csv").open()))
+        (marked,) = [r for r in rows if r["best"] == "True"]
+        assert (best[name]["feature_set"], best[name]["classifier"]) == (
+            marked["feature_set"],
+            marked["classifier"],
+        )
+        assert best[name]["accuracy"] == pytest.approx(float(marked["accuracy_mean"]))
+        assert best[name]["accuracy"] == pytest.approx(max(float(r["accuracy_mean"]) for r in rows))
     runs = read_runs(open_location(str(store))).to_pylist()
     assert [r["kind"] for r in runs if r["run_id"] == summary["experiment_id"]] == ["experiments"]
 

@@ -1,18 +1,19 @@
-"""The nightly sweep for real: a model trained once, nights of a growing inbox (copies of earlier
-images, unreadable files), a sweep killed with SIGKILL, two sweeps racing to finish its work,
-recipe mismatches and drift. Sweeps run in-process (local Ray, Prefect's harness) and, where a
-process must die or race, as `python -m leukoflow.cli score` subprocesses with their own Prefect.
+"""The nightly sweep for real, in-process (local Ray, the run's Prefect server): a model trained
+once, nights of a growing inbox (copies of earlier images, unreadable files), a store held by
+another sweep, recipe mismatches, drift, the model's own patient rule and the dashboard.
+
+The module's store holds nights 1 and 2 (the `nights` fixture); every test that writes to a
+store works on its own copy of it, so no test depends on another's order. Sweeps as processes
+(killed, racing, timed out, waiting): tests/flows/test_score_nights_cli.py and
+test_score_limits_cli.py.
 """
 
 import json
-import os
+import logging
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
-from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,13 @@ from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.score import SubjectRule, SweepSettings, summarize_subjects
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import featurised_ids, read_catalog, read_predictions, read_runs
+from leukoflow.tasks.tables import (
+    featurised_ids,
+    read_catalog,
+    read_predictions,
+    read_runs,
+    write_run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,20 +62,6 @@ def prediction_ids(store, date=None, model_id=None) -> list[str]:
     return table.column("image_id").to_pylist()
 
 
-def leukoflow(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "leukoflow.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, so the test can clean up after a kill
-    )
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ray_local, prefect_harness):
     """A store with a model trained on 24 synthetic cells (vgg16 at 32 px, random weights)."""
@@ -88,15 +81,26 @@ def world(tmp_path_factory, ray_local, prefect_harness):
     return {"work": work, "store": store, "inbox": work / "inbox", "model_id": trained["model_id"]}
 
 
-def sweep(world, date, inbox=None, **options):
+def sweep_state(world, date, inbox=None, rule=RULE, **options):
+    """One in-process sweep; its final Prefect state (its flow run id is the state's)."""
     from leukoflow.flows.score import score_inbox
 
     flow_options = {k: options.pop(k) for k in ("model", "expected_recipe") if k in options}
-    settings = SweepSettings(**{"chunk_size": 5, "drift_min_cells": 1000, **RULE, **options})
+    settings = SweepSettings(**{"chunk_size": 5, "drift_min_cells": 1000, **rule, **options})
     inbox = str(inbox or world["inbox"])
     return score_inbox(
-        inbox=inbox, store=str(world["store"]), date=date, sweep=settings, **flow_options
+        inbox=inbox,
+        store=str(world["store"]),
+        date=date,
+        sweep=settings,
+        return_state=True,
+        **flow_options,
     )
+
+
+def sweep(world, date, inbox=None, **options) -> dict:
+    """One in-process sweep's summary (its error, raised, if it failed)."""
+    return sweep_state(world, date, inbox, **options).result()
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +121,9 @@ def nights(world):
     night_cells(inbox, "night-2", 2, work)
     shutil.copy(first_cells[2], inbox / "night-2" / "copy-of-an-earlier-cell.bmp")
     (inbox / "night-2" / "empty.bmp").write_bytes(b"")
-    later = {"killed": work / "inbox-killed", "odd": work / "inbox-odd"}
-    night_cells(later["killed"], "night-3", 3, work)
-    night_cells(later["killed"], "night-3b", 33, work)
+    later = {"third": work / "inbox-third", "odd": work / "inbox-odd"}
+    night_cells(later["third"], "night-3", 3, work)
+    night_cells(later["third"], "night-3b", 33, work)
     night_cells(later["odd"], "night-5", 5, work, invert=True)
     # One Ray session for every later night: a backfill over all of them. Night 1's cells are
     # in it too, and already have vectors: only what the store lacks is computed.
@@ -133,16 +137,25 @@ def nights(world):
         recipe=FeatureRecipe(("vgg16",), weights="none", image_size=32),
         progress_bar=False,
     )
-    second = sweep(world, "2026-03-02")
+    second_state = sweep_state(world, "2026-03-02")
     return {
         "first": first,
         "again": again,
-        "second": second,
+        "second": second_state.result(),
+        "second_flow_run_id": second_state.state_details.flow_run_id,
         "before": before,
         "after": after,
         "prefetch": prefetch,
         **later,
     }
+
+
+@pytest.fixture
+def own_world(world, nights, tmp_path):
+    """A copy of the module's store after nights 1 and 2, for a test that writes to a store."""
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    return {**world, "store": store}
 
 
 def test_night_one_scores_every_readable_cell_once(world, nights):
@@ -192,7 +205,6 @@ def test_the_same_night_twice_writes_nothing_but_its_run_row(world, nights):
     again = nights["again"]
     assert again["counts"]["new"] == 0 and again["counts"]["scored"] == 0
     assert again["counts"]["skipped"] == 12 and again["extraction"] == {}  # Ray never entered
-    assert again["seconds"] < 5  # the sweep's own work; start-up is Prefect's (docs/nightly.md)
     assert again["subjects"] == nights["first"]["subjects"]  # the night's table, unchanged
     changed = {p for p, t in nights["after"].items() if nights["before"].get(p) != t}
     assert len(changed) == 1  # no prediction, feature or catalog file: only its run row
@@ -239,37 +251,74 @@ def test_night_two_scores_only_new_cells_and_skips_copies_of_earlier_ones(world,
     )  # fmt: skip
 
 
-def test_prefect_shows_the_night_as_markdown_and_a_subject_table(world, nights):
-    from prefect.artifacts import Artifact
+def test_prefect_shows_the_night_as_markdown_and_a_subject_table(nights):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    markdown = Artifact.get("nightly-sweep")
-    assert "Nightly sweep 2026-03-02" in markdown.data and "Subjects flagged" in markdown.data
-    table = Artifact.get("nightly-subjects")
-    subjects = {row["subject"] for row in json.loads(table.data)}
+    # The server is the whole run's: read the artifacts of night 2's own flow run, no other.
+    own = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[nights["second_flow_run_id"]]))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=own)}
+    assert set(artifacts) == {"nightly-sweep", "nightly-subjects"}
+    markdown = artifacts["nightly-sweep"].data
+    assert "Nightly sweep 2026-03-02" in markdown and "Subjects flagged" in markdown
+    assert nights["second"]["run_id"] in markdown
+    table = artifacts["nightly-subjects"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    subjects = {row["subject"] for row in table}
     # The UI shows pseudonymous subject keys, never the ids (tasks/pseudonym.py).
     assert subjects == {s["subject_id"] for s in nights["second"]["subjects"]}
-    assert all(key.startswith("S-") for key in subjects)
+    assert len(subjects) == 4 and all(key.startswith("S-") for key in subjects)
 
 
-def test_a_sweep_exits_cleanly_while_the_store_is_held_or_waits_for_it(world, nights):
-    root = open_location(str(world["store"]))
+class LogLines(logging.Handler):
+    """Prefect's flow-run log lines as they are emitted; `seen(text)` is set on a match."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_a_sweep_exits_cleanly_while_the_store_is_held_or_waits_for_it(own_world):
+    root = open_location(str(own_world["store"]))
     holder = StoreLease(lease_location(root, SWEEP_LEASE), "sweep", 60, "someone-else")
     holder.acquire()
     runs_before = read_runs(root).num_rows
-    busy = sweep(world, "2026-03-02")
+    busy = sweep(own_world, "2026-03-02")
     assert busy["outcome"] == "busy" and "someone-else" in busy["message"]
     # It did nothing, and says so where ops look: a run row with its outcome.
     runs = read_runs(root).to_pylist()
     assert len(runs) == runs_before + 1
     assert {r["outcome"] for r in runs if r["run_id"] == busy["run_id"]} == {"busy"}
-    threading.Timer(1.0, holder.release).start()
-    waited = sweep(world, "2026-03-02", wait_s=30)
+
+    # With a wait, the sweep says it waits while the lease is held, and runs once it is free.
+    waiting = LogLines("waiting up to 120 s")
+    flow_log = logging.getLogger("prefect.flow_runs")
+    flow_log.addHandler(waiting)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waited = pool.submit(sweep, own_world, "2026-03-02", wait_s=120)
+            assert waiting.seen.wait(120), "the sweep never said it waits for the lease"
+            assert not waited.done(), waited.result()  # not busy: still waiting for the lease
+            assert read_lease(lease_location(root, SWEEP_LEASE)).run_id == "someone-else"
+            holder.release()
+            waited = waited.result(timeout=120)
+    finally:
+        flow_log.removeHandler(waiting)
+        holder.release()
     assert waited["outcome"] == "completed" and waited["counts"]["new"] == 0
+    assert waited["counts"]["skipped"] == 24 and waited["lease"] is None  # nothing taken over
+    assert read_lease(lease_location(root, SWEEP_LEASE)) is None
 
 
-def test_models_whose_recipe_cannot_be_reproduced_are_refused(world, nights):
-    root = open_location(str(world["store"]))
-    model, record = registry.load_model(root, world["model_id"])
+def test_models_whose_recipe_cannot_be_reproduced_are_refused(own_world):
+    root = open_location(str(own_world["store"]))
+    model, record = registry.load_model(root, own_world["model_id"])
     # Saved as models of their own (an edited model.json would be refused as altered).
     others = {
         "other-weights": {"weights_ids": {"vgg16": "random-seed7"}},
@@ -280,91 +329,81 @@ def test_models_whose_recipe_cannot_be_reproduced_are_refused(world, nights):
         registry.save_model(root, name, model, {**record, "model_id": name,
                                                 "feature_recipe": recipe})  # fmt: skip
     with pytest.raises(LeukoflowError, match="random-seed7.*refusing to mis-score"):
-        sweep(world, "2026-03-09", model="other-weights")
+        sweep(own_world, "2026-03-09", model="other-weights")
     with pytest.raises(LeukoflowError, match="sizes \\[256\\]"):
-        sweep(world, "2026-03-09", model="other-dims")
+        sweep(own_world, "2026-03-09", model="other-dims")
     with pytest.raises(LeukoflowError, match="backbones vgg16.*asks for vgg19"):
-        sweep(world, "2026-03-09", expected_recipe={"backbones": ["vgg19"]})
-    assert prediction_ids(world["store"], "2026-03-09") == []
+        sweep(own_world, "2026-03-09", expected_recipe={"backbones": ["vgg19"]})
+    assert prediction_ids(own_world["store"], "2026-03-09") == []
     assert featurised_ids(root, "vgg16", "random-seed7", 32) == set()  # nothing extracted
     assert read_lease(lease_location(root, SWEEP_LEASE)) is None  # released after the failure
 
 
-def test_a_night_of_very_different_cells_raises_a_drift_warning(world, nights):
-    odd = sweep(world, "2026-03-05", inbox=nights["odd"], drift_min_cells=5)
+def test_a_night_of_very_different_cells_raises_a_drift_warning(own_world, nights):
+    odd = sweep(own_world, "2026-03-05", inbox=nights["odd"], drift_min_cells=5)
     usual = nights["second"]["drift"]
+    assert odd["counts"]["scored"] == 12 and odd["counts"]["computed"] == 0  # prefetched
     assert odd["drift"]["warning"] is True, odd["drift"]
     assert odd["drift"]["feature_shift"] > 3 * usual["feature_shift"]
     assert usual["warning"] is False  # 12 cells, below drift_min_cells=1000: never a warning
 
 
-def kill_sweep(process: subprocess.Popen) -> None:
-    """kill -9 of the sweep process; then, as test hygiene, of what it started (its group)."""
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # its Prefect server, left orphaned
-    except ProcessLookupError:
-        pass
+def test_without_a_rule_the_sweep_flags_subjects_by_the_models_patient_rule(own_world, nights):
+    root = open_location(str(own_world["store"]))
+    recorded = registry.load_record(root, own_world["model_id"])["patient_rule"]
+    threshold = recorded["threshold"]
+    assert threshold is not None, recorded  # 6 training subjects of both classes: a rule
+    # No --min-flagged-cells / --min-flagged-fraction: the model's own rule decides.
+    night = sweep(own_world, "2026-03-04", inbox=nights["third"], rule={})
+    assert night["outcome"] == "completed" and night["counts"]["scored"] == 24
+    assert night["subject_rule"]["min_flagged_cells"] == 0
+    assert night["subject_rule"]["min_flagged_fraction"] == threshold
+    assert night["subject_rule"]["inclusive"] is True
+    assert "patient rule" in night["subject_rule"]["text"]
+    # Each subject flagged exactly when its fraction of flagged cells reaches the threshold,
+    # counted here from the prediction rows (tasks/patient: a patient is ALL at score >= t).
+    salt = subject_salt(root)
+    cells: dict[str, list[bool]] = {}
+    for row in read_predictions(root, "2026-03-04").to_pylist():
+        flagged = row["score"] >= row["threshold"]
+        assert row["predicted_label"] == ("all" if flagged else "hem")
+        cells.setdefault(subject_key(row["subject_id"], salt), []).append(flagged)
+    expected = {key: sum(f) / len(f) >= threshold for key, f in cells.items()}
+    assert {s["subject_id"]: s["subject_flagged"] for s in night["subjects"]} == expected
+    assert len(expected) == 4 and all(len(f) == 6 for f in cells.values())
+    # The rule stays in the night's run row, for whoever reads the night later.
+    rows = [r for r in read_runs(root).to_pylist() if r["run_id"] == night["run_id"]]
+    assert json.loads(rows[0]["details"])["subject_rule"] == night["subject_rule"]
 
 
-def test_a_killed_sweep_is_finished_by_two_racing_sweeps_with_each_row_once(world, nights):
-    store, date = world["store"], "2026-03-03"
-    args = [
-        "score",
-        str(nights["killed"]),
-        "--store",
-        str(store),
-        "--date",
-        date,
-        "--chunk-size",
-        "1",
-        "--json",
-    ]
-    night = store / "predictions" / f"date={date}"
-    victim = leukoflow(*args)
-    deadline = time.monotonic() + 240
-    while not (night.exists() and any(night.glob("part-*.parquet"))):
-        assert victim.poll() is None, victim.communicate()
-        assert time.monotonic() < deadline, "the sweep never wrote a prediction"
-        time.sleep(0.005)
-    kill_sweep(victim)
-    at_kill = prediction_ids(store, date)
-    assert 0 < len(at_kill) < 24  # killed between two chunk files
-
-    # Two sweeps at once: one takes over the dead sweep's lease and finishes; the other exits
-    # cleanly saying why (or, if they did not overlap, finds the work done).
-    racers = [leukoflow(*args), leukoflow(*args)]
-    results = [racer.communicate(timeout=300) for racer in racers]
-    assert [racer.returncode for racer in racers] == [0, 0], results
-    summaries = [last_json(out) for out, _ in results]
-    finisher = next(s for s in summaries if s["outcome"] == "completed" and s["counts"]["new"])
-    other = next(s for s in summaries if s is not finisher)
-    assert "no longer runs" in finisher["lease"]  # the killed sweep's lease did not block
-    assert finisher["counts"]["new"] == finisher["counts"]["scored"] == 24 - len(at_kill)
-    if other["outcome"] == "busy":
-        assert "another sweep holds the lease" in other["message"]
-        assert "another sweep holds the lease" in results[summaries.index(other)][1]
-    else:
-        assert other["outcome"] == "completed" and other["counts"]["new"] == 0
-    rows = prediction_ids(store, date)
-    assert len(rows) == len(set(rows)) == 24 and set(at_kill) <= set(rows)
-    tonight = [
-        r
-        for r in read_runs(open_location(str(store))).to_pylist()
-        if r["kind"] == "score" and json.loads(r["details"])["date"] == date
-    ]
-    outcomes = Counter(r["outcome"] for r in tonight)
-    assert outcomes["running"] == 1  # the killed one, shown as interrupted on the dashboard
-
-
-def test_the_dashboard_of_this_store_shows_its_nights_and_the_interrupted_sweep(world, nights):
+def test_the_dashboard_shows_the_nights_and_an_interrupted_sweep(own_world, nights):
+    from leukoflow.tasks import score as sc
     from leukoflow.tasks.dashboard import write_dashboard
 
-    out = world["work"] / "dashboard.html"
-    facts = write_dashboard(open_location(str(world["store"])), open_location(str(out)))
+    root = open_location(str(own_world["store"]))
+    record = registry.load_record(root, own_world["model_id"])
+
+    def left_running(run_id: str, date: str) -> None:
+        """The row a sweep writes as it starts: what a sweep killed mid-way leaves behind."""
+        started = datetime.now(UTC)
+        state = sc.Sweep(
+            run_id, started, root.uri, str(nights["third"]), "inbox", date, record["model_id"],
+            record, SubjectRule(**RULE), "random",
+        )  # fmt: skip
+        write_run(root, state.run_row("running", None))
+
+    left_running("killed-mid-sweep", "2026-03-03")
+    left_running("running-now", "2026-03-03")
+    # The second still holds the lease: running, not interrupted.
+    live = StoreLease(lease_location(root, SWEEP_LEASE), "sweep", 60, "running-now")
+    live.acquire()
+    try:
+        out = own_world["store"].parent / "dashboard.html"
+        facts = write_dashboard(root, open_location(str(out)))
+    finally:
+        live.release()
     page = out.read_text()
-    assert facts["nights"] >= 3 and page.count("data:image/png;base64,") == 5
+    assert facts["nights"] == 3  # 2026-03-01, -02 and the interrupted -03
+    assert page.count("data:image/png;base64,") == 5
     assert "NOT CLINICALLY MEANINGFUL" in page and "id='subjects'" in page
-    if (world["store"] / "predictions" / "date=2026-03-03").exists():  # after the kill test
-        assert "<td>interrupted</td>" in page
+    assert page.count("<td>interrupted</td>") == 1 and page.count("<td>running</td>") == 1

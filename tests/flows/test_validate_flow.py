@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from datapaths import CNMC, CNMC_POOL
 
 from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
@@ -15,8 +16,6 @@ from leukoflow.tasks.tables import read_catalog
 
 pytestmark = pytest.mark.integration
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-POOL = SHARED / "cnmc-pool"
 # One BMP cell each of 12 subjects (6 ALL, 6 normal), as a C-NMC class folder.
 BMP_CELLS = (
     *(f"all/UID_{s}_1_1_all.bmp" for s in (1, 4, 5, 11, 24, 25)),
@@ -42,7 +41,7 @@ def bmp_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bmp-cells")
     for relative in BMP_CELLS:
         (folder / relative).parent.mkdir(exist_ok=True)
-        shutil.copyfile(SHARED / "cnmc" / relative, folder / relative)
+        shutil.copyfile(CNMC / relative, folder / relative)
     return folder
 
 
@@ -50,14 +49,14 @@ def bmp_folder(tmp_path_factory) -> Path:
 def png_manifest(tmp_path_factory) -> Path:
     """A manifest of 12 pool PNGs."""
     folder = tmp_path_factory.mktemp("pool-sample")
-    with open(POOL / "MANIFEST.csv", newline="") as source:
+    with open(CNMC_POOL / "MANIFEST.csv", newline="") as source:
         listed = {row["path"]: row for row in csv.DictReader(source)}
     with open(folder / "MANIFEST.csv", "w", newline="") as sink:
         writer = csv.writer(sink)
         writer.writerow(["path", "label", "subject_id"])
         for relative in POOL_CELLS:
             (folder / relative).parent.mkdir(exist_ok=True)
-            shutil.copyfile(POOL / relative, folder / relative)
+            shutil.copyfile(CNMC_POOL / relative, folder / relative)
             row = listed[relative]
             writer.writerow([relative, row["label"], row["subject_id"]])
     return folder / "MANIFEST.csv"

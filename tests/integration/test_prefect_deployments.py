@@ -1,11 +1,19 @@
 """deployments/prefect.yaml on a real `prefect server start`, its runs executed by a real worker.
 
 `leukoflow deploy` registers the deployments; a process worker of the `leukoflow` pool runs a
-training run (on demand) and then the nightly sweep, triggered now instead of at 02:00.
+training run (on demand) and then the nightly sweep, triggered now instead of at 02:00. The
+worker holds LEUKOFLOW_MODEL_KEY: the model it trains is signed, the nightly scores with it, and
+a night whose process lacks the key fails instead of scoring.
+
+The server is the run's one Prefect server, shared with every other test: everything here is
+read by this module's own deployment ids and flow run ids, never "the latest" of anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import shutil
 import tempfile
 from datetime import datetime
@@ -15,6 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from servers import BIN, Server, http_status, last_json_line, run_cli, server_env, wait_until
 
+from leukoflow.tasks import registry
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_predictions, read_runs
@@ -33,6 +42,8 @@ FAKE_SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "fakeWorkerSecretLeak/0002+xyz",
     "RAY_AUTH_TOKEN": "fakeworkerraytokenleak0004",
 }
+# The worker's model key (a secret as well: it must not reach the database or the output).
+MODEL_KEY = "worker-model-key-leak0005"
 
 
 def mrn_manifest(folder: Path) -> Path:
@@ -82,8 +93,8 @@ def worker(prefect_server, deployed):
     """`prefect worker start --pool leukoflow`, polling every second, stopped after the module."""
     scratch = Path(tempfile.mkdtemp(prefix="lf-worker-", dir="/tmp"))  # short: Ray's sockets
     env = server_env(
-        TMPDIR=str(scratch), PREFECT_WORKER_QUERY_SECONDS="1", **FAKE_SECRETS,
-        **prefect_server.env,
+        TMPDIR=str(scratch), PREFECT_WORKER_QUERY_SECONDS="1", LEUKOFLOW_MODEL_KEY=MODEL_KEY,
+        **FAKE_SECRETS, **prefect_server.env,
     )  # fmt: skip
     server = Server(
         "prefect-worker",
@@ -103,11 +114,13 @@ def deployment(prefect_server, name: str) -> dict:
     return prefect_server.call("GET", f"deployments/name/{name}")
 
 
-def run_to_the_end(prefect_server, worker, name: str, parameters: dict) -> dict:
+def run_to_the_end(
+    prefect_server, worker, name: str, parameters: dict, job_variables: dict | None = None
+) -> dict:
     """Trigger deployment `name` now and wait until the worker has run it to a final state."""
     created = prefect_server.call(
         "POST", f"deployments/{deployment(prefect_server, name)['id']}/create_flow_run",
-        {"parameters": parameters},
+        {"parameters": parameters, "job_variables": job_variables or {}},
     )  # fmt: skip
 
     def finished():
@@ -176,26 +189,43 @@ def test_a_worker_runs_training_then_the_nightly_sweep(prefect_server, deployed,
          "recipe": {"backbones": ["vgg16"], "weights": "none", "image_size": 32}},
     )  # fmt: skip
     assert train["state_type"] == "COMPLETED", worker.output()[-4000:]
+    store = open_location(str(deployed["store"]))
+    # The worker holds LEUKOFLOW_MODEL_KEY: the model it trained is signed under that key.
+    model_id = registry.current_model_id(store)
+    integrity = json.loads((deployed["store"] / "models" / model_id / "integrity.json").read_text())
+    message = json.dumps({"model_id": model_id, "files": integrity["files"]}, sort_keys=True)
+    expected = hmac.new(MODEL_KEY.encode(), message.encode(), hashlib.sha256).hexdigest()
+    assert integrity["signature"] == f"hmac-sha256:{expected}"
+
     nightly = run_to_the_end(prefect_server, worker, "leukoflow-score/nightly", {})
     assert nightly["state_type"] == "COMPLETED", worker.output()[-4000:]
-
-    store = open_location(str(deployed["store"]))
     predictions = read_predictions(store)
     assert predictions.num_rows == N_IMAGES
+    assert set(predictions.column("model_id").to_pylist()) == {model_id}  # the signed model
     assert set(predictions.column("run_id").to_pylist()) == {predictions["run_id"][0].as_py()}
+
+    # A night whose process lacks the key (the flow run's environment sets it empty, which
+    # leukoflow reads as unset: a worker without it) fails, and scores nothing.
+    keyless = run_to_the_end(
+        prefect_server, worker, "leukoflow-score/nightly", {},
+        job_variables={"env": {"LEUKOFLOW_MODEL_KEY": ""}},
+    )  # fmt: skip
+    assert keyless["state_type"] == "FAILED", worker.output()[-4000:]
+    assert "LEUKOFLOW_MODEL_KEY is not set here" in keyless["state"]["message"]
+    assert read_predictions(store).num_rows == N_IMAGES
     kinds = sorted(read_runs(store).column("kind").to_pylist())
     assert kinds == ["run", "score"]
 
     # Flow runs a worker starts install the masking and the pseudonyms themselves (no CLI in
-    # their process): nothing of either reaches the server's database, the worker's output or
-    # any file of the store but its Parquet tables.
+    # their process): nothing of either, nor the model key, reaches the server's database, the
+    # worker's output or any file of the store but its Parquet tables.
     subjects = set(predictions.column("subject_id").to_pylist())
     assert subjects and all(s.startswith("MRN-") for s in subjects)
     texts = {"worker": worker.output()}
     for path in [*prefect_server.home.rglob("prefect.db*"), *deployed["store"].rglob("*")]:
         if path.is_file() and path.suffix != ".parquet":
             texts[str(path)] = path.read_bytes().decode("latin-1")
-    tokens = [*subjects, *FAKE_SECRETS.values()]
+    tokens = [*subjects, *FAKE_SECRETS.values(), MODEL_KEY]
     assert [(where, t) for where, text in texts.items() for t in tokens if t in text] == []
 
 

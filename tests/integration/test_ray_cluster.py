@@ -17,13 +17,21 @@ pytestmark = pytest.mark.integration
 BACKBONES = ["vgg16", "vgg19"]  # two actors, so SPREAD gives each node one
 
 
+def backbone_actors(ray_cluster) -> dict[str, dict]:
+    """The cluster's BackboneActor rows (alive or dead) by actor id: every test of the session
+    on this cluster adds its own, so a test looks only at the ones its run added."""
+    return {row["actor_id"]: row for row in ray_cluster.state("actors", class_name="BackboneActor")}
+
+
 @pytest.fixture(scope="module")
 def cluster_run(ray_cluster, prefect_server, tmp_path_factory):
-    """One extraction through the cluster's address; the driver runs outside the source tree."""
+    """One extraction through the cluster's address; the driver runs outside the source tree.
+    Returns its summary and the actor rows it added to the cluster's state."""
     workdir = tmp_path_factory.mktemp("driver")
     images = make_synthetic_dataset(
         workdir / "images", n_subjects=4, cells_per_subject=2, image_side=48
     )
+    before = backbone_actors(ray_cluster)
     result = run_cli(
         [
             "run", str(images), "--store", str(workdir / "store"),
@@ -34,19 +42,25 @@ def cluster_run(ray_cluster, prefect_server, tmp_path_factory):
         cwd=workdir,  # so workers cannot pick the code up from the driver's folder
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    return last_json_line(result.stdout)
+    added = [row for key, row in backbone_actors(ray_cluster).items() if key not in before]
+    return {"summary": last_json_line(result.stdout), "actors": added}
 
 
 def test_features_are_extracted_through_the_cluster(cluster_run):
-    assert cluster_run["extraction"]["computed"] == {name: 8 for name in BACKBONES}
-    assert cluster_run["feature_dim"] == 1024
-    assert cluster_run["counts"]["trained_and_tested"] == 8
+    summary = cluster_run["summary"]
+    assert summary["extraction"]["computed"] == {name: 8 for name in BACKBONES}
+    assert summary["feature_dim"] == 1024
+    assert summary["counts"]["trained_and_tested"] == 8
 
 
 def test_the_state_api_shows_one_backbone_actor_on_each_node(ray_cluster, cluster_run):
-    actors = ray_cluster.state("actors", class_name="BackboneActor")
+    actors = cluster_run["actors"]
+    # The run's own actors: one per backbone, all of one job, none restarted.
+    assert len(actors) == len(BACKBONES), actors
+    assert len({actor["job_id"] for actor in actors}) == 1
+    assert [int(actor["num_restarts"]) for actor in actors] == [0] * len(BACKBONES)
+    # Every node the cluster has known (a node lost by another test stays listed, dead).
     nodes = {node["node_id"]: node for node in ray_cluster.state("nodes")}
-    assert len(actors) == 2
     carriers = {
         resource
         for actor in actors
@@ -54,7 +68,8 @@ def test_the_state_api_shows_one_backbone_actor_on_each_node(ray_cluster, cluste
         if resource in ray_cluster.node_resources
     }
     assert carriers == {"leukoflow_head", "leukoflow_worker"}
-    assert set(cluster_run["extraction"]["actor_nodes"].values()) == set(nodes)
+    placed = cluster_run["summary"]["extraction"]["actor_nodes"]
+    assert sorted(placed.values()) == sorted(actor["node_id"] for actor in actors)
     for actor in actors:
         # Both actors would fit on one 1-CPU node: none oversubscribes it, and a lost node's
         # actor has room to restart on the other.
@@ -63,7 +78,9 @@ def test_the_state_api_shows_one_backbone_actor_on_each_node(ray_cluster, cluste
 
 
 def test_workers_import_the_drivers_code_from_the_job_runtime_env(ray_cluster, cluster_run):
-    for code_dir in cluster_run["extraction"]["actor_code_dirs"].values():
+    code_dirs = cluster_run["summary"]["extraction"]["actor_code_dirs"]
+    assert sorted(code_dirs) == sorted(BACKBONES)
+    for code_dir in code_dirs.values():
         assert code_dir.startswith(str(ray_cluster.temp_dir)), code_dir
         assert "runtime_resources" in code_dir
 
@@ -79,7 +96,7 @@ def test_a_remote_driver_backfills_through_ray_client_from_ray_address(
     images = make_synthetic_dataset(
         tmp_path / "images", n_subjects=2, cells_per_subject=2, image_side=48
     )
-    actors_before = len(ray_cluster.state("actors", class_name="BackboneActor"))
+    before = backbone_actors(ray_cluster)
     result = run_cli(
         [
             "backfill", str(images), "--store", str(tmp_path / "store"), "--dataset", "remote",
@@ -95,7 +112,8 @@ def test_a_remote_driver_backfills_through_ray_client_from_ray_address(
     )
     assert last_json_line(result.stdout)["extraction"]["computed"] == {"vgg16": 4}
     # Its actor ran on the cluster (a local Ray would have left no trace there).
-    assert len(ray_cluster.state("actors", class_name="BackboneActor")) == actors_before + 1
+    added = [row for key, row in backbone_actors(ray_cluster).items() if key not in before]
+    assert len(added) == 1, added
 
 
 GPU_PLAN_PROBE = """

@@ -1,14 +1,12 @@
 """One messy corpus and two real `leukoflow run`s over it, shared by the bad-input and security
-tests (each CLI run costs tens of seconds; the assertions are cheap)."""
+tests (each CLI run costs tens of seconds; the assertions are cheap). The CLI runs report to the
+run's one Prefect server (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import socket
+import json
 import sqlite3
 import subprocess
-import sys
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +17,8 @@ from .harness import (
     FAKE_SECRETS,
     SMALL_RUN,
     WITHOUT_DAC_OVERRIDE,
-    end_process_group,
     isolated_env,
     leukoflow,
-    wait_for,
 )
 
 FOLDER_DATASET = "messy-folder"
@@ -51,50 +47,20 @@ class MessyRuns:
 
 @dataclass
 class Cli:
-    """Where the CLI runs of these tests report: one Prefect server, one database."""
+    """Where the CLI runs of these tests report: the run's one Prefect server."""
 
-    home: Path
+    home: Path  # this file's CLI runs' own client home
     api_url: str
-
-    @property
-    def prefect_db(self) -> Path:
-        return self.home / "prefect-home" / "prefect.db"
+    prefect_db: Path  # the server's database: every run's logs and artifacts
 
     def env(self, **extra: str) -> dict[str, str]:
         return isolated_env(self.home, PREFECT_API_URL=self.api_url, **extra)
 
 
 @pytest.fixture(scope="session")
-def cli(tmp_path_factory) -> Iterator[Cli]:
-    """A Prefect server on 127.0.0.1 for every CLI run of these tests: each run saves the start of
-    an ephemeral server, and the one database ends up holding every run's logs and artifacts for
-    the security scan."""
-    home = tmp_path_factory.mktemp("cli-home")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(home / "prefect-server.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=isolated_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    api_url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_for(lambda: _healthy(api_url) or server.poll() is not None, 180, "Prefect server")
-        assert server.poll() is None, (home / "prefect-server.log").read_text()[-3000:]
-        yield Cli(home, api_url)
-    finally:
-        end_process_group(server)
-        log.close()
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
+def cli(tmp_path_factory, prefect_server) -> Cli:
+    """CLI runs report to the run's Prefect server: no run pays the start of an ephemeral one."""
+    return Cli(tmp_path_factory.mktemp("cli-home"), prefect_server.api_url, prefect_server.database)
 
 
 @pytest.fixture(scope="session")
@@ -126,5 +92,22 @@ def messy_runs(tmp_path_factory, cli) -> MessyRuns:
         runs=runs,
         status_json=leukoflow("status", "--store", store, "--json", env=env),
         status_text=leukoflow("status", "--store", store, env={**env, "COLUMNS": "200"}),
-        prefect_db=cli.prefect_db,
+        prefect_db=_own_rows(cli.prefect_db, store, base / "prefect" / "prefect.db"),
     )
+
+
+def _own_rows(server_db: Path, store: Path, copy: Path) -> Path:
+    """A copy of the server's database holding only the logs and artifacts of the flow runs
+    over `store`: the server is shared by every test of the run, and the scans of these tests
+    must not depend on what the other worker happens to have logged by then."""
+    copy.parent.mkdir()
+    with sqlite3.connect(server_db) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    with sqlite3.connect(copy) as db:
+        own = "select id from flow_run where parameters like ?"
+        pattern = f"%{json.dumps(str(store))[1:-1]}%"
+        for table in ("log", "artifact"):
+            db.execute(f"delete from {table} where flow_run_id not in ({own}) "
+                       "or flow_run_id is null", (pattern,))  # fmt: skip
+        assert db.execute(own, (pattern,)).fetchall(), "no flow run of the messy runs"
+    return copy

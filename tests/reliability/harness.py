@@ -247,3 +247,21 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie is dead; only its parent's wait() removes it
+
+
+# -- striking on a condition (the fault tests) -----------------------------------------------
+def freeze(*pids: int) -> None:
+    """SIGSTOP: the processes stop where they are (a batch stays in flight) until killed or
+    thawed, so a test can strike at a known point instead of racing the run."""
+    for pid in pids:
+        _signal(pid, signal.SIGSTOP)
+
+
+def thaw(*pids: int) -> None:
+    for pid in pids:
+        _signal(pid, signal.SIGCONT)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    return _alive(pid)

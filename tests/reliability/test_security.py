@@ -14,17 +14,27 @@ import re
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 import skops.io as sio
+from cli import leukoflow_here
 
 from leukoflow.tasks import registry
+from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import read_catalog, read_predictions
 from leukoflow.tasks.train import model_to_bytes
 
 from .conftest import MANIFEST_DATASET
-from .harness import FAKE_SECRETS, assert_one_line_error, last_json, leukoflow
+from .harness import (
+    FAKE_SECRETS,
+    Background,
+    assert_one_line_error,
+    isolated_env,
+    last_json,
+    leukoflow,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +59,7 @@ def inbox_of_known_cells(messy_runs, folder: Path, n: int = 6) -> Path:
 
 # -- models: skops with a trusted-type list, never pickle ------------------------------------
 def test_a_tampered_model_file_is_refused_by_score_and_explain(
-    messy_runs, store_copy, cli, tmp_path
+    messy_runs, store_copy, capsys, tmp_path
 ):
     root = open_location(str(store_copy))
     model_id = registry.current_model_id(root)
@@ -58,17 +68,19 @@ def test_a_tampered_model_file_is_refused_by_score_and_explain(
     tampered = model_to_bytes(model)
     assert "posix.system" in sio.get_untrusted_types(data=tampered)
     (store_copy / "models" / model_id / "model.skops").write_bytes(tampered)
-    env = cli.env()
 
+    # The CLI's entry point in this process (a separate process's exit 1 and one line:
+    # tests/cli/test_main.py::test_the_script_keeps_the_conventions).
     inbox = inbox_of_known_cells(messy_runs, tmp_path / "inbox")
-    score = leukoflow("score", inbox, "--store", store_copy, env=env)
+    score = leukoflow_here(capsys, "score", inbox, "--store", store_copy)
     # A model whose bytes changed since it was saved is refused: exit 1, one line naming why.
     refused = {"code": 1, "prefix": "refused"}
-    assert_one_line_error(score, "model file refused", "untrusted types", "posix.system",
-                          **refused)  # fmt: skip
+    line = assert_one_line_error(score, "model file refused", "untrusted types", "posix.system",
+                                 **refused)  # fmt: skip
+    assert "model.skops is not the file that was saved" in line
     cell = next(inbox.iterdir())
-    explain = leukoflow("explain", cell, "--store", store_copy, "--out", tmp_path / "x.png",
-                        env=env)  # fmt: skip
+    explain = leukoflow_here(capsys, "explain", cell, "--store", store_copy,
+                                   "--out", tmp_path / "x.png")  # fmt: skip
     assert_one_line_error(explain, "model file refused", "posix.system", **refused)
     assert not (tmp_path / "x.png").exists()
     assert read_predictions(root).num_rows == 0  # nothing was scored with it
@@ -89,7 +101,9 @@ def test_no_product_code_unpickles_anything():
 
 
 # -- subject ids: pseudonymous keys in what the Prefect UI shows ------------------------------
-def test_the_nightly_subject_table_shows_pseudonymous_keys(messy_runs, store_copy, cli, tmp_path):
+def test_the_nightly_subject_table_shows_pseudonymous_keys(
+    messy_runs, store_copy, cli, prefect_server, tmp_path
+):
     inbox = inbox_of_known_cells(messy_runs, tmp_path / "inbox")
     result = leukoflow("score", inbox, "--store", store_copy, "--json",
                        env=cli.env())  # fmt: skip
@@ -99,10 +113,14 @@ def test_the_nightly_subject_table_shows_pseudonymous_keys(messy_runs, store_cop
     subjects = set(read_predictions(root).column("subject_id").to_pylist())
     assert len(subjects) >= 3 and None not in subjects  # C-NMC names carry subject ids
     salt = subject_salt(root)
-    rows = messy_runs.prefect_rows(
-        "select data, description from artifact where key = 'nightly-subjects'"
-    )
-    table = next(json.loads(data) for data, text in rows if summary["run_id"] in text)
+    # The run's one Prefect server holds every test's artifacts: this sweep's is the one whose
+    # description names its run id.
+    artifacts = prefect_server.call(
+        "POST", "artifacts/filter",
+        {"artifacts": {"key": {"any_": ["nightly-subjects"]}}, "sort": "CREATED_DESC",
+         "limit": 200},
+    )  # fmt: skip
+    [table] = [a["data"] for a in artifacts if summary["run_id"] in (a["description"] or "")]
     table = json.loads(table) if isinstance(table, str) else table
     shown = {row["subject"] for row in table}
     assert shown == {subject_key(s, salt) for s in subjects}
@@ -202,8 +220,44 @@ def test_no_product_code_turns_ray_auth_off_or_listens_on_every_interface():
     assert offenders == []
 
 
-def test_prefect_servers_listen_on_loopback_unless_told_otherwise():
-    """`prefect server start` and the ephemeral API of a plain `leukoflow run` bind this host."""
-    from prefect.settings import PREFECT_SERVER_API_HOST
+def test_prefect_servers_listen_on_loopback_unless_told_otherwise(messy_runs, store_copy, tmp_path):
+    """The Prefect API a plain `leukoflow score` starts for itself (no PREFECT_API_URL: an
+    ephemeral server) listens on 127.0.0.1 only: read from the server process's own sockets.
 
-    assert PREFECT_SERVER_API_HOST.value() == "127.0.0.1"
+    The test holds the store's sweep lease, so the sweep waits for it with its API up: the
+    sockets are read while the server certainly runs, then the sweep is ended."""
+    (tmp_path / "ephemeral").mkdir()
+    env = isolated_env(tmp_path / "ephemeral")  # its own Prefect home (database) under it
+    for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
+        env.pop(name, None)
+    root = open_location(str(store_copy))
+    held = StoreLease(lease_location(root, SWEEP_LEASE), "sweep", run_id="security-test")
+    held.acquire(0)
+    inbox = inbox_of_known_cells(messy_runs, tmp_path / "inbox")
+    sweep = Background("score", inbox, "--store", store_copy, "--wait", "600",
+                       env=env, workdir=tmp_path / "sweep")  # fmt: skip
+    try:
+        listening = sweep.wait_for(
+            lambda: prefect_api_sockets(sweep.members()), 240, "the sweep's own Prefect API"
+        )
+    finally:
+        sweep.stop()
+        held.release()
+    addresses = {address for _, address in listening}
+    assert addresses == {"127.0.0.1"}, listening
+
+
+def prefect_api_sockets(pids: list[int]) -> list[tuple[int, str]]:
+    """(port, address) of every TCP socket a Prefect API server process among `pids` listens
+    on (Prefect's ephemeral server runs uvicorn on prefect.server.api.server:create_app)."""
+    found = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            if "prefect.server.api.server:create_app" not in " ".join(process.cmdline()):
+                continue
+            sockets = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        found += [(c.laddr.port, c.laddr.ip) for c in sockets if c.status == psutil.CONN_LISTEN]
+    return found

@@ -1,6 +1,7 @@
 """Threads per backbone actor: the actors of a node together can use all of its cores."""
 
 import pytest
+from datapaths import CNMC
 
 from leukoflow.tasks.actors import ActorPlan
 
@@ -25,7 +26,6 @@ def test_the_pool_extracts_then_gives_maps_from_the_same_actor(ray_local, tmp_pa
     """Explanations reuse the extraction's actor (no second network), and its bf16 maps average
     to the vectors it stored."""
     import hashlib
-    from pathlib import Path
 
     import numpy as np
 
@@ -35,7 +35,7 @@ def test_the_pool_extracts_then_gives_maps_from_the_same_actor(ray_local, tmp_pa
     from leukoflow.tasks.storage import open_location
     from leukoflow.tasks.tables import read_features
 
-    files = sorted(Path("/work/shared/data/cnmc").glob("*/*.bmp"))[:3]
+    files = sorted(CNMC.glob("*/*.bmp"))[:3]
     uris = {hashlib.sha256(f.read_bytes()).hexdigest(): str(f) for f in files}
     ids = list(uris)
     recipe = FeatureRecipe(("vgg16",), weights="none", image_size=32, precision="bf16")

@@ -13,6 +13,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
+from datapaths import CNMC, CNMC_POOL
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
@@ -29,7 +30,6 @@ from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import CATALOG_SCHEMA, read_catalog, write_catalog
 
-CNMC = Path(os.environ["LEUKOFLOW_CNMC"])  # set by tests/conftest.py
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -579,7 +579,7 @@ def test_no_sources_is_a_usage_error() -> None:
 
 
 def test_the_two_real_manifests_give_the_development_pool() -> None:
-    pool = CNMC.parent / "cnmc-pool" / "MANIFEST.csv"
+    pool = CNMC_POOL / "MANIFEST.csv"
     if not pool.exists():
         pytest.fail(f"the development pool {pool} is missing")
     # Only the CSV parsing and path checks: reading 1,571 cells is the catalog's slow part, and
@@ -652,6 +652,74 @@ def test_manifest_with_no_rows(tmp_path: Path) -> None:
     manifest = put(tmp_path, "m.CSV", b"\xef\xbb\xbfpath,label\n")  # BOM from a spreadsheet
     with pytest.raises(LeukoflowError, match="lists no images"):
         build_catalog(str(manifest), "x")
+
+
+# -- names and manifests that are not UTF-8 -------------------------------------------------
+NOT_UTF8 = "unreadable: file name is not valid UTF-8"
+
+
+def put_bytes(root: Path, relative: bytes, data: bytes) -> bytes:
+    """Write a file whose path (relative to root) is raw bytes: a name no str can spell."""
+    path = os.path.join(os.fsencode(root), relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def test_names_that_are_not_utf8_are_quarantined_with_their_reason(tmp_path: Path) -> None:
+    """A file and a class folder named in Latin-1 (bytes no UTF-8 decoder accepts): each file
+    gets a row, quarantined with a reason that says why, its uri showing the bytes escaped; never
+    dropped, never read, and the rows still fit the catalog's Parquet schema."""
+    put(tmp_path, "all/UID_1_1_1_all.bmp", cell(1))
+    put_bytes(tmp_path, b"all/UID_2_1_1_all\xff.bmp", cell(2))
+    put_bytes(tmp_path, b"h\xe9m/UID_H3_1_1_hem.bmp", cell(3))
+    put_bytes(tmp_path, b"all/notes\xe9.txt", b"not an image, but unnamed: cannot be probed")
+    rows = build_catalog(str(tmp_path), "inbox")
+    assert_accounted(rows)
+    by_uri = {row["uri"]: row for row in rows}
+    assert set(by_uri) == {
+        f"{tmp_path}/all/UID_1_1_1_all.bmp",
+        f"{tmp_path}/all/UID_2_1_1_all\\xff.bmp",
+        f"{tmp_path}/h\\xe9m/UID_H3_1_1_hem.bmp",
+        f"{tmp_path}/all/notes\\xe9.txt",
+    }
+    assert by_uri[f"{tmp_path}/all/UID_1_1_1_all.bmp"]["status"] == "ok"
+    for uri, row in by_uri.items():
+        if uri.endswith("UID_1_1_1_all.bmp"):
+            continue
+        assert (row["status"], row["reason"]) == ("quarantined", NOT_UTF8), uri
+        assert row["image_id"].startswith("path:") and row["size_bytes"] is None  # not read
+    assert by_uri[f"{tmp_path}/all/UID_2_1_1_all\\xff.bmp"]["label"] == "all"
+    assert by_uri[f"{tmp_path}/h\\xe9m/UID_H3_1_1_hem.bmp"]["label"] is None  # not "hem"
+    counts = catalog_counts(rows)
+    assert (counts["ok"], counts["quarantined"], counts["reasons"]) == (1, 3, {"unreadable": 3})
+    store = open_location(str(tmp_path / "store"))
+    write_catalog(store, "inbox", rows)
+    again = {row["uri"]: row["reason"] for row in read_catalog(store).to_pylist()}
+    assert again == {uri: row["reason"] for uri, row in by_uri.items()}
+
+
+def test_a_manifest_naming_a_latin1_file_in_utf8_finds_no_such_file(tmp_path: Path) -> None:
+    """The manifest (UTF-8) says café.bmp; the disk holds that name in Latin-1 bytes: the row is
+    quarantined as unreadable, the file on disk is not silently taken for it."""
+    put_bytes(tmp_path, b"all/caf\xe9.bmp", cell(1))
+    manifest = put(tmp_path, "m.csv", "path,label\nall/café.bmp,all\n".encode())
+    (row,) = build_catalog(str(manifest), "x")
+    assert row["uri"] == f"{tmp_path}/all/café.bmp"
+    assert (row["status"], code(row)) == ("quarantined", "unreadable")
+    assert "No such file" in row["reason"]
+
+
+def test_a_latin1_manifest_is_refused_in_one_clear_line(tmp_path: Path) -> None:
+    put(tmp_path, "all/café.bmp", cell(1))
+    manifest = put(tmp_path, "m.csv", "path,label\nall/café.bmp,all\n".encode("latin-1"))
+    with pytest.raises(LeukoflowError) as refused:
+        build_catalog(str(manifest), "x")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot read manifest {manifest}: ")
+    assert "'utf-8' codec can't decode byte 0xe9 in position 18" in message
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -1,17 +1,28 @@
-"""Compaction of feature files: fewer, larger files; readers never see a row twice or a gap."""
+"""Compaction of feature files: fewer, larger files; readers never see a row twice or a gap.
+On a local folder and on S3 (moto's server, the run's shared one): two compactions of one folder
+at once must keep every key exactly once on both."""
 
 import multiprocessing
-import shutil
+import posixpath
 import threading
 from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from leukoflow.tasks import tables
 from leukoflow.tasks.status import store_status
-from leukoflow.tasks.storage import open_location
+from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.tables import compact_features, featurised_ids, read_features, write_features
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def store(request, tmp_path) -> Location:
+    if request.param == "local":
+        return open_location(str(tmp_path / "store"))
+    endpoint = request.getfixturevalue("s3_env")  # moto's server, its environment set here
+    return open_location(f"s3://{endpoint.make_bucket('compaction')}/store")
 
 
 def _write_batches(store, n_batches: int, per_batch: int = 3) -> list[str]:
@@ -23,17 +34,28 @@ def _write_batches(store, n_batches: int, per_batch: int = 3) -> list[str]:
     return ids
 
 
-def _files(tmp_path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "features" / "backbone=vgg16").iterdir())
+def _folder(store) -> Location:
+    return tables.features_root(store, "vgg16")
 
 
-def test_many_batch_files_become_one_with_every_vector(tmp_path):
-    store = open_location(str(tmp_path))
+def _files(store) -> list[str]:
+    """The names of every file in the backbone's folder."""
+    folder = _folder(store)
+    return sorted(posixpath.basename(p) for p in folder.fs.ls(folder.path, refresh=True))
+
+
+def _read(store, name: str, columns=None):
+    folder = _folder(store).child(name)
+    with folder.fs.open(folder.path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def test_many_batch_files_become_one_with_every_vector(store):
     ids = _write_batches(store, 10)
     before = read_features(store, "vgg16", "w", 32, ids)
 
     assert compact_features(store, "vgg16") == 10
-    names = _files(tmp_path)
+    names = _files(store)
     assert len(names) == 1 and names[0].startswith("compact-")
     assert featurised_ids(store, "vgg16", "w", 32) == set(ids)
     after = read_features(store, "vgg16", "w", 32, ids)
@@ -42,44 +64,39 @@ def test_many_batch_files_become_one_with_every_vector(tmp_path):
         np.testing.assert_array_equal(after[image_id], before[image_id])
 
 
-def test_few_files_are_left_alone(tmp_path):
-    store = open_location(str(tmp_path))
+def test_few_files_are_left_alone(store):
     _write_batches(store, 3)
     assert compact_features(store, "vgg16") == 0
-    assert len(_files(tmp_path)) == 3
+    assert len(_files(store)) == 3
 
 
-def test_a_copy_written_twice_is_kept_once(tmp_path):
-    store = open_location(str(tmp_path))
+def test_a_copy_written_twice_is_kept_once(store):
     ids = _write_batches(store, 8)
     write_features(store, "vgg16", "w", 32, [ids[0]], np.full((1, 4), 99, np.float32))
     compact_features(store, "vgg16")
-    (merged,) = (tmp_path / "features" / "backbone=vgg16").iterdir()
-    assert pq.read_table(merged).num_rows == len(ids)
+    (merged,) = _files(store)
+    assert _read(store, merged).num_rows == len(ids)
 
 
-def test_replaced_files_still_there_are_never_read_and_are_cleaned_up(tmp_path):
+def test_replaced_files_still_there_are_never_read_and_are_cleaned_up(store):
     # The moment between the merged file landing and the batch files' delete (or a crash there).
-    store = open_location(str(tmp_path))
     ids = _write_batches(store, 8)
-    folder = tmp_path / "features" / "backbone=vgg16"
-    kept = tmp_path / "kept"
-    shutil.copytree(folder, kept)
+    folder = _folder(store)
+    kept = {name: folder.fs.cat_file(folder.child(name).path) for name in _files(store)}
     compact_features(store, "vgg16")
-    for part in kept.iterdir():
-        shutil.copy(part, folder / part.name)
-    assert len(_files(tmp_path)) == 9
+    for name, data in kept.items():
+        folder.fs.pipe_file(folder.child(name).path, data)
+    assert len(_files(store)) == 9
 
     table_ids = read_features(store, "vgg16", "w", 32, ids)
     assert sorted(table_ids) == sorted(ids)
     assert featurised_ids(store, "vgg16", "w", 32) == set(ids)
     assert store_status(store)["features"] == {"vgg16": {"w@32px": len(ids)}}
     compact_features(store, "vgg16")  # the next compaction deletes the leftovers
-    assert len(_files(tmp_path)) == 1
+    assert len(_files(store)) == 1
 
 
-def test_files_of_other_recipes_keep_their_keys(tmp_path):
-    store = open_location(str(tmp_path))
+def test_files_of_other_recipes_keep_their_keys(store):
     ids = _write_batches(store, 8)
     write_features(store, "vgg16", "other", 64, ["x"], np.ones((1, 4), np.float32))
     compact_features(store, "vgg16")
@@ -94,7 +111,8 @@ def _live_key_counts(store) -> Counter:
     for backbone in ("vgg16",):
         root = tables.features_root(store, backbone)
         for entry in tables._feature_files(root).live:
-            table = pq.read_table(entry["name"], columns=["image_id", "weights_id", "image_size"])
+            with root.fs.open(entry["name"], "rb") as handle:
+                table = pq.read_table(handle, columns=["image_id", "weights_id", "image_size"])
             for row in table.to_pylist():
                 counts[(row["image_id"], backbone, row["weights_id"], row["image_size"])] += 1
     return counts
@@ -118,10 +136,7 @@ def _in_thread(name: str, work) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def test_a_file_merged_away_mid_merge_sends_the_compaction_back_to_its_listing(
-    tmp_path, monkeypatch
-):
-    store = open_location(str(tmp_path))
+def test_a_file_merged_away_mid_merge_sends_the_compaction_back_to_its_listing(store, monkeypatch):
     ids = _write_batches(store, 10)
     first_read, other_done = threading.Event(), threading.Event()
     read = tables._read_parquet
@@ -140,11 +155,10 @@ def test_a_file_merged_away_mid_merge_sends_the_compaction_back_to_its_listing(
     thread.join(timeout=60)
     assert slow == {"result": 0}  # its files were gone: it looked again and found work done
     assert _live_key_counts(store) == _expected_keys(ids)
-    assert len(_files(tmp_path)) == 1
+    assert len(_files(store)) == 1
 
 
-def test_two_compactions_of_overlapping_groups_leave_each_key_in_one_file(tmp_path, monkeypatch):
-    store = open_location(str(tmp_path))
+def test_two_compactions_of_overlapping_groups_leave_each_key_in_one_file(store, monkeypatch):
     ids = _write_batches(store, 10)
     about_to_write, other_done = threading.Event(), threading.Event()
     write = tables.write_parquet_atomic
@@ -166,27 +180,26 @@ def test_two_compactions_of_overlapping_groups_leave_each_key_in_one_file(tmp_pa
     # Its merged file replaces 10 of the other's 11: it merged the two once more.
     assert slow == {"result": 10 + 2}
     assert _live_key_counts(store) == _expected_keys([*ids, "late"])
-    assert len(_files(tmp_path)) == 1
+    assert len(_files(store)) == 1
     assert featurised_ids(store, "vgg16", "w", 32) == {*ids, "late"}
 
 
-def _compact_in_process(path: str, start, results) -> None:
+def _compact_in_process(uri: str, start, results) -> None:
     start.wait(timeout=120)
     try:
-        merged = compact_features(open_location(path), "vgg16", min_files=2, target_bytes=12_000)
+        merged = compact_features(open_location(uri), "vgg16", min_files=2, target_bytes=12_000)
         results.put(("ok", merged))
     except BaseException as error:
         results.put(("error", repr(error)))
 
 
-def test_two_compactions_at_once_in_two_processes_keep_every_key_exactly_once(tmp_path):
-    store = open_location(str(tmp_path))
+def test_two_compactions_at_once_in_two_processes_keep_every_key_exactly_once(store):
     ids = _write_batches(store, 48)
     before = read_features(store, "vgg16", "w", 32, ids)
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(2), context.Queue()
     workers = [
-        context.Process(target=_compact_in_process, args=(str(tmp_path), start, results))
+        context.Process(target=_compact_in_process, args=(store.uri, start, results))
         for _ in range(2)
     ]
     for worker in workers:
@@ -201,4 +214,4 @@ def test_two_compactions_at_once_in_two_processes_keep_every_key_exactly_once(tm
     assert after.keys() == before.keys()
     for image_id in ids:
         np.testing.assert_array_equal(after[image_id], before[image_id])
-    assert all(name.startswith("compact-") for name in _files(tmp_path))
+    assert all(name.startswith("compact-") for name in _files(store))

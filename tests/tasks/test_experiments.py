@@ -158,12 +158,24 @@ def test_tables_mark_one_best_cell_and_round_trip_as_csv():
 def test_the_report_puts_both_splits_side_by_side_and_explains_the_gap():
     summary = grid_results()
     gap = ex.comparison(summary["cells"])
-    assert len(gap) == 2
-    for row in gap:
-        assert row["accuracy_gap"] == pytest.approx(
-            row["accuracy_random"] - row["accuracy_subject"]
-        )
+    # One row per classifier, its numbers taken from the matching cells of the grid.
+    assert [(r["feature_set"], r["classifier"]) for r in gap] == [
+        ("a", "linear-svm"),
+        ("a", "tree"),
+    ]
+    cell = {(c["classifier"], c["evaluation"]): c["metrics"] for c in summary["cells"]}
     markdown = ex.experiments_markdown(summary)
+    for row in gap:
+        for key in ("accuracy", "f1"):
+            random_mean = cell[row["classifier"], "random"][key]["mean"]
+            subject = cell[row["classifier"], "subject"][key]
+            assert row[f"{key}_random"] == random_mean
+            assert (row[f"{key}_subject"], row[f"{key}_subject_std"]) == (
+                subject["mean"],
+                subject["std"],
+            )
+            assert row[f"{key}_gap"] == pytest.approx(random_mean - subject["mean"])
+            assert f"{random_mean - subject['mean']:+.4f}" in markdown  # shown signed
     assert "## Random split vs. subject split" in markdown and ex.SPLIT_GAP_EXPLANATION in markdown
     assert markdown.count("| ★ ") == 2  # one best cell per table
     html_text = render_experiments_html(summary)

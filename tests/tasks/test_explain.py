@@ -82,11 +82,21 @@ def test_the_run_report_shows_the_saved_models_test_errors(real_cells_store):
     x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in test_ids])
     scores, _ = train.decision_scores(model, x)
     y = np.array([int(catalog[i]["label"] == "all") for i in test_ids])
-    cases = pick_examples(test_ids, y, (scores >= record["threshold"]).astype(int), scores)
+    flagged = (scores >= record["threshold"]).astype(int)
+    # The held-out side holds ALL cells, so each is a TP or an FN: the gallery cannot be empty.
+    assert y.sum() >= 1, "the test split of real_cells_store has no ALL cell"
+    cases = pick_examples(test_ids, y, flagged, scores)
+    assert cases
+    truth = dict(zip(test_ids, zip(y.tolist(), flagged.tolist(), strict=True), strict=True))
+    kind_of = {(1, 1): "TP", (0, 1): "FP", (1, 0): "FN"}
+    for kind, image_id in cases:
+        assert kind_of[truth[image_id]] == kind, (kind, image_id)  # never a true negative
     html = open(summary["paths"]["report_html"]).read()
-    shown = re.findall(r'<figure><img src="data:image/png;base64,[^"]+" alt="(TP|FP|FN) ', html)
-    assert shown == [kind for kind, _ in cases]
-    assert ("Examples with their activation maps" in html) == bool(cases)
+    assert "Examples with their activation maps" in html
+    shown = re.findall(
+        r'<figure><img src="data:image/png;base64,[^"]+" alt="(TP|FP|FN) ([0-9a-f]{16})', html
+    )
+    assert shown == [(kind, image_id[:16]) for kind, image_id in cases]
 
 
 def test_unknown_image_ids_are_a_user_error(real_cells_store, tmp_path):

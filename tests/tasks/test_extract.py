@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from datapaths import CNMC
 
 from leukoflow.tasks import augment
 from leukoflow.tasks.extract import decode_workers, load_pixels
-
-CNMC = Path("/work/shared/data/cnmc")
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,15 @@ def test_every_image_is_accounted_for_with_its_reason(cells, tmp_path):
 
 def test_the_decode_pool_has_one_thread_per_core_unless_configured(monkeypatch):
     monkeypatch.delenv("LEUKOFLOW_DECODE_THREADS", raising=False)
-    assert decode_workers() >= 1
+    assert decode_workers() == os.cpu_count()
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert decode_workers() == 7
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undetermined": one thread
+    assert decode_workers() == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
     monkeypatch.setenv("LEUKOFLOW_DECODE_THREADS", "5")
     assert decode_workers() == 5
-    monkeypatch.setenv("LEUKOFLOW_DECODE_THREADS", "zero")
-    assert decode_workers() >= 1
+    # Anything but a positive whole number is ignored: one thread per core again.
+    for ignored in ("zero", "0", "-3", "2.5", ""):
+        monkeypatch.setenv("LEUKOFLOW_DECODE_THREADS", ignored)
+        assert decode_workers() == 7, ignored

@@ -10,16 +10,14 @@ fall below it, so the check can fail.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from datapaths import CNMC
 
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.extract import Featurizer, make_featurizer
 from leukoflow.tasks.images import decode_image, resize_pixels
 
-CNMC = Path("/work/shared/data/cnmc")
 SIZE = 64
 MIN_COSINE = 0.999
 MAX_GAP_SHARE = 0.2

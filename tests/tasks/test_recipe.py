@@ -4,6 +4,7 @@ keys stored vectors carry, and rebuilt from a model's record only where it can b
 import dataclasses
 
 import pytest
+from native_bf16 import native_precision
 from pydantic import TypeAdapter
 
 from leukoflow.errors import LeukoflowError
@@ -51,13 +52,20 @@ def test_bad_recipes_are_refused_when_built(kwargs, words):
         FeatureRecipe(**kwargs)
 
 
-def test_precision_keys_bf16_vectors_apart_and_auto_resolves_to_a_concrete_precision():
+def test_precision_keys_bf16_vectors_apart():
     fp32 = FeatureRecipe(("vgg16", "color_morphology"), weights="none")
     bf16 = dataclasses.replace(fp32, precision="bf16")
     assert fp32.weights_ids["vgg16"] == "random-seed0"  # every vector stored before bf16
     assert bf16.weights_ids["vgg16"] == "random-seed0+bf16"
     assert bf16.weights_ids["color_morphology"] == fp32.weights_ids["color_morphology"]
-    assert FeatureRecipe(("vgg16",), weights="none", precision="auto").precision in ("fp32", "bf16")
+
+
+def test_auto_precision_is_what_this_machine_runs_natively():
+    expected = native_precision()  # read from /proc/cpuinfo (and nvidia-smi) by the test
+    recipe = FeatureRecipe(("vgg16",), weights="none", precision="auto")
+    assert recipe.precision == expected
+    suffix = "+bf16" if expected == "bf16" else ""
+    assert recipe.weights_ids["vgg16"] == f"random-seed0{suffix}"
 
 
 def test_recipes_and_compute_settings_are_prefect_parameters():
