@@ -16,31 +16,11 @@ import pytest
 from reliability.harness import Background, last_json
 
 from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
-from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local, prefect_harness) -> dict:
-    """A store with a model trained on 24 synthetic cells (vgg16 at 32 px, random weights)."""
-    from leukoflow.flows.run import run_pipeline
-
-    work = tmp_path_factory.mktemp("limits-cli")
-    train = make_synthetic_dataset(
-        work / "train", n_subjects=6, cells_per_subject=4, image_side=64, seed=0
-    )
-    store = work / "store"
-    run_pipeline(
-        images=str(train),
-        store=str(store),
-        recipe=FeatureRecipe(("vgg16",), weights="none", image_size=32),
-        examples_per_kind=0,
-    )
-    return {"store": store, "train": train}
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest
 from reliability.harness import Background, last_json
 
 from leukoflow.tasks.lease import SWEEP_LEASE, lease_location, read_lease
-from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import read_predictions, read_runs
@@ -24,25 +23,6 @@ from leukoflow.tasks.tables import read_predictions, read_runs
 pytestmark = pytest.mark.integration
 
 DATE = "2026-03-03"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local, prefect_harness) -> Path:
-    """A store with a model trained on 24 synthetic cells (vgg16 at 32 px, random weights)."""
-    from leukoflow.flows.run import run_pipeline
-
-    work = tmp_path_factory.mktemp("nightly-cli")
-    train = make_synthetic_dataset(
-        work / "train", n_subjects=6, cells_per_subject=4, image_side=64, seed=0
-    )
-    store = work / "store"
-    run_pipeline(
-        images=str(train),
-        store=str(store),
-        recipe=FeatureRecipe(("vgg16",), weights="none", image_size=32),
-        examples_per_kind=0,
-    )
-    return store
 
 
 def cli_env() -> dict[str, str]:
@@ -78,7 +58,7 @@ def test_a_killed_sweep_is_finished_by_the_next_while_a_third_finds_the_store_bu
     from leukoflow.tasks.dashboard import write_dashboard
 
     store = tmp_path / "store"
-    shutil.copytree(trained, store)
+    shutil.copytree(trained["store"], store)
     inbox = tmp_path / "inbox"
     for name, seed in (("night-3", 3), ("night-3b", 33)):  # 24 new cells: 4 subjects x 6
         cells = make_synthetic_dataset(

@@ -265,3 +265,19 @@ def thaw(*pids: int) -> None:
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     return _alive(pid)
+
+
+# -- what a run left in a features folder ----------------------------------------------------
+def parts(folder: Path) -> list[Path]:
+    """The feature files a reader sees (hidden temporary files excluded)."""
+    return sorted(folder.glob("part-*.parquet")) if folder.exists() else []
+
+
+def feature_ids(folder: Path) -> list[str]:
+    """Image ids of every visible feature row; reading them proves every file is whole."""
+    import pyarrow.dataset as ds
+
+    if not folder.exists():
+        return []
+    table = ds.dataset(str(folder), format="parquet").to_table(columns=["image_id"])
+    return table.column("image_id").to_pylist()

@@ -11,12 +11,11 @@ import os
 import signal
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 
-from .harness import SMALL_RUN, Background, command_line, freeze, last_json
+from .harness import SMALL_RUN, Background, command_line, feature_ids, freeze, last_json, parts
 
 pytestmark = pytest.mark.integration
 
@@ -27,19 +26,6 @@ N_CELLS = 64  # 32 batches of 2: the strikes land after a few and long before th
 def cells(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cells")
     return make_synthetic_dataset(root, n_subjects=8, cells_per_subject=8, image_side=32)
-
-
-def parts(folder: Path) -> list[Path]:
-    """The feature files a reader sees (hidden temporary files excluded)."""
-    return sorted(folder.glob("part-*.parquet")) if folder.exists() else []
-
-
-def feature_ids(folder: Path) -> list[str]:
-    """Image ids of every visible feature row; reading them proves every file is whole."""
-    if not folder.exists():
-        return []
-    table = ds.dataset(str(folder), format="parquet").to_table(columns=["image_id"])
-    return table.column("image_id").to_pylist()
 
 
 def run_args(images: Path, store: Path) -> tuple:

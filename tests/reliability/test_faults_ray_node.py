@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
+from servers import SHARED_PREFECT_SETTINGS
 
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 
-from .harness import Background, children_of, command_line, freeze, last_json
+from .harness import Background, children_of, command_line, feature_ids, freeze, last_json, parts
 
 pytestmark = pytest.mark.integration
 
 N_CELLS = 48  # 24 batches of 2
 BOTH = ("vgg16", "vgg19")  # two actors: SPREAD puts one on each node
-# The run's Prefect settings: the run's one server (ray_cluster.env is built without them).
-PREFECT_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_HOME")
-
-
-def parts(folder: Path) -> list[Path]:
-    return sorted(folder.glob("part-*.parquet")) if folder.exists() else []
-
-
-def feature_ids(folder: Path) -> list[str]:
-    """Image ids of every visible feature row; reading them proves every file is whole."""
-    if not folder.exists():
-        return []
-    table = ds.dataset(str(folder), format="parquet").to_table(columns=["image_id"])
-    return table.column("image_id").to_pylist()
 
 
 def backbone_actors(node) -> list[int]:
@@ -51,7 +36,10 @@ def test_a_lost_ray_node_moves_its_work_to_the_surviving_node(ray_cluster, tmp_p
     (head_id,) = [n for n, row in nodes.items() if "leukoflow_head" in row["resources_total"]]
     (lost_id,) = [n for n, row in nodes.items() if "leukoflow_worker" in row["resources_total"]]
     head, worker = ray_cluster.head, ray_cluster.worker
-    env = {**ray_cluster.env, **{k: os.environ[k] for k in PREFECT_SETTINGS if k in os.environ}}
+    env = {
+        **ray_cluster.env,
+        **{k: os.environ[k] for k in SHARED_PREFECT_SETTINGS if k in os.environ},
+    }
     store = tmp_path / "store"
     folders = {name: store / "features" / f"backbone={name}" for name in BOTH}
     run = Background(
