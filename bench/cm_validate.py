@@ -2,8 +2,9 @@
 
 The protocol of docs/color_morphology.md ("Developing cm-2", rounds 1-4): the pool's cells (one
 or more manifests with path, label, subject_id), the product's subject-grouped folds and
-classifiers (`tasks.validate.cross_validate`) at cell level, and a patient-level decision whose
-threshold is chosen on the training folds only (inner subject-grouped folds). A development
+classifiers through the product's one fold runner (`tasks.validate.cross_validate` over
+`tasks.folds`), at cell level and at patient level (tasks/patient.py's rule, the threshold chosen
+on the training folds only, from inner subject-grouped folds). A development
 tool, not part of the wheel. Features are cached under --cache (never in the repository): re-runs
 only refit.
 
@@ -30,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from leukoflow.tasks import color_morphology as cm
-from leukoflow.tasks import evaluate, train, validate
+from leukoflow.tasks import evaluate, folds, patient, train, validate
 
 SHARED_DATA = Path(
     os.environ.get("LEUKOFLOW_SHARED_DATA")
@@ -55,7 +56,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Cache file suffix of each colour mode (rounds 1-3 wrote "raw" and "norm").
 _MODE_FILES = {"raw": "raw", "cell": "norm", "subject": "subject"}
-FOLDS, SEED, N_BOOT = 5, 0, 1000
+FOLDS, SEED, N_BOOT = folds.DEFAULT_FOLDS, folds.DEFAULT_SEED, folds.DEFAULT_BOOTSTRAP
 
 
 def read_manifests(paths: list[Path]) -> list[dict[str, str]]:
@@ -137,94 +138,33 @@ def extract_all(
     return out
 
 
-def _best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The protocol's rule: midpoints of consecutive distinct scores plus 0.5; highest patient
-    balanced accuracy wins, ties go to the candidate closest to 0.5."""
-    distinct = np.unique(scores)
-    candidates = np.concatenate([(distinct[:-1] + distinct[1:]) / 2, [0.5]])
-    best, best_key = 0.5, None
-    for t in candidates:
-        bacc = evaluate.compute_metrics(labels, (scores > t).astype(int))["balanced_accuracy"]
-        key = (bacc, -abs(t - 0.5))
-        if best_key is None or key > best_key:
-            best, best_key = float(t), key
-    return best
-
-
-def _patient_scores(
-    predicted: np.ndarray, y: np.ndarray, subjects: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per patient (sorted ids): id, fraction of cells predicted ALL, label, number of cells."""
-    ids = np.unique(subjects)
-    frac = np.array([predicted[subjects == s].mean() for s in ids])
-    label = np.array([int(y[subjects == s][0]) for s in ids])
-    count = np.array([int((subjects == s).sum()) for s in ids])
-    return ids, frac, label, count
-
-
-def _fit_with_threshold(
-    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str
-) -> tuple[object, float]:
-    """A model fitted on one training side, and its patient threshold chosen on that side's own
-    inner subject-grouped folds (out-of-fold predictions, never in-sample ones)."""
-    inner = train.kfold(y, list(subjects), FOLDS, SEED)
-    inner_pred = np.zeros(len(y), np.int64)
-    for fit_rows, held_rows in inner.indices:
-        model = train.fit(classifier, x[fit_rows], y[fit_rows], SEED, subjects[fit_rows])
-        inner_pred[held_rows] = model.predict(x[held_rows])
-    _, frac, label, _ = _patient_scores(inner_pred, y, subjects)
-    threshold = _best_threshold(frac, label)
-    return train.fit(classifier, x, y, SEED, subjects), threshold
-
-
-def _decide(predicted: np.ndarray, y: np.ndarray, subjects: np.ndarray, threshold: float):
-    ids, frac, label, count = _patient_scores(predicted, y, subjects)
-    return [
+def _patient_summary(level: dict) -> dict:
+    """The bench's patient figures from tasks/patient.patient_metrics (or the `patient_level`
+    of tasks/validate.cross_validate): the one patient rule of the product."""
+    decisions = [
         {
-            "subject": str(s),
-            "label": int(lab),
-            "score": float(f),
-            "threshold": threshold,
-            "call": int(f > threshold),
-            "cells": int(n),
+            "subject": p["subject_id"],
+            "label": int(p["label"] == evaluate.POSITIVE_LABEL),
+            "score": p["score"],
+            "threshold": p["threshold"],
+            "call": int(p["flagged"]),
+            "cells": p["n_cells"],
         }
-        for s, f, lab, n in zip(ids, frac, label, count, strict=True)
+        for p in level["patients"]
     ]
-
-
-def _patient_summary(decisions: list[dict]) -> dict:
-    truth = np.array([d["label"] for d in decisions])
-    calls = np.array([d["call"] for d in decisions])
-    metrics = evaluate.compute_metrics(truth, calls)
-    low, high = evaluate.bootstrap_interval(
-        truth, calls, None, "balanced_accuracy", n_boot=N_BOOT, seed=SEED
-    )
-    tn, fp = metrics["confusion_matrix"]["matrix"][0]
+    metrics = level["metrics"]
+    ba = metrics["balanced_accuracy"]
     return {
-        "correct": int((truth == calls).sum()),
-        "patients": len(decisions),
-        "sensitivity": metrics["recall"],
-        "specificity": tn / (tn + fp) if tn + fp else 0.0,
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "balanced_accuracy_interval": [low, high],
+        "correct": sum(p["correct"] for p in level["patients"]),
+        "patients": level["n_patients"],
+        # cross_validate reports pooled values beside the fold means; patient_metrics a value
+        "sensitivity": metrics["sensitivity"].get("pooled", metrics["sensitivity"].get("value")),
+        "specificity": metrics["specificity"].get("pooled", metrics["specificity"].get("value")),
+        "balanced_accuracy": ba.get("pooled", ba.get("value")),
+        "balanced_accuracy_interval": [ba["low"], ba["high"]],
         "wrong": [d for d in decisions if d["call"] != d["label"]],
         "decisions": decisions,
     }
-
-
-def patient_level(
-    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str = "linear-svm"
-) -> dict:
-    """Outer subject-grouped folds; each fold's threshold from inner folds of its training side."""
-    folds = train.kfold(y, list(subjects), FOLDS, SEED)
-    decisions = []
-    for train_rows, test_rows in folds.indices:
-        model, threshold = _fit_with_threshold(
-            x[train_rows], y[train_rows], subjects[train_rows], classifier
-        )
-        predicted = model.predict(x[test_rows])
-        decisions += _decide(predicted, y[test_rows], subjects[test_rows], threshold)
-    return _patient_summary(decisions)
 
 
 def held_out_check(dev: tuple, test: tuple, classifier: str) -> dict:
@@ -235,20 +175,24 @@ def held_out_check(dev: tuple, test: tuple, classifier: str) -> dict:
     shared = set(subjects) & set(s_test)
     if shared:
         raise ValueError(f"the held-out cells share {len(shared)} subject(s) with the pool")
-    model, threshold = _fit_with_threshold(x, y, subjects, classifier)
-    predicted = model.predict(x_test)
-    scores, _ = train.decision_scores(model, x_test)
-    metrics = evaluate.compute_metrics(y_test, predicted, scores)
+    threshold = folds.patient_threshold(x, y, list(subjects), classifier, FOLDS, SEED)
+    model = train.fit(classifier, x, y, SEED, subjects)
+    scores, kind = train.decision_scores(model, x_test)
+    cell_threshold = folds.CELL_THRESHOLDS[kind]
+    flagged = (scores >= cell_threshold).astype(np.int64)
+    metrics = evaluate.compute_metrics(y_test, flagged, scores)
     cell = {"n": int(len(y_test)), "subjects": len(set(s_test))}
     for key in ("balanced_accuracy", "roc_auc"):
         low, high = evaluate.bootstrap_interval(
-            y_test, predicted, scores, key, n_boot=N_BOOT, seed=SEED, groups=list(s_test)
+            y_test, flagged, scores, key, n_boot=N_BOOT, seed=SEED, groups=list(s_test)
         )
         cell[key] = {"value": metrics[key], "low": low, "high": high}
-    return {
-        "cell": cell,
-        "patient": _patient_summary(_decide(predicted, y_test, s_test, threshold)),
-    }
+    decisions = patient.decide(
+        patient.patient_scores(list(s_test), scores, cell_threshold), threshold
+    )
+    labels, _ = patient.patient_labels(list(s_test), y_test)
+    level = patient.patient_metrics(decisions, labels, n_boot=N_BOOT, seed=SEED)
+    return {"cell": cell, "patient": _patient_summary(level)}
 
 
 def _matrix(blocks: dict[str, dict[str, np.ndarray]], variant: str) -> np.ndarray:
@@ -266,7 +210,7 @@ def run_variant(
         "classifier": classifier,
         "dim": int(x.shape[1]),
         "cell": cell,
-        "patient": patient_level(x, y, subjects, classifier),
+        "patient": _patient_summary(cell["patient_level"]),
     }
 
 

@@ -23,7 +23,8 @@ from leukoflow.tasks.stage_tasks import (
     quarantine_rejects,
 )
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import STATUS_OK, write_run
+from leukoflow.tasks.tables import write_run
+from leukoflow.vocabulary import ImageStatus
 
 
 @flow(name="leukoflow-backfill", log_prints=False)
@@ -44,7 +45,7 @@ def backfill(
     root = open_location(store)
 
     catalog = catalog_images(images, root, dataset, labels)
-    ok = [row for row in catalog.rows if row["status"] == STATUS_OK]
+    ok = [row for row in catalog.rows if row["status"] == ImageStatus.OK]
     ids = [row["image_id"] for row in ok]
     todo = missing_vectors(root, ids, recipe)
     extraction = featurise(

@@ -15,7 +15,7 @@ from prefect import flow
 
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import augment as aug
-from leukoflow.tasks import choices, evaluate, records, registry
+from leukoflow.tasks import choices, evaluate, folds, records, registry
 from leukoflow.tasks import experiments as ex
 from leukoflow.tasks.actors import ray_session
 from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
@@ -29,7 +29,8 @@ from leukoflow.tasks.stage_tasks import (
     quarantine_rejects,
 )
 from leukoflow.tasks.storage import Location, open_location
-from leukoflow.tasks.tables import STATUS_OK, write_run
+from leukoflow.tasks.tables import write_run
+from leukoflow.vocabulary import ImageStatus
 
 
 @flow(name="leukoflow-experiments", log_prints=False)
@@ -41,10 +42,10 @@ def run_experiments(
     classifiers: list[str] | None = None,
     split: str = "both",
     trio: list[str] | None = None,
-    folds: int = ex.DEFAULT_FOLDS,
+    folds: int = choices.DEFAULT_FOLDS,
     augment: bool = False,
     seed: int = 0,
-    n_boot: int = ex.DEFAULT_BOOTSTRAP,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
     images: str | list[str] | None = None,
 ) -> dict:
     """Every backbone of `recipe`, the pairs and the trio x every classifier, per evaluation.
@@ -151,7 +152,7 @@ def _targets(rows: list[dict]) -> tuple[np.ndarray, list[str | None]]:
 def _augmented_rows(labelled: list[dict], seed: int) -> list[dict]:
     """Catalog-like rows for the augmented copies: same file, id "<sha256>#<transform>"."""
     return [
-        {"image_id": image_id, "uri": row["uri"], "status": STATUS_OK}
+        {"image_id": image_id, "uri": row["uri"], "status": ImageStatus.OK}
         for row in labelled
         for image_id in aug.augmented_ids([row["image_id"]], seed)
     ]
@@ -163,13 +164,13 @@ def _join_augmented(
     rejected: dict[str, str],
     recipe: FeatureRecipe,
     seed: int,
-) -> ex.Augmented:
+) -> folds.Augmented:
     """The augmented copies' vectors and, for each, the matrix row of its source image."""
     wanted = [i for i in aug.augmented_ids(image_ids, seed) if i not in rejected]
     joined = join(root, wanted, recipe)
     row_of = {image_id: row for row, image_id in enumerate(image_ids)}
     sources = [row_of[aug.parse_image_id(i)[0]] for i in joined.image_ids]
-    return ex.Augmented(joined.matrix, np.asarray(sources, dtype=np.int64))
+    return folds.Augmented(joined.matrix, np.asarray(sources, dtype=np.int64))
 
 
 def _best(results: list[dict], evaluation_names: list[str]) -> dict:

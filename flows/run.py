@@ -26,8 +26,9 @@ from leukoflow.tasks.stage_tasks import (
     quarantine_rejects,
 )
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import STATUS_OK, STATUS_QUARANTINED, write_run
+from leukoflow.tasks.tables import write_run
 from leukoflow.tasks.train_tasks import fit_model, promote_model, save_model
+from leukoflow.vocabulary import ImageStatus
 
 
 @flow(name="leukoflow-run", log_prints=False)
@@ -85,7 +86,7 @@ def run_pipeline(
     # One set of backbone actors for extraction and the report's explanations: each network is
     # built once, in its actor, never in the driver.
     with backbone_pool(recipe, compute) as pool:
-        ok = [r for r in catalog.rows if r["status"] == STATUS_OK]
+        ok = [r for r in catalog.rows if r["status"] == ImageStatus.OK]
         uris = {r["image_id"]: r["uri"] for r in ok}
         todo = missing_vectors(root, list(uris), recipe)
         extraction = featurise(root, uris, todo, recipe, compute, pool=pool)
@@ -132,7 +133,7 @@ def run_pipeline(
     quarantined = [
         {"image_id": r["image_id"], "reason": r["reason"]}
         for r in rows
-        if r["status"] == STATUS_QUARANTINED
+        if r["status"] == ImageStatus.QUARANTINED
     ]
     report_summary = {**summary, "quarantined": quarantined}
     summary["paths"] = save_model(root, model_id, fitted, record, report_summary, examples)

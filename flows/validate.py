@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from prefect import flow
 
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import evaluate, train, validate
+from leukoflow.tasks import choices, evaluate, train
 from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.records import non_clinical_note, package_versions
@@ -31,9 +31,9 @@ def run_validation(
     compute: Compute = Compute(),  # noqa: B008
     dataset: str = "default",
     classifier: str = train.DEFAULT_CLASSIFIER,
-    folds: int = validate.DEFAULT_FOLDS,
+    folds: int = choices.DEFAULT_FOLDS,
     seed: int = 0,
-    n_boot: int = validate.DEFAULT_BOOTSTRAP,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
     labels: dict[str, str] | None = None,
 ) -> dict:
     """Cross-validated cell- and patient-level metrics of one feature recipe, subject-grouped.

@@ -23,13 +23,14 @@ from sklearn.preprocessing import StandardScaler
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import evaluate, train
+from leukoflow.vocabulary import THRESHOLD_RULE
+from leukoflow.vocabulary import flagged as flag_rule
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
 DEFAULT_CALIBRATION_FOLDS = 5
 METHOD = "sigmoid"  # Platt scaling: two parameters, stable on the few hundred cells of a fold
 RELIABILITY_BINS = 10
 # How a score is read against the threshold; recorded with the model so scoring applies the same.
-THRESHOLD_RULE = "score >= threshold means all"
 
 
 def check_target_sensitivity(value: float) -> float:
@@ -84,7 +85,7 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, target_sensitivity: floa
 def operating_point(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     """Sensitivity and specificity for ALL when `score >= threshold` flags a cell."""
     y = np.asarray(y)
-    flagged = np.asarray(scores) >= threshold
+    flagged = flag_rule(np.asarray(scores), threshold)
     positives, negatives = y == 1, y == 0
     return {
         "sensitivity": _rate(flagged[positives]),
@@ -151,7 +152,7 @@ def calibrate_and_choose_threshold(
     chosen = choose_threshold(y_train, validation_probabilities, target_sensitivity)
     threshold = chosen.pop("threshold")
     test_probabilities = model.predict_proba(x_test)[:, 1]
-    flagged = (test_probabilities >= threshold).astype(np.int64)
+    flagged = flag_rule(test_probabilities, threshold).astype(np.int64)
     summary = {
         "method": METHOD,
         "folds": folds.k,

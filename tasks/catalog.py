@@ -49,15 +49,15 @@ from leukoflow.tasks.images import (
     sniff_format,
 )
 from leukoflow.tasks.storage import Location, open_location
-from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
+from leukoflow.vocabulary import ImageStatus, Label
 
 # Suffixes catalogued without a look at the content; other files are probed (sniff_format).
 IMAGE_SUFFIXES = (
     ".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".jpx",
 )  # fmt: skip
-LABELS = ("all", "hem")  # "all": leukemic blast (the positive class); "hem": normal
-DEFAULT_LABELS = {"all": "all", "hem": "hem"}
+LABELS = tuple(label.value for label in Label)  # leukemic blast (positive), normal
+DEFAULT_LABELS = {label: label for label in LABELS}  # class folders named after the labels
 
 # Catalog reason codes (the image reason codes live in tasks.images).
 OUTSIDE_ROOT = "outside_root"
@@ -82,7 +82,7 @@ def parse_subject_id(filename: str) -> str | None:
         return None
     subject, kind = match.groups()
     # Normal donors are numbered separately with an "H"; a name mixing the two is not C-NMC.
-    if subject.startswith("H") != (kind == "hem"):
+    if subject.startswith("H") != (kind == Label.HEM):
         return None
     return subject
 
@@ -134,15 +134,17 @@ def catalog_counts(rows: list[dict]) -> dict:
     ignored as not images (known only for build_catalog's own result)."""
     statuses = Counter(row["status"] for row in rows)
     reasons = Counter(
-        reason_code(row["reason"]) for row in rows if row["status"] != STATUS_OK and row["reason"]
+        reason_code(row["reason"])
+        for row in rows
+        if row["status"] != ImageStatus.OK and row["reason"]
     )
     ignored = list(getattr(rows, "ignored_files", []))
     return {
         "found": len(rows),
-        "ok": statuses[STATUS_OK],
-        "quarantined": statuses[STATUS_QUARANTINED],
-        "duplicate": statuses[STATUS_DUPLICATE],
-        "converted": sum(1 for row in rows if row["status"] == STATUS_OK and row["reason"]),
+        "ok": statuses[ImageStatus.OK],
+        "quarantined": statuses[ImageStatus.QUARANTINED],
+        "duplicate": statuses[ImageStatus.DUPLICATE],
+        "converted": sum(1 for row in rows if row["status"] == ImageStatus.OK and row["reason"]),
         "reasons": dict(sorted(reasons.items())),
         "ignored": len(ignored),
         "ignored_files": ignored,
@@ -463,7 +465,7 @@ def _rows(
             "width": None,
             "height": None,
             "size_bytes": None,
-            "status": STATUS_QUARANTINED,
+            "status": ImageStatus.QUARANTINED,
             "reason": entry.refused,
             "discovered_at": discovered_at,
             "modified_at": None,
@@ -510,7 +512,10 @@ def _rows(
             row["reason"] = str(rejected)
             continue
         row.update(
-            width=decoded.width, height=decoded.height, status=STATUS_OK, reason=decoded.conversion
+            width=decoded.width,
+            height=decoded.height,
+            status=ImageStatus.OK,
+            reason=decoded.conversion,
         )
     return rows
 
@@ -560,24 +565,28 @@ def _reuse(row: dict, known: dict, first_by_hash: dict[str, dict]) -> None:
         _mark_copy(row, first)
         return
     first_by_hash[image_id] = row
-    if known["status"] == STATUS_QUARANTINED:
+    if known["status"] == ImageStatus.QUARANTINED:
         row["reason"] = known["reason"]  # the same bytes fail to decode the same way
         return
     # A row that was a duplicate decoded fine too; its conversion note went with the first copy.
-    conversion = known["reason"] if known["status"] == STATUS_OK else None
-    row.update(width=known["width"], height=known["height"], status=STATUS_OK, reason=conversion)
+    conversion = known["reason"] if known["status"] == ImageStatus.OK else None
+    row.update(
+        width=known["width"], height=known["height"], status=ImageStatus.OK, reason=conversion
+    )
 
 
 def _mark_copy(row: dict, first: dict) -> None:
     """Second sighting of the same bytes: a duplicate if the first was good, else the same fault."""
-    if first["status"] != STATUS_OK:
+    if first["status"] != ImageStatus.OK:
         # Same bytes fail the same way; five empty uploads read better as five empty files.
         row["reason"] = first["reason"]
         return
     reason = f"{DUPLICATE_OF}:{first['image_id']}"
     if row["label"] and first["label"] and row["label"] != first["label"]:
         reason = f"{LABEL_CONFLICT}:{reason} ({first['label']} vs {row['label']})"
-    row.update(status=STATUS_DUPLICATE, reason=reason, width=first["width"], height=first["height"])
+    row.update(
+        status=ImageStatus.DUPLICATE, reason=reason, width=first["width"], height=first["height"]
+    )
 
 
 def _read(loc: Location, size: int | None) -> bytes:

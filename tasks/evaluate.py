@@ -14,9 +14,10 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.vocabulary import Label
 
-POSITIVE_LABEL = "all"
-NEGATIVE_LABEL = "hem"
+POSITIVE_LABEL = Label.ALL.value
+NEGATIVE_LABEL = Label.HEM.value
 _LABEL_TO_INT = {NEGATIVE_LABEL: 0, POSITIVE_LABEL: 1}
 
 

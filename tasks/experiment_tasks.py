@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import experiments as ex
+from leukoflow.tasks import folds
 from leukoflow.tasks.actors import ray_session
 from leukoflow.tasks.report import render_experiments_html
 from leukoflow.tasks.storage import Location, write_json_atomic, write_text_atomic
@@ -42,7 +43,7 @@ def _evaluate_cell(
     x: np.ndarray,
     y: np.ndarray,
     subjects: list,
-    augmented: ex.Augmented | None,
+    augmented: folds.Augmented | None,
     columns: np.ndarray,
     cell: ex.Cell,
     evaluation: ex.Evaluation,
@@ -56,7 +57,7 @@ def run_cells(
     x: np.ndarray,
     y: np.ndarray,
     subjects: list,
-    augmented: ex.Augmented | None,
+    augmented: folds.Augmented | None,
     backbones: list[str],
     dims: list[int],
     cells: list[ex.Cell],
@@ -89,7 +90,7 @@ def evaluate_grid(
     x: np.ndarray,
     y: np.ndarray,
     subjects: list,
-    augmented: ex.Augmented | None,
+    augmented: folds.Augmented | None,
     backbones: list[str],
     dims: list[int],
     cells: list[ex.Cell],

@@ -20,11 +20,10 @@ import numpy as np
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import evaluate, train
+from leukoflow.tasks import folds, train
 from leukoflow.tasks.choices import CLASSIFIERS, EXPERIMENT_SPLITS
+from leukoflow.tasks.folds import Augmented
 
-DEFAULT_FOLDS = 5
-DEFAULT_BOOTSTRAP = 1000
 # The paper's table columns (Tables 5-6), then macro F1: its F1 values sit below accuracy on
 # 68% ALL data, which fits a class-averaged F1 better than the ALL-class one.
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
@@ -152,31 +151,6 @@ def plan_evaluations(
     return plans
 
 
-@dataclass
-class Augmented:
-    """Feature rows of augmented images and, for each, the row of its source image."""
-
-    matrix: np.ndarray
-    source_rows: np.ndarray
-
-
-def training_rows(
-    x: np.ndarray,
-    y: np.ndarray,
-    train_rows: np.ndarray,
-    columns: np.ndarray,
-    augmented: Augmented | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The training matrix of one fold: its images plus the augmented copies of those images."""
-    x_train, y_train = x[np.ix_(train_rows, columns)], y[train_rows]
-    if augmented is None or not len(augmented.source_rows):
-        return x_train, y_train
-    copies = np.isin(augmented.source_rows, train_rows)
-    x_extra = augmented.matrix[np.ix_(np.flatnonzero(copies), columns)]
-    y_extra = y[augmented.source_rows[copies]]
-    return np.vstack([x_train, x_extra]), np.concatenate([y_train, y_extra])
-
-
 def evaluate_cell(
     x: np.ndarray,
     y: np.ndarray,
@@ -186,35 +160,29 @@ def evaluate_cell(
     evaluation: Evaluation,
     augmented: Augmented | None = None,
     seed: int = 0,
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    n_boot: int = folds.DEFAULT_BOOTSTRAP,
 ) -> dict:
-    """Fit and score one cell on every fold; JSON-ready metrics with spread and intervals."""
+    """Fit and score one cell on every fold (tasks/folds.py); JSON-ready metrics with spread
+    and intervals."""
     started = time.perf_counter()
-    per_fold, tested = [], []
-    predictions = np.zeros(len(y), np.int64)
-    for train_rows, test_rows in evaluation.folds.indices:
-        x_train, y_train = training_rows(x, y, train_rows, columns, augmented)
-        model = train.fit(cell.classifier, x_train, y_train, seed)
-        x_test = x[np.ix_(test_rows, columns)]
-        predicted = model.predict(x_test)
-        scores, _ = train.decision_scores(model, x_test)
-        per_fold.append(evaluate.compute_metrics(y[test_rows], predicted, scores))
-        predictions[test_rows] = predicted
-        tested.append(test_rows)
-    rows = np.concatenate(tested)
+    held_out = folds.out_of_fold(
+        x, y, evaluation.folds, cell.classifier, seed, subjects, columns, augmented
+    )
+    rows = held_out.tested
     # Pooled predictions give the intervals; resampling subjects when the folds kept subjects
     # apart, since cells of one patient are not independent.
     groups = None
     if evaluation.folds.grouping == "subject":
         groups = [subjects[i] for i in rows]
+    y_tested, flagged = np.asarray(y)[rows], held_out.flagged[rows]
     summary = {
-        key: _summarise(
-            [m[key] for m in per_fold], y[rows], predictions[rows], key, groups, seed, n_boot
+        key: folds.summarise(
+            [m[key] for m in held_out.per_fold], y_tested, flagged, None, key, groups, seed, n_boot
         )
         for key, _ in TABLE_METRICS
     }
-    aucs = [m["roc_auc"] for m in per_fold if m["roc_auc"] is not None]
-    summary["roc_auc"] = _spread(aucs) | {"low": None, "high": None}
+    aucs = [m["roc_auc"] for m in held_out.per_fold]
+    summary["roc_auc"] = folds.spread(aucs) | {"low": None, "high": None}
     return {
         "feature_set": set_name(cell.feature_set),
         "backbones": list(cell.feature_set),
@@ -225,44 +193,17 @@ def evaluate_cell(
         "n_test": int(rows.size),
         "n_train_augmented": 0 if augmented is None else int(len(augmented.source_rows)),
         "metrics": summary,
-        "per_fold": [{k: m[k] for k, _ in TABLE_METRICS} | {"n": m["n"]} for m in per_fold],
+        "per_fold": [
+            {k: m[k] for k, _ in TABLE_METRICS} | {"n": m["n"]} for m in held_out.per_fold
+        ],
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def _spread(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "std": None}
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return {"mean": float(np.mean(values)), "std": std}
-
-
-def _summarise(
-    fold_values: list[float],
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    metric: str,
-    groups: list | None,
-    seed: int,
-    n_boot: int,
-) -> dict:
-    low, high = evaluate.bootstrap_interval(
-        y_true, y_pred, None, metric, n_boot=n_boot, seed=seed, groups=groups
-    )
-    return _spread(fold_values) | {"low": low, "high": high}
 
 
 # -- tables ----------------------------------------------------------------------------------
 def best_cell(results: list[dict]) -> int | None:
     """Index of the best cell by the paper's ranking (accuracy, then F1); None when empty."""
-    if not results:
-        return None
-
-    def key(i: int) -> tuple[float, float]:
-        metrics = results[i]["metrics"]
-        return (metrics[RANKING_METRIC]["mean"] or 0.0, metrics["f1"]["mean"] or 0.0)
-
-    return max(range(len(results)), key=key)
+    return folds.best(results, (RANKING_METRIC, "f1"))
 
 
 def table_rows(results: list[dict]) -> list[dict]:

@@ -32,16 +32,14 @@ from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels
 from leukoflow.tasks.join import concatenate
 from leukoflow.tasks.storage import Location, open_location, write_bytes_atomic
-from leukoflow.tasks.tables import STATUS_OK, read_catalog, read_features
+from leukoflow.tasks.tables import read_catalog, read_features
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, Label, flagged
 
 TOP_FEATURES = 8
 # Recomputed features may differ from stored ones by float round-off (another machine, a GPU);
 # different weights or feature code differ by orders of magnitude more.
 FEATURE_TOLERANCE = 1e-2
-NON_CLINICAL_BANNER = (
-    "NOT CLINICALLY MEANINGFUL: random-initialised networks (--weights none); "
-    "the maps only show that the pipeline runs"
-)
+NON_CLINICAL_BANNER = NON_CLINICAL_NOTICE
 EXAMPLE_KINDS = ("TP", "FP", "FN")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}(#.+)?$")
 
@@ -65,7 +63,7 @@ class CellExplanation:
 
     @property
     def predicted_label(self) -> str:
-        return "all" if self.score >= self.threshold else "hem"
+        return Label.of(flagged(self.score, self.threshold)).value
 
     def to_dict(self) -> dict:
         """JSON-ready facts of the explanation (no pixels)."""
@@ -310,7 +308,7 @@ def _render_body(body, e: CellExplanation, panels: int) -> None:
 
 
 def _headline(e: CellExplanation) -> str:
-    verdict = "ALL (blast)" if e.predicted_label == "all" else "hem (normal)"
+    verdict = "ALL (blast)" if e.predicted_label == Label.ALL else "hem (normal)"
     parts = " + ".join(f"{name} {value:+.3f}" for name, value in e.contributions.items())
     return (
         f"model {e.model_id}: {verdict}, {e.score_kind} {e.score:.3f} (threshold "
@@ -392,7 +390,7 @@ def read_cell(uri: str, image_id: str | None = None) -> tuple[str, np.ndarray]:
 def catalog_uris(store: Location, image_ids: list[str]) -> dict[str, str]:
     """The file of each image id (augmented ids resolve to their source file)."""
     catalog = read_catalog(store).to_pylist()
-    uris = {r["image_id"]: r["uri"] for r in catalog if r["status"] == STATUS_OK}
+    uris = {r["image_id"]: r["uri"] for r in catalog if r["status"] == ImageStatus.OK}
     found, unknown = {}, []
     for image_id in image_ids:
         source_id, _ = augment.parse_image_id(image_id)

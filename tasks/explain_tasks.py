@@ -19,9 +19,9 @@ from leukoflow.tasks.explain import (
     explanations_folder,
     pick_examples,
 )
-from leukoflow.tasks.score import FLAGGED_LABEL
 from leukoflow.tasks.storage import Location, exists
 from leukoflow.tasks.tables import read_predictions
+from leukoflow.vocabulary import Label
 
 
 @task(name="explain-examples", cache_policy=NO_CACHE)
@@ -85,7 +85,7 @@ def explain_flagged_cells(
     logger = get_run_logger()
     columns = ["image_id", "score", "predicted_label"]
     rows = read_predictions(store, night, model_id, columns=columns).to_pylist()
-    flagged = sorted((r for r in rows if r["predicted_label"] == FLAGGED_LABEL),
+    flagged = sorted((r for r in rows if r["predicted_label"] == Label.ALL),
                      key=lambda r: -r["score"])  # fmt: skip
     folder = explanations_folder(store, night)
     missing = [

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from leukoflow.tasks import calibration, evaluate, patient, train
+from leukoflow.tasks import calibration, choices, evaluate, patient, train
+from leukoflow.vocabulary import THRESHOLD_RULE
+from leukoflow.vocabulary import flagged as flag_rule
 
-N_BOOT = 1000
+N_BOOT = choices.DEFAULT_BOOTSTRAP
 
 
 @dataclass
@@ -125,7 +127,7 @@ def operating_point(
 ) -> dict:
     """Held-out sensitivity and specificity of the saved model at its threshold: per cell (with
     subject-bootstrap intervals) and per patient (tasks/patient), each with its n."""
-    flagged = (np.asarray(probabilities) >= threshold).astype(np.int64)
+    flagged = flag_rule(np.asarray(probabilities), threshold).astype(np.int64)
     y = np.asarray(y, dtype=np.int64)
     groups = subjects if all(s not in (None, "") for s in subjects) else None
     cells = {
@@ -162,7 +164,7 @@ def patient_rule(
     training patients of both classes."""
     rule = {
         "score": "fraction of the patient's cells flagged at the cell threshold",
-        "decision": "ALL when the score >= threshold",
+        "decision": THRESHOLD_RULE,
         "cell_threshold": cell_threshold,
         "threshold": None,
         "chosen_on": "out-of-fold calibrated scores of the training patients",

@@ -19,6 +19,8 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE
+
 TEMPLATES = Path(__file__).with_name("templates")
 DATA_URI_PREFIX = "data:image/png;base64,"
 
@@ -92,6 +94,7 @@ def environment() -> Environment:
         keep_trailing_newline=True,
     )
     env.filters["md"] = markdown_cell
+    env.globals["non_clinical_notice"] = NON_CLINICAL_NOTICE
     return env
 
 

@@ -12,15 +12,9 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, short_id
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
-
-SHORT_ID = 12  # characters of a content id that name an image in messages
-
-NON_CLINICAL_NOTE = (
-    "NOT CLINICALLY MEANINGFUL: features from random-initialised networks (--weights none)"
-)
 
 
 def package_versions() -> dict[str, str]:
@@ -36,7 +30,7 @@ def package_versions() -> dict[str, str]:
 
 
 def non_clinical_note(non_clinical: bool) -> str | None:
-    return NON_CLINICAL_NOTE if non_clinical else None
+    return NON_CLINICAL_NOTICE if non_clinical else None
 
 
 # -- accounting ------------------------------------------------------------------------------
@@ -83,11 +77,11 @@ def account(
     missing, double = [], []
     for row in rows:
         status, image_id = row["status"], row["image_id"]
-        if status == STATUS_DUPLICATE:
+        if status == ImageStatus.DUPLICATE:
             duplicate += 1
-        elif status == STATUS_QUARANTINED:
+        elif status == ImageStatus.QUARANTINED:
             quarantined += 1
-        elif status == STATUS_OK:
+        elif status == ImageStatus.OK:
             set_aside, stored = image_id in rejected, image_id in done_ids
             quarantined += set_aside
             done += stored
@@ -109,8 +103,8 @@ def accounting_dict(counts: Accounting, done_name: str) -> dict:
         "missing": counts.missing,
         "accounted": counts.accounted,
         # Named by short content id: a file name can carry a subject id. Capped for the row.
-        "missing_images": [i[:SHORT_ID] for i in counts.missing_ids[:100]],
-        "double_counted_images": [i[:SHORT_ID] for i in counts.double_counted_ids[:100]],
+        "missing_images": [short_id(i) for i in counts.missing_ids[:100]],
+        "double_counted_images": [short_id(i) for i in counts.double_counted_ids[:100]],
     }
 
 

@@ -33,12 +33,10 @@ from leukoflow.tasks.evaluate import (
     roc_points,
 )
 from leukoflow.tasks.pages import DATA_URI_PREFIX, Plot, Table, table
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE
 
 TITLE = "leukoflow evaluation report"
-NON_CLINICAL_WARNING = (
-    "NOT CLINICALLY MEANINGFUL: features come from random-initialised networks (--weights none); "
-    "these numbers only show that the pipeline runs."
-)
+NON_CLINICAL_WARNING = NON_CLINICAL_NOTICE
 MAX_QUARANTINE_SHOWN = 50
 
 # (metrics key, display name), in the order the table shows them.

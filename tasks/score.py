@@ -19,15 +19,12 @@ import numpy as np
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.records import SHORT_ID, Accounting, run_row
-from leukoflow.tasks.tables import STATUS_DUPLICATE, STATUS_OK, STATUS_QUARANTINED
+from leukoflow.tasks.records import Accounting, non_clinical_note, run_row
+from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, flagged, short_id
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
-FLAGGED_LABEL = "all"
-NORMAL_LABEL = "hem"
 # A cell is flagged when its score reaches the model's threshold (the rule tasks.calibration
 # records with calibrated models; for an SVM's decision value the threshold is 0).
-THRESHOLD_RULE = "score >= threshold means all"
 SCORE_QUANTILES = 21  # points of the score reference's distribution kept in model.json
 
 
@@ -93,12 +90,12 @@ class SweepPlan:
 
 def plan_sweep(rows: Sequence[dict], scored_ids: set[str]) -> SweepPlan:
     """found = new + already scored + quarantined + duplicate (copies of another inbox file)."""
-    ok = [r for r in rows if r["status"] == STATUS_OK]
+    ok = [r for r in rows if r["status"] == ImageStatus.OK]
     new_rows = [r for r in ok if r["image_id"] not in scored_ids]
     return SweepPlan(
         found=len(rows),
-        quarantined=sum(r["status"] == STATUS_QUARANTINED for r in rows),
-        duplicate=sum(r["status"] == STATUS_DUPLICATE for r in rows),
+        quarantined=sum(r["status"] == ImageStatus.QUARANTINED for r in rows),
+        duplicate=sum(r["status"] == ImageStatus.DUPLICATE for r in rows),
         already_scored=len(ok) - len(new_rows),
         new_rows=new_rows,
     )
@@ -114,7 +111,7 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 # -- predictions -----------------------------------------------------------------------------
 def flag(scores: np.ndarray, threshold: float) -> np.ndarray:
     """Which cells are flagged as ALL-like (THRESHOLD_RULE)."""
-    return np.asarray(scores, dtype=np.float64) >= threshold
+    return flagged(np.asarray(scores, dtype=np.float64), threshold)
 
 
 def prediction_rows(
@@ -136,7 +133,7 @@ def prediction_rows(
             "model_id": model_id,
             "score": float(score),
             "score_kind": score_kind,
-            "predicted_label": FLAGGED_LABEL if is_flagged else NORMAL_LABEL,
+            "predicted_label": Label.of(is_flagged).value,
             "threshold": float(threshold),
             "scored_at": scored_at,
             "run_id": run_id,
@@ -250,7 +247,7 @@ def summarize_subjects(
     """
     groups: dict[str | None, list[tuple[float, bool]]] = {}
     for subject, score, label in zip(subject_ids, scores, predicted_labels, strict=True):
-        groups.setdefault(subject or None, []).append((float(score), label == FLAGGED_LABEL))
+        groups.setdefault(subject or None, []).append((float(score), label == Label.ALL))
     summary = []
     for subject, cells in groups.items():
         scored = len(cells)
@@ -449,8 +446,8 @@ class Sweep:
             "duplicate": acc.duplicate,
             "missing": acc.missing,
             "accounted": acc.accounted,
-            "missing_images": [i[:SHORT_ID] for i in acc.missing_ids[:100]],
-            "double_counted_images": [i[:SHORT_ID] for i in acc.double_counted_ids[:100]],
+            "missing_images": [short_id(i) for i in acc.missing_ids[:100]],
+            "double_counted_images": [short_id(i) for i in acc.double_counted_ids[:100]],
             "unscored_at_start": self.new,
             "computed": self.computed,
             "ignored": self.ignored,
@@ -471,7 +468,7 @@ class Sweep:
             "date": self.night,
             "model_id": self.model_id,
             "non_clinical": non_clinical,
-            "note": NON_CLINICAL_NOTE if non_clinical else None,
+            "note": non_clinical_note(non_clinical),
             "score_kind": record.get("score_kind"),
             "threshold": record.get("threshold"),
             "threshold_rule": THRESHOLD_RULE,
@@ -503,10 +500,6 @@ class Sweep:
         )  # fmt: skip
 
 
-NON_CLINICAL_NOTE = (
-    "NOT CLINICALLY MEANINGFUL: the model uses features of random-initialised networks "
-    "(--weights none)"
-)
 DETAIL_KEYS = (
     "date", "inbox", "score_kind", "threshold", "non_clinical", "counts", "seconds", "extraction",
     "drift", "subject_rule", "night", "subjects", "lease", "message",

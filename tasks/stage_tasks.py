@@ -25,14 +25,8 @@ from leukoflow.tasks.catalog import build_catalog, catalog_counts
 from leukoflow.tasks.join import JoinedFeatures, join_features
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.storage import Location
-from leukoflow.tasks.tables import (
-    CATALOG_SCHEMA,
-    STATUS_OK,
-    STATUS_QUARANTINED,
-    featurised_ids,
-    read_catalog,
-    write_catalog,
-)
+from leukoflow.tasks.tables import CATALOG_SCHEMA, featurised_ids, read_catalog, write_catalog
+from leukoflow.vocabulary import ImageStatus
 
 
 @dataclass
@@ -77,7 +71,7 @@ def catalog_images(
         logger.warning("catalog: %d image(s) set aside: %s", n, reason)
     if counts.get("ignored"):
         logger.warning("catalog: %d file(s) ignored: not images", counts["ignored"])
-    quarantined_new = sum(row["status"] == STATUS_QUARANTINED for row in fresh)
+    quarantined_new = sum(row["status"] == ImageStatus.QUARANTINED for row in fresh)
     return CatalogPass(rows, changed, len(fresh), quarantined_new, counts)
 
 
@@ -88,12 +82,12 @@ def quarantine_rejects(
     """Record in the catalog the images extraction could not read (changed or unreadable since
     they were catalogued): quarantined with extraction's reason, so the store itself says what
     became of them. Returns the rows as written."""
-    hit = [r for r in rows if r["status"] == STATUS_OK and r["image_id"] in rejected]
+    hit = [r for r in rows if r["status"] == ImageStatus.OK and r["image_id"] in rejected]
     if not hit:
         return rows
     updated = [
-        {**r, "status": STATUS_QUARANTINED, "reason": rejected[r["image_id"]]}
-        if r["status"] == STATUS_OK and r["image_id"] in rejected
+        {**r, "status": ImageStatus.QUARANTINED, "reason": rejected[r["image_id"]]}
+        if r["status"] == ImageStatus.OK and r["image_id"] in rejected
         else r
         for r in rows
     ]

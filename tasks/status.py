@@ -23,21 +23,18 @@ from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import registry
 from leukoflow.tasks.storage import Location, open_location
 from leukoflow.tasks.tables import (
-    STATUS_DUPLICATE,
-    STATUS_OK,
-    STATUS_QUARANTINED,
     feature_backbones,
     feature_keys,
     read_catalog,
     read_predictions,
     read_runs,
 )
+from leukoflow.vocabulary import ImageStatus
 
-SHORT_ID = 12  # characters of a content id that name an image in messages
 # Run kinds whose rows count images against the features table (a sweep counts predictions).
 EXTRACTING_KINDS = ("run", "backfill", "validate", "experiments", "score")
 
-KNOWN_STATUSES = (STATUS_OK, STATUS_QUARANTINED, STATUS_DUPLICATE)
+KNOWN_STATUSES = (ImageStatus.OK, ImageStatus.QUARANTINED, ImageStatus.DUPLICATE)
 RUN_COUNTS = ("found", "new", "skipped", "featurised", "quarantined", "duplicate", "missing")
 VectorKey = tuple[str, str, int]  # (backbone, weights id, image size key)
 
@@ -185,7 +182,7 @@ def dataset_accounting(
     accounting = {}
     for dataset, entries in sorted(by_dataset.items()):
         statuses = Counter(status for _, status in entries)
-        ok_ids = {image_id for image_id, status in entries if status == STATUS_OK}
+        ok_ids = {image_id for image_id, status in entries if status == ImageStatus.OK}
         if dataset in recipes:
             run_id, keys = recipes[dataset]
             featurised = vectors.holding_all(keys) & ok_ids
@@ -207,8 +204,8 @@ def dataset_accounting(
             "found": len(entries),
             "featurised": len(featurised),
             "missing": len(missing),
-            "quarantined": statuses[STATUS_QUARANTINED],
-            "duplicate": statuses[STATUS_DUPLICATE],
+            "quarantined": statuses[ImageStatus.QUARANTINED],
+            "duplicate": statuses[ImageStatus.DUPLICATE],
         }
         if done_name == "scored":
             counts["scored"] = len(done)
@@ -292,8 +289,3 @@ def store_status(store: Location) -> dict:
         "accounted": all(d["accounted"] for d in by_dataset.values())
         and all(r["accounted"] is not False for r in by_run),
     }
-
-
-def short_id(image_id: str) -> str:
-    """How messages name an image: the start of its content id (no subject id, no file name)."""
-    return image_id[:SHORT_ID]

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.vocabulary import Label
 
 _CYTOPLASM = np.array([178.0, 172.0, 218.0])  # pale blue/lilac
 _NUCLEUS = np.array([112.0, 62.0, 150.0])  # purple
@@ -43,7 +44,7 @@ def make_synthetic_dataset(
     n_all = (n_subjects + 1) // 2
     for subject in range(1, n_subjects + 1):
         blast = subject <= n_all
-        label = "all" if blast else "hem"
+        label = Label.of(blast).value
         name = str(subject) if blast else f"H{subject}"
         folder = root / "fold_0" / label
         folder.mkdir(parents=True, exist_ok=True)

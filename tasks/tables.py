@@ -34,9 +34,7 @@ from leukoflow.tasks.storage import Location, write_parquet_atomic
 log = logging.getLogger("leukoflow.tables")
 
 # -- catalog ---------------------------------------------------------------------------------
-STATUS_OK = "ok"
-STATUS_QUARANTINED = "quarantined"
-STATUS_DUPLICATE = "duplicate"
+# An image's status column holds leukoflow.vocabulary.ImageStatus values.
 
 CATALOG_SCHEMA = pa.schema(
     [

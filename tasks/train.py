@@ -27,7 +27,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks.choices import CLASSIFIERS, SPLITS
+from leukoflow.tasks.choices import CLASSIFIERS, SPLITS, TUNED_CLASSIFIER
 from leukoflow.tasks.choices import DEFAULT_CLASSIFIER as DEFAULT_CLASSIFIER  # for callers
 
 log = logging.getLogger("leukoflow.train")
@@ -177,7 +177,7 @@ def _check_two_classes(y: np.ndarray, what: str) -> None:
 # `rbf-svm-tuned` (development, bench/cm_validate.py round 4; not a user choice): the RBF SVM
 # with C and gamma chosen by inner folds of the training side, subject-grouped where subjects
 # are given, by balanced accuracy. Gamma is a multiple of scikit-learn's "scale" value.
-TUNED = "rbf-svm-tuned"
+TUNED = TUNED_CLASSIFIER
 TUNED_C = (0.1, 1.0, 10.0, 100.0)
 TUNED_GAMMA = (0.1, 0.3, 1.0, 3.0)
 TUNING_FOLDS = 5

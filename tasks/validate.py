@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import evaluate, patient, train
+from leukoflow.tasks import evaluate, folds, patient, train
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc")
-DEFAULT_FOLDS = 5
-DEFAULT_BOOTSTRAP = 1000
-# The classifier's own decision rule: an SVM's decision value is 0 on its boundary.
-CELL_THRESHOLDS = {"decision_value": 0.0, "probability": 0.5}
+DEFAULT_FOLDS = folds.DEFAULT_FOLDS
+DEFAULT_BOOTSTRAP = folds.DEFAULT_BOOTSTRAP
+CELL_THRESHOLDS = folds.CELL_THRESHOLDS
 
 
 def cross_validate(
@@ -37,31 +35,24 @@ def cross_validate(
     subjects: list[str | None],
     classifier: str = train.DEFAULT_CLASSIFIER,
     n_folds: int = DEFAULT_FOLDS,
-    seed: int = 0,
+    seed: int = folds.DEFAULT_SEED,
     n_boot: int = DEFAULT_BOOTSTRAP,
     min_cells: int = patient.DEFAULT_MIN_CELLS,
 ) -> dict:
     """Per-fold and pooled metrics, cell and patient level, with subject-bootstrap intervals;
     JSON-ready. `patient_level.patients` holds raw subject ids: pseudonymise before publishing."""
-    folds = _subject_folds(y, subjects, n_folds, seed, "")
+    outer = folds.subject_folds(y, subjects, n_folds, seed)
     y = np.asarray(y, dtype=np.int64)
     groups = np.asarray(subjects, dtype=object)
     labels_of, excluded = patient.patient_labels(subjects, y)
-    predicted = np.zeros(len(y), np.int64)
-    scores = np.zeros(len(y), np.float64)
-    per_fold, per_fold_patients, decisions = [], [], {}
-    for train_rows, test_rows in folds.indices:
-        model = train.fit(classifier, x[train_rows], y[train_rows], seed, groups[train_rows])
-        scores[test_rows], kind = train.decision_scores(model, x[test_rows])
-        cell_threshold = CELL_THRESHOLDS[kind]
-        predicted[test_rows] = scores[test_rows] >= cell_threshold
-        metrics = evaluate.compute_metrics(y[test_rows], predicted[test_rows], scores[test_rows])
-        per_fold.append({key: metrics[key] for key in METRICS} | {"n": metrics["n"]})
-
-        inner = _inner_scores(x[train_rows], y[train_rows], groups[train_rows], classifier,
-                              n_folds, seed)  # fmt: skip
-        train_patients = patient.patient_scores(list(groups[train_rows]), inner, cell_threshold)
-        threshold = patient.choose_patient_threshold(train_patients, labels_of)
+    held_out = folds.out_of_fold(x, y, outer, classifier, seed, subjects)
+    scores, predicted, cell_threshold = held_out.scores, held_out.flagged, held_out.cell_threshold
+    per_fold = [{key: m[key] for key in METRICS} | {"n": m["n"]} for m in held_out.per_fold]
+    per_fold_patients, decisions = [], {}
+    for train_rows, test_rows in outer.indices:
+        threshold = folds.patient_threshold(
+            x[train_rows], y[train_rows], list(groups[train_rows]), classifier, n_folds, seed
+        )
         fold_decisions = patient.decide(
             patient.patient_scores(list(groups[test_rows]), scores[test_rows], cell_threshold),
             threshold,
@@ -74,30 +65,32 @@ def cross_validate(
                 "n_patients": fold_patients["n_patients"],
                 "n_cells": fold_patients["n_cells"],
                 "patient_threshold": threshold,
-                "n_training_patients": sum(s in labels_of for s in train_patients),
+                "n_training_patients": sum(s in labels_of for s in set(groups[train_rows])),
             }
         )
         decisions.update(fold_decisions)
 
     pooled = evaluate.compute_metrics(y, predicted, scores)
-    summary = {}
-    for key in METRICS:
-        low, high = evaluate.bootstrap_interval(
-            y, predicted, scores, key, n_boot=n_boot, seed=seed, groups=subjects
+    summary = {
+        key: folds.summarise(
+            [fold[key] for fold in per_fold], y, predicted, scores, key, subjects, seed, n_boot
         )
-        values = [fold[key] for fold in per_fold if fold[key] is not None]
-        summary[key] = {**_spread(values), "pooled": pooled[key], "low": low, "high": high}
-
+        | {"pooled": pooled[key]}
+        for key in METRICS
+    }
     pooled_patients = patient.patient_metrics(decisions, labels_of, n_boot=n_boot, seed=seed)
     patient_summary = {}
     for key in patient.PATIENT_METRICS:
         m = pooled_patients["metrics"][key]
-        values = [fold[key] for fold in per_fold_patients if fold[key] is not None]
-        patient_summary[key] = {**_spread(values), "pooled": m["value"], "low": m["low"],
-                                "high": m["high"]}  # fmt: skip
+        values = [fold[key] for fold in per_fold_patients]
+        patient_summary[key] = folds.spread(values) | {
+            "pooled": m["value"],
+            "low": m["low"],
+            "high": m["high"],
+        }
     return {
         "classifier": classifier,
-        "folds": folds.k,
+        "folds": outer.k,
         "seed": seed,
         "n_boot": n_boot,
         "n_images": int(len(y)),
@@ -120,34 +113,6 @@ def cross_validate(
             "excluded": excluded,
         },
     }
-
-
-def _subject_folds(y, subjects, n_folds: int, seed: int, where: str) -> train.Folds:
-    folds = train.kfold(y, list(subjects), n_folds, seed)
-    if folds.grouping != "subject":
-        raise LeukoflowError(f"subject-grouped folds are not possible{where}: {folds.note}")
-    return folds
-
-
-def _inner_scores(
-    x: np.ndarray, y: np.ndarray, subjects: np.ndarray, classifier: str, n_folds: int, seed: int
-) -> np.ndarray:
-    """Out-of-fold cell scores of one training side, from an inner subject-grouped k-fold."""
-    why = " inside a training side (a patient threshold needs 2+ training subjects per class)"
-    inner = _subject_folds(y, list(subjects), n_folds, seed, why)
-    scores = np.zeros(len(y), np.float64)
-    for train_rows, test_rows in inner.indices:
-        model = train.fit(classifier, x[train_rows], y[train_rows], seed, subjects[train_rows])
-        scores[test_rows], _ = train.decision_scores(model, x[test_rows])
-    return scores
-
-
-def _spread(values: list[float]) -> dict:
-    """Mean and sample std over folds (std None with fewer than two values)."""
-    if not values:
-        return {"mean": None, "std": None}
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return {"mean": float(np.mean(values)), "std": std}
 
 
 def _cell(m: dict, value: str) -> str:

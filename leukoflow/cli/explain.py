@@ -9,6 +9,7 @@ import typer
 
 from leukoflow.cli.options import AsJson, ModelId, Store, WeightsDir
 from leukoflow.cli.output import console, print_json
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE
 
 
 def explain(
@@ -33,7 +34,7 @@ def explain(
         return
     shown = console()
     if result["non_clinical"]:
-        shown.print("NOT CLINICALLY MEANINGFUL: random-initialised networks (--weights none)")
+        shown.print(NON_CLINICAL_NOTICE, highlight=False)
     parts = ", ".join(f"{k} {v:+.3f}" for k, v in result["contributions"].items())
     shown.print(
         f"{result['predicted_label']}: {result['score_kind']} {result['score']:.4f} ({parts})",

@@ -25,6 +25,7 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks import choices
 from leukoflow.tasks.recipe import PRECISION_CHOICES, Compute, FeatureRecipe
+from leukoflow.vocabulary import Label
 
 DEFAULT_BACKBONES = ",".join(bb.DEFAULT_BACKBONES)
 PAPER_BACKBONES = ",".join(choices.PAPER_BACKBONES)
@@ -79,8 +80,8 @@ def parse_labels(text: str | None) -> dict[str, str] | None:
     mapping = {}
     for pair in text.split(","):
         folder, sep, label = pair.partition("=")
-        if not sep or label.strip() not in ("all", "hem"):
-            raise LeukoflowError(f"--labels wants folder=all|hem pairs; got {pair!r}")
+        if not sep or label.strip() not in tuple(Label):
+            raise LeukoflowError(f"--labels wants folder={'|'.join(Label)} pairs; got {pair!r}")
         mapping[folder.strip()] = label.strip()
     return mapping
 

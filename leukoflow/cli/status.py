@@ -27,7 +27,7 @@ def status(store: Store, as_json: AsJson = False) -> None:
 
 
 def print_status(report: dict) -> None:
-    from leukoflow.tasks.status import short_id
+    from leukoflow.vocabulary import short_id
 
     out = console()
     out.print(f"[bold]store[/] {report['store']}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from leukoflow.tasks.records import NON_CLINICAL_NOTE
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE
 
 from . import leukoflow
 
@@ -27,7 +27,7 @@ def test_demo_runs_the_whole_pipeline_and_says_it_is_not_clinical(tmp_path, pref
     stdout = result.stdout
     lines = stdout.splitlines()
     # The non-clinical notice comes first, before any number.
-    assert lines[0] == NON_CLINICAL_NOTE
+    assert lines[0] == NON_CLINICAL_NOTICE
     images = sorted((out / "images").rglob("*.bmp"))
     assert len(images) == 12
     summary = re.search(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import choices, train
+from leukoflow.tasks import choices, folds, train
 from leukoflow.tasks import experiments as ex
 from leukoflow.tasks.report import render_experiments_html
 
@@ -75,9 +75,13 @@ def test_feature_columns_pick_each_backbone_block_in_set_order():
 def test_augmented_copies_only_join_training_folds_of_their_source():
     x = np.arange(8, dtype=np.float32).reshape(4, 2)
     y = np.array([0, 1, 0, 1])
-    copies = ex.Augmented(np.full((4, 2), 100.0, np.float32), np.array([0, 1, 2, 3]))
-    x_train, y_train = ex.training_rows(x, y, np.array([0, 1]), np.array([0, 1]), copies)
+    copies = folds.Augmented(np.full((4, 2), 100.0, np.float32), np.array([0, 1, 2, 3]))
+    subjects = np.array(["a", "b", "c", "d"], dtype=object)
+    x_train, y_train, s_train = folds.training_side(
+        x, y, subjects, np.array([0, 1]), np.array([0, 1]), copies
+    )
     assert x_train.shape == (4, 2) and y_train.tolist() == [0, 1, 0, 1]
+    assert s_train.tolist() == ["a", "b", "a", "b"]  # a copy belongs to its source's subject
     assert (x_train[2:] == 100).all()  # the copies of rows 0 and 1, never of test rows 2 and 3
 
 

@@ -9,9 +9,10 @@ import pytest
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import records
-from leukoflow.tasks.status import open_existing_store, short_id, store_status
+from leukoflow.tasks.status import open_existing_store, store_status
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.tables import write_catalog, write_features, write_predictions, write_run
+from leukoflow.vocabulary import short_id
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RECIPE = {"backbones": ["vgg16", "color_morphology"], "weights_ids": {"vgg16": "random-seed0",
