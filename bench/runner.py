@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from bench.dataset import image_files, write_cells
@@ -164,16 +162,6 @@ def leukoflow_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "leukoflow.cli"]
 
 
-# Prefect prints the driver's "actors loaded" line (tasks.actors) only when asked to.
-SHOW_EXTRACT_LOG = {
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "leukoflow",
-    "PREFECT_LOGGING_ROOT_LEVEL": "INFO",
-}
-ACTORS_READY = re.compile(
-    r"^(\d\d:\d\d:\d\d\.\d{3}) \| INFO .*leukoflow\.extract - extract: actors"
-)
-
-
 def run_leukoflow(settings: dict, images: Path, store: Path, workdir: Path, label: str) -> dict:
     """`leukoflow run IMAGES --store STORE --json` as a user runs it, its Parquet output watched."""
     n = len(image_files(images))
@@ -186,13 +174,13 @@ def run_leukoflow(settings: dict, images: Path, store: Path, workdir: Path, labe
     ]  # fmt: skip
     watcher = PartWatcher(store / "features", settings["backbones"])
     log = workdir / "logs" / f"{label}.log"
-    env = {**child_env(), **SHOW_EXTRACT_LOG}
-    measured = run_measured(command, log, env=env, on_tick=watcher.tick)
+    measured = run_measured(command, log, env=child_env(), on_tick=watcher.tick)
     _check(measured, f"leukoflow run ({label})")
     summary = json.loads(measured.stdout_path.read_text().strip().splitlines()[-1])
     batch = settings["batch_size"]
     times = watcher.times(expected=-(-n // batch))
-    ready = actors_ready_at(log, measured.started_wall)
+    # When every actor had its network loaded, as the run recorded it (epoch seconds).
+    ready = summary["extraction"].get("actors_ready_at")
     return {
         "n_images": n,
         **leukoflow_rates(times, n, batch, ready),
@@ -211,26 +199,14 @@ def run_leukoflow(settings: dict, images: Path, store: Path, workdir: Path, labe
     }
 
 
-def actors_ready_at(log: Path, launched: float) -> float | None:
-    """Wall-clock time of the driver's "actors loaded" log line (Prefect logs time of day)."""
-    for line in log.read_text(errors="replace").splitlines():
-        match = ACTORS_READY.match(line)
-        if match:
-            clock = datetime.strptime(match.group(1), "%H:%M:%S.%f").time()
-            day = datetime.fromtimestamp(launched).date()
-            at = datetime.combine(day, clock).timestamp()
-            return at + 86_400 if at < launched - 3_600 else at  # the run crossed midnight
-    return None
-
-
 def leukoflow_rates(times: dict[str, list[float]], n: int, batch: int, ready: float | None) -> dict:
     """Steady state: every image, from the moment all actors are loaded (their graphs traced)
     to the moment the last batch's Parquet files land.
 
     The driver writes a batch's files only when every backbone has finished it, so file times
     alone would flatter: when the slowest backbone finishes batch 1, faster ones are already
-    up to two batches further. Without the "actors loaded" line the rate over batches 2..last
-    is kept, flagged as an upper bound.
+    up to two batches further. Without a recorded `actors_ready_at` the rate over batches
+    2..last is kept, flagged as an upper bound.
     """
     expected = -(-n // batch)
     if any(len(t) < expected for t in times.values()):

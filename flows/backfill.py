@@ -13,18 +13,10 @@ from prefect import flow
 
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import records
-from leukoflow.tasks import score as sc
-from leukoflow.tasks.join import featurised_images
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
-from leukoflow.tasks.stage_tasks import (
-    catalog_images,
-    featurise,
-    missing_vectors,
-    quarantine_rejects,
-)
+from leukoflow.tasks.stage_tasks import ok_rows, prepare_features
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import write_run
-from leukoflow.vocabulary import ImageStatus
+from leukoflow.vocabulary import Outcome, RunKind
 
 
 @flow(name="leukoflow-backfill", log_prints=False)
@@ -39,27 +31,20 @@ def backfill(
 ) -> dict:
     """Catalog IMAGES as `dataset` and extract every missing vector; returns the summary."""
     install_secret_masking()
-    started = datetime.now(UTC)
-    run_id = sc.new_run_id(started)
     recipe.weights_ids  # noqa: B018 - checks the weights files (MD5) before any work
     root = open_location(store)
-
-    catalog = catalog_images(images, root, dataset, labels)
-    ok = [row for row in catalog.rows if row["status"] == ImageStatus.OK]
-    ids = [row["image_id"] for row in ok]
-    todo = missing_vectors(root, ids, recipe)
-    extraction = featurise(
-        root, {row["image_id"]: row["uri"] for row in ok}, todo, recipe, compute,
-        total_images=len(ok), progress_bar=progress_bar,
-    )  # fmt: skip
-    needing = {image_id for missing in todo.values() for image_id in missing}
-    rows = quarantine_rejects(root, dataset, catalog.rows, extraction["rejected"])
-    counts = records.account(rows, extraction["rejected"], featurised_images(root, recipe))
-    finished = datetime.now(UTC)
+    recorder = records.RunRecorder(root, RunKind.BACKFILL, dataset)
+    prepared = prepare_features(
+        root, dataset, recipe, compute, images=images, labels=labels, progress_bar=progress_bar
+    )
+    catalog, counts, extraction = prepared.catalog, prepared.counts, prepared.extraction
+    ok = ok_rows(catalog.rows)
+    needing = {image_id for missing in prepared.todo.values() for image_id in missing}
+    started, finished = recorder.started, datetime.now(UTC)
     summary = {
-        "run_id": run_id,
-        "kind": "backfill",
-        "outcome": "completed",
+        "run_id": recorder.run_id,
+        "kind": RunKind.BACKFILL,
+        "outcome": Outcome.COMPLETED,
         "store": root.uri,
         "dataset": dataset,
         "backbones": list(recipe.backbones),
@@ -74,23 +59,18 @@ def backfill(
             "ok": counts.done,  # ok images holding every vector (measured), as before
             "needing_vectors": len(needing),
             "already_featurised": len(ok) - len(needing),
-            "computed": max(extraction["computed"].values(), default=0),
+            "computed": extraction.images_done,
         },
-        "extraction": extraction,
+        "extraction": extraction.to_dict(),
         "seconds": round((finished - started).total_seconds(), 2),
         "started_at": started.isoformat(),
         "finished_at": finished.isoformat(),
     }
-    write_run(
-        root,
-        records.run_row(
-            run_id, "backfill", dataset, started, finished, "completed",
-            found=counts.found, new=len(needing), featurised=counts.done,
-            quarantined=counts.quarantined, duplicate=counts.duplicate, missing=counts.missing,
-            skipped=len(ok) - len(needing), images_per_second=extraction["images_per_second"],
-            weights_id=recipe.weights_id,
-            details={"extraction": extraction, "feature_recipe": recipe.to_record(),
-                     "counts": summary["counts"]},
-        ),
+    columns = records.RunRecorder.extraction_columns(counts, extraction)
+    recorder.record(
+        Outcome.COMPLETED, **{**columns, "new": len(needing)}, skipped=len(ok) - len(needing),
+        weights_id=recipe.weights_id,
+        details={"extraction": summary["extraction"], "feature_recipe": recipe.to_record(),
+                 "counts": summary["counts"]},
     )  # fmt: skip
     return summary

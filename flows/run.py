@@ -6,29 +6,18 @@ records come from tasks/records.
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
-
 from prefect import flow, get_run_logger
 
 from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import calibration, evaluate, records, registry, train
 from leukoflow.tasks.explain_tasks import explain_examples
-from leukoflow.tasks.fit import drift_reference
-from leukoflow.tasks.join import featurised_images
+from leukoflow.tasks.fit import drift_reference, plan_split, trainable_rows
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
-from leukoflow.tasks.stage_tasks import (
-    catalog_images,
-    featurise,
-    join,
-    missing_vectors,
-    quarantine_rejects,
-)
+from leukoflow.tasks.stage_tasks import catalog_images, prepare_features
 from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import write_run
 from leukoflow.tasks.train_tasks import fit_model, promote_model, save_model
-from leukoflow.vocabulary import ImageStatus
+from leukoflow.vocabulary import Outcome, RunKind
 
 
 @flow(name="leukoflow-run", log_prints=False)
@@ -55,47 +44,31 @@ def run_pipeline(
     (a non-clinical model never replaces a clinical one unless `force`).
     """
     install_secret_masking()
-    started = datetime.now(UTC)
-    run_id = f"{started.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     # Validate everything a user can get wrong before any work starts.
     train.make_classifier(classifier)
     calibration.check_target_sensitivity(target_sensitivity)
     recipe.weights_ids  # noqa: B018 - checks the weights files (MD5) now, not after cataloguing
     root = open_location(store)
+    recorder = records.RunRecorder(root, RunKind.RUN, dataset)
     # Decided now, shown at the end: a non-clinical model never silently replaces a clinical one.
     kept_current = (
         None if force or not recipe.non_clinical else registry.clinical_current_model(root)
     )
-
     catalog = catalog_images(images, root, dataset, labels)
-    trainable = evaluate.labelled_rows(catalog.rows, "train on")
-    planned_y = evaluate.labels_to_int([r["label"] for r in trainable])
-    planned_subjects = [r["subject_id"] for r in trainable]
-    split = train.choose_split(split, planned_y, planned_subjects)
     # One class, or too few subjects for the split or its calibration folds: say so before
     # hours of extraction.
-    planned = train.split_rows(planned_y, planned_subjects, split, seed=seed)
-    train.kfold(
-        planned_y[planned.train],
-        [planned_subjects[i] for i in planned.train],
-        calibration.DEFAULT_CALIBRATION_FOLDS,
-        seed,
-    )
+    split = plan_split(catalog.rows, split, seed)
     from leukoflow.tasks.actors import backbone_pool  # Ray: started only if the pool is used
 
     # One set of backbone actors for extraction and the report's explanations: each network is
     # built once, in its actor, never in the driver.
     with backbone_pool(recipe, compute) as pool:
-        ok = [r for r in catalog.rows if r["status"] == ImageStatus.OK]
-        uris = {r["image_id"]: r["uri"] for r in ok}
-        todo = missing_vectors(root, list(uris), recipe)
-        extraction = featurise(root, uris, todo, recipe, compute, pool=pool)
-
-        rejected = extraction["rejected"]
-        rows = quarantine_rejects(root, dataset, catalog.rows, rejected)
-        labelled = [r for r in trainable if r["image_id"] not in rejected]
-        joined = join(root, [r["image_id"] for r in labelled], recipe)
-        by_id = {r["image_id"]: r for r in labelled}
+        prepared = prepare_features(
+            root, dataset, recipe, compute, rows=catalog.rows, pool=pool,
+            join_rows=trainable_rows,
+        )  # fmt: skip
+        joined, extraction = prepared.joined, prepared.extraction
+        by_id = {r["image_id"]: r for r in prepared.rows}
         y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
         # Subjects only group cells (splits, folds, patients): their keyed pseudonyms group the
         # same, and nothing fitted, reported or printed can then carry a raw subject id.
@@ -108,16 +81,16 @@ def run_pipeline(
         fingerprint = train.fingerprint(train_ids)
         model_id = registry.new_model_id(classifier, fingerprint)
         record = records.model_record(
-            model_id=model_id, created_at=started, dataset=dataset, recipe=recipe,
+            model_id=model_id, created_at=recorder.started, dataset=dataset, recipe=recipe,
             classifier=classifier, fitted=fitted, split=split, seed=seed, train_ids=train_ids,
             test_ids=test_ids, training_fingerprint=fingerprint,
             target_sensitivity=target_sensitivity,
             reference=drift_reference(fitted, joined.matrix), code_version=registry.code_version(),
         )  # fmt: skip
-        counts = records.account(rows, rejected, featurised_images(root, recipe))
+        counts = prepared.counts
         summary = records.run_summary(
-            run_id=run_id, record=record, store=root.uri, fitted=fitted, counts=counts,
-            extraction=extraction, trained_and_tested=len(joined.image_ids),
+            run_id=recorder.run_id, record=record, store=root.uri, fitted=fitted, counts=counts,
+            extraction=extraction.to_dict(), trained_and_tested=len(joined.image_ids),
             ignored=catalog.counts.get("ignored", 0),
         )  # fmt: skip
         examples = []
@@ -130,34 +103,19 @@ def run_pipeline(
                 subject_keys=dict(zip(joined.image_ids, subjects, strict=True)),
             )  # fmt: skip
     # The report lists the images set aside (by content id and reason); the summary does not.
-    quarantined = [
-        {"image_id": r["image_id"], "reason": r["reason"]}
-        for r in rows
-        if r["status"] == ImageStatus.QUARANTINED
-    ]
-    report_summary = {**summary, "quarantined": quarantined}
+    report_summary = {**summary, "quarantined": records.quarantine_list(prepared.rows)}
     summary["paths"] = save_model(root, model_id, fitted, record, report_summary, examples)
     summary["promoted"] = False
     if promote and kept_current:
-        summary["not_promoted"] = (
-            f"non-clinical model: the clinical model {kept_current} stays current "
-            "(--force to promote it anyway)"
-        )
+        summary["not_promoted"] = records.not_promoted_note(kept_current)
         get_run_logger().warning(summary["not_promoted"])
     elif promote:
         summary["promoted"] = bool(promote_model(root, model_id, force))
-    write_run(
-        root,
-        records.run_row(
-            run_id, "run", dataset, started, datetime.now(UTC), "completed",
-            found=counts.found, new=max(extraction["computed"].values(), default=0),
-            featurised=counts.done, quarantined=counts.quarantined, duplicate=counts.duplicate,
-            missing=counts.missing, scored=len(test_ids),
-            images_per_second=extraction["images_per_second"], model_id=model_id,
-            weights_id=recipe.weights_id,
-            details={"metrics": fitted.metrics, "operating_point": fitted.operating_point,
-                     "paths": summary["paths"], "promoted": summary["promoted"],
-                     "feature_recipe": recipe.to_record()},
-        ),
+    recorder.record(
+        Outcome.COMPLETED, **records.RunRecorder.extraction_columns(counts, extraction),
+        scored=len(test_ids), model_id=model_id, weights_id=recipe.weights_id,
+        details={"metrics": fitted.metrics, "operating_point": fitted.operating_point,
+                 "paths": summary["paths"], "promoted": summary["promoted"],
+                 "feature_recipe": recipe.to_record()},
     )  # fmt: skip
     return summary

@@ -65,7 +65,7 @@ def score_inbox(
     install_secret_masking()
     logger = get_run_logger()
     started = datetime.now(UTC)
-    run_id = sc.new_run_id(started)
+    run_id = records.new_run_id(started)
     # The sweep's time limit (its flow timeout, `with_options` or the decorator's).
     time_limit_s = get_run_context().flow.timeout_seconds or SWEEP_TIMEOUT_S
     # A wait for a batch's vectors blocks inside Ray, where the flow's timeout cannot interrupt
@@ -217,10 +217,10 @@ def _score_and_summarise(
     if new_rows:
         uris = {row["image_id"]: row["uri"] for row in new_rows}
         todo = missing_vectors(root, list(uris), recipe)
-        state.extraction = featurise(root, uris, todo, recipe, compute, total_images=len(uris),
-                                     pool=pool)  # fmt: skip
-        state.computed = max(state.extraction["computed"].values(), default=0)
-        rejected = state.extraction["rejected"]  # files changed or unreadable since the catalog
+        extraction = featurise(root, uris, todo, recipe, compute, total_images=len(uris),
+                               pool=pool)  # fmt: skip
+        state.extraction, state.computed = extraction.to_dict(), extraction.images_done
+        rejected = extraction.rejected  # files changed or unreadable since the catalog
         rows = [row for row in new_rows if row["image_id"] not in rejected]
         scored = score_new_images(
             root, state.model_id, state.record, recipe, rows, state.night, state.run_id,

@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from prefect import flow
 
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import choices, evaluate, train
+from leukoflow.tasks import choices, evaluate, records, train
 from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.records import non_clinical_note, package_versions
-from leukoflow.tasks.stage_tasks import catalog_images, featurise, join, missing_vectors
+from leukoflow.tasks.stage_tasks import prepare_features
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.validate_tasks import cross_validate
+from leukoflow.vocabulary import Outcome, RunKind
 
 
 @flow(name="leukoflow-validate", log_prints=False)
@@ -43,15 +44,13 @@ def run_validation(
     """
     install_secret_masking()
     root = open_location(store)
-    catalog = catalog_images(images, root, dataset, labels)
-    labelled = evaluate.labelled_rows(catalog.rows, "validate")
-    image_ids = [row["image_id"] for row in labelled]
-    todo = missing_vectors(root, image_ids, recipe)
-    uris = {row["image_id"]: row["uri"] for row in labelled}
-    features = featurise(root, uris, todo, recipe, compute, total_images=len(image_ids))
-    usable = [i for i in image_ids if i not in features["rejected"]]
-    joined = join(root, usable, recipe)
-    by_id = {row["image_id"]: row for row in labelled}
+    recorder = records.RunRecorder(root, RunKind.VALIDATE, dataset)
+    prepared = prepare_features(
+        root, dataset, recipe, compute, images=images, labels=labels, select=_labelled,
+        join_rows=_labelled,
+    )  # fmt: skip
+    catalog, joined, features = prepared.catalog, prepared.joined, prepared.extraction
+    by_id = {row["image_id"]: row for row in prepared.rows}
     y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
     subjects = [by_id[i]["subject_id"] for i in joined.image_ids]
     result = cross_validate(joined.matrix, y, subjects, classifier, folds, seed, n_boot)
@@ -64,7 +63,7 @@ def run_validation(
         {"subject_id": subject_key(subject, salt), "reason": reason}
         for subject, reason in level["excluded"].items()
     ]
-    return {
+    summary = {
         **result,
         "dataset": dataset,
         "images": images,
@@ -73,12 +72,14 @@ def run_validation(
             # Counts only: the names of ignored files stay in the catalog pass's log.
             **{k: v for k, v in catalog.counts.items() if k not in ("reasons", "ignored_files")},
             "quarantine_reasons": catalog.counts.get("reasons", {}),
-            "unlabelled": catalog.counts["ok"] - len(labelled),
-            "rejected_by_extractor": len(features["rejected"]),
+            "unlabelled": catalog.counts["ok"] - len(_labelled(catalog.rows)),
+            "rejected_by_extractor": len(features.rejected),
             "missing_vectors": len(joined.missing),
             "validated": len(joined.image_ids),
         },
-        "featurise": {k: features[k] for k in ("computed", "seconds", "images_per_second")},
+        "featurise": {
+            k: features.to_dict()[k] for k in ("computed", "seconds", "images_per_second")
+        },
         "feature_recipe": recipe.to_record(),
         "backbones": list(recipe.backbones),
         "feature_dim": int(joined.matrix.shape[1]),
@@ -89,3 +90,15 @@ def run_validation(
         "created_at": datetime.now(UTC).isoformat(),
         "package_versions": package_versions(),
     }
+    recorder.record(
+        Outcome.COMPLETED, **records.RunRecorder.extraction_columns(prepared.counts, features),
+        weights_id=recipe.weights_id,
+        details={"feature_recipe": recipe.to_record(), "classifier": classifier,
+                 "metrics": {k: m["mean"] for k, m in result["metrics"].items()}},
+    )  # fmt: skip
+    summary["run_id"] = recorder.run_id
+    return summary
+
+
+def _labelled(rows: list[dict]) -> list[dict]:
+    return evaluate.labelled_rows(rows, "validate")

@@ -20,17 +20,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import backbones as bb
-from leukoflow.tasks.extract import load_pixels, make_featurizer
+from leukoflow.tasks.extract import ExtractionResult, load_pixels, make_featurizer
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.storage import Location
-from leukoflow.tasks.tables import compact_features, featurised_ids, write_features
+from leukoflow.tasks.tables import compact_features, write_features
 
 log = logging.getLogger("leukoflow.extract")
 
@@ -230,32 +230,6 @@ class ActorPlan:
         return cls(num_cpus=cpus or max(0.1, round(node_cpus / n_actors, 3) - 0.001), num_gpus=0)
 
 
-@dataclass
-class ExtractionResult:
-    computed: dict[str, int] = field(default_factory=dict)  # backbone -> vectors written
-    rejected: dict[str, str] = field(default_factory=dict)  # image_id -> reason
-    actor_nodes: dict[str, str] = field(default_factory=dict)  # backbone -> node id
-    actor_code_dirs: dict[str, str] = field(default_factory=dict)  # backbone -> code imported from
-    seconds: float = 0.0
-
-    @property
-    def images_done(self) -> int:
-        return max(self.computed.values(), default=0)
-
-
-def missing_features(
-    store: Location, recipe: FeatureRecipe, ids: list[str]
-) -> dict[str, list[str]]:
-    """For each backbone with work, the ids (in the given order) lacking a vector of `recipe`."""
-    todo = {}
-    for name in recipe.backbones:
-        done = featurised_ids(store, name, *recipe.vector_key(name))
-        missing = [i for i in ids if i not in done]
-        if missing:
-            todo[name] = missing
-    return todo
-
-
 class BackbonePool:
     """The backbone actors of one recipe, started on first use and kept until `close`.
 
@@ -371,7 +345,7 @@ def extract_features(
         actors = pool.actors(names)
         result.actor_nodes = {n: pool.loaded[n]["node_id"] for n in names}
         result.actor_code_dirs = {n: pool.loaded[n]["code_dir"] for n in names}
-        # bench/runner.py times steady state from this line: keep its start.
+        result.actors_ready_at = time.time()  # what bench/ times steady state from
         log.info("extract: actors %s, %s per actor", result.actor_nodes, pool.plan)
         _stream(store, uris, todo, recipe, compute, names, actors, result,
                 max_batches_in_flight, on_progress)  # fmt: skip

@@ -37,6 +37,7 @@ from leukoflow.tasks.report import figure_to_data_uri
 from leukoflow.tasks.score import short
 from leukoflow.tasks.storage import Location, write_text_atomic
 from leukoflow.tasks.tables import read_runs
+from leukoflow.vocabulary import Outcome
 
 TITLE = "leukoflow nightly sweeps"
 RECENT_RUNS = 20
@@ -71,7 +72,7 @@ def load_sweeps(store: Location) -> list[dict]:
 def run_state(run: dict, live_run_id: str | None) -> str:
     """completed | failed | busy | timed_out (as the row says) | running (holds the lease now) |
     interrupted (its row says running, but it no longer holds the lease: killed mid-sweep)."""
-    if run["outcome"] != "running":
+    if run["outcome"] != Outcome.RUNNING:
         return run["outcome"]
     return "running" if run["run_id"] == live_run_id else "interrupted"
 
@@ -92,7 +93,7 @@ def nightly_series(sweeps: Sequence[dict], limit: int) -> list[dict]:
     nights = []
     for night in sorted(by_night)[-limit:] if limit > 0 else []:
         runs = by_night[night]
-        done = [r for r in runs if r["outcome"] == "completed"]
+        done = [r for r in runs if r["outcome"] == Outcome.COMPLETED]
         totals = done[-1]["details"].get("night", {}) if done else {}
         scoring = [r for r in done if r["images_scored"]]
         seconds = sum(r["details"].get("seconds") or 0 for r in scoring)
@@ -371,7 +372,7 @@ def stale_notice(
     (or none ever completed); None when the sweeps are current or there are none at all."""
     if not sweeps:
         return None
-    done = [r for r in sweeps if r["outcome"] == "completed"]
+    done = [r for r in sweeps if r["outcome"] == Outcome.COMPLETED]
     if not done:
         return (
             f"No sweep has completed: {len(sweeps)} sweep(s) ran, none completed. Check the "
@@ -461,7 +462,7 @@ def dashboard_view(
     stale_after_hours: float = STALE_AFTER_HOURS,
 ) -> DashboardView:
     """What the page shows; `pseudonym` maps a subject id to its key, `generated_at` is "now"."""
-    latest = next((r for r in reversed(sweeps) if r["outcome"] == "completed"), None)
+    latest = next((r for r in reversed(sweeps) if r["outcome"] == Outcome.COMPLETED), None)
     return DashboardView(
         title=TITLE,
         store_uri=store_uri,

@@ -19,10 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import augment, evaluate, folds, train
 from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import folds, train
 from leukoflow.tasks.choices import CLASSIFIERS, EXPERIMENT_SPLITS
 from leukoflow.tasks.folds import Augmented
+from leukoflow.tasks.join import join_features
+from leukoflow.tasks.recipe import FeatureRecipe
+from leukoflow.tasks.storage import Location
+from leukoflow.vocabulary import ImageStatus
 
 # The paper's table columns (Tables 5-6), then macro F1: its F1 values sit below accuracy on
 # 68% ALL data, which fits a class-averaged F1 better than the ALL-class one.
@@ -200,10 +204,56 @@ def evaluate_cell(
     }
 
 
+def targets(rows: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+    """Labels (1 ALL, 0 normal) and subject ids of catalog rows."""
+    return evaluate.labels_to_int([r["label"] for r in rows]), [r["subject_id"] for r in rows]
+
+
+def augmented_rows(labelled: list[dict], seed: int) -> list[dict]:
+    """Catalog-like rows for the augmented copies: same file, id "<sha256>#<transform>"."""
+    return [
+        {"image_id": image_id, "uri": row["uri"], "status": ImageStatus.OK}
+        for row in labelled
+        for image_id in augment.augmented_ids([row["image_id"]], seed)
+    ]
+
+
+def join_augmented(
+    store: Location,
+    image_ids: list[str],
+    rejected: dict[str, str],
+    recipe: FeatureRecipe,
+    seed: int,
+) -> folds.Augmented:
+    """The augmented copies' vectors and, for each, the matrix row of its source image."""
+    wanted = [i for i in augment.augmented_ids(image_ids, seed) if i not in rejected]
+    joined = join_features(store, wanted, recipe)
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    sources = [row_of[augment.parse_image_id(i)[0]] for i in joined.image_ids]
+    return folds.Augmented(joined.matrix, np.asarray(sources, dtype=np.int64))
+
+
 # -- tables ----------------------------------------------------------------------------------
 def best_cell(results: list[dict]) -> int | None:
     """Index of the best cell by the paper's ranking (accuracy, then F1); None when empty."""
     return folds.best(results, (RANKING_METRIC, "f1"))
+
+
+def best_cells(results: list[dict], evaluation_names: list[str]) -> dict:
+    """Per evaluation, the best cell's feature set, classifier, accuracy and F1."""
+    best = {}
+    for name in evaluation_names:
+        cells = results_for(results, name)
+        index = best_cell(cells)
+        if index is not None:
+            cell = cells[index]
+            best[name] = {
+                "feature_set": cell["feature_set"],
+                "classifier": cell["classifier"],
+                "accuracy": cell["metrics"]["accuracy"]["mean"],
+                "f1": cell["metrics"]["f1"]["mean"],
+            }
+    return best
 
 
 def table_rows(results: list[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ import importlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,6 +20,43 @@ from leukoflow.tasks import augment
 from leukoflow.tasks import backbones as bb
 from leukoflow.tasks.images import ImageRejected, decode_image, resize_pixels
 from leukoflow.tasks.storage import Location, open_location
+
+
+@dataclass
+class ExtractionResult:
+    """What one extraction did: vectors written per backbone, images set aside with why, where
+    each backbone's actor ran, and how long it took."""
+
+    computed: dict[str, int] = field(default_factory=dict)  # backbone -> vectors written
+    rejected: dict[str, str] = field(default_factory=dict)  # image_id -> reason
+    actor_nodes: dict[str, str] = field(default_factory=dict)  # backbone -> node id
+    actor_code_dirs: dict[str, str] = field(default_factory=dict)  # backbone -> code imported from
+    seconds: float = 0.0
+    # Epoch seconds when every actor had its network loaded (None: no actor was needed): the
+    # start of steady-state throughput, recorded for bench/ rather than parsed from a log line.
+    actors_ready_at: float | None = None
+
+    @property
+    def images_done(self) -> int:
+        """Images that got vectors (of the backbone that wrote the most)."""
+        return max(self.computed.values(), default=0)
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.images_done / self.seconds if self.seconds else None
+
+    def to_dict(self) -> dict:
+        """The JSON form that summaries and run rows carry."""
+        rate = self.images_per_second
+        return {
+            "computed": self.computed,
+            "rejected": self.rejected,
+            "seconds": round(self.seconds, 2),
+            "images_per_second": rate and round(rate, 3),
+            "actor_nodes": self.actor_nodes,
+            "actor_code_dirs": self.actor_code_dirs,
+            "actors_ready_at": self.actors_ready_at,
+        }
 
 
 class HandcraftedFeaturizer:

@@ -50,6 +50,29 @@ class FittedModel:
         return {k: v for k, v in params.items() if isinstance(v, plain)}
 
 
+def trainable_rows(rows: list[dict]) -> list[dict]:
+    """The catalogued images `run` trains and tests on: decoded and labelled."""
+    return evaluate.labelled_rows(rows, "train on")
+
+
+def plan_split(rows: list[dict], split: str | None, seed: int) -> str:
+    """The split `run` will use (None: subject-grouped when every image has a subject id, else
+    random), checked before any extraction: one class, or too few subjects for the split or
+    its calibration folds, is a usage error now rather than after hours of work."""
+    trainable = trainable_rows(rows)
+    y = evaluate.labels_to_int([r["label"] for r in trainable])
+    subjects = [r["subject_id"] for r in trainable]
+    split = train.choose_split(split, y, subjects)
+    planned = train.split_rows(y, subjects, split, seed=seed)
+    train.kfold(
+        y[planned.train],
+        [subjects[i] for i in planned.train],
+        calibration.DEFAULT_CALIBRATION_FOLDS,
+        seed,
+    )
+    return split
+
+
 def drift_reference(fitted: FittedModel, x: np.ndarray) -> dict:
     """What nightly drift compares against: the training side's feature moments, and the saved
     model's scores on held-out cells (training-set scores of a separating SVM are more extreme

@@ -60,3 +60,16 @@ def featurised_images(store: Location, recipe: FeatureRecipe) -> set[str]:
         ids = featurised_ids(store, name, *recipe.vector_key(name))
         held = ids if held is None else held & ids
     return held or set()
+
+
+def missing_vectors(
+    store: Location, recipe: FeatureRecipe, image_ids: list[str]
+) -> dict[str, list[str]]:
+    """Per backbone with work, the ids (in the given order) without a vector of `recipe`."""
+    todo = {}
+    for name in recipe.backbones:
+        done = featurised_ids(store, name, *recipe.vector_key(name))
+        missing = [i for i in image_ids if i not in done]
+        if missing:
+            todo[name] = missing
+    return todo

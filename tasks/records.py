@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import platform
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, short_id
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import write_run
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, Outcome, RunKind, short_id
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
 
@@ -108,7 +111,67 @@ def accounting_dict(counts: Accounting, done_name: str) -> dict:
     }
 
 
+def quarantine_list(rows: Sequence[dict]) -> list[dict]:
+    """The images set aside, by content id and reason (for reports; summaries count them)."""
+    return [
+        {"image_id": r["image_id"], "reason": r["reason"]}
+        for r in rows
+        if r["status"] == ImageStatus.QUARANTINED
+    ]
+
+
+def not_promoted_note(kept_current: str) -> str:
+    """Why a new non-clinical model was saved but not made current."""
+    return (
+        f"non-clinical model: the clinical model {kept_current} stays current "
+        "(--force to promote it anyway)"
+    )
+
+
 # -- run rows --------------------------------------------------------------------------------
+def new_run_id(started: datetime) -> str:
+    """A run's id: its start (UTC, sortable) and 8 random hex digits (unique)."""
+    return f"{started.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RunRecorder:
+    """The one writer of run rows (`runs/run-<id>.parquet`, tables.RUN_SCHEMA): every kind of
+    run mints its id, stamps its start and end and writes its row the same way. A run that
+    writes `running` first and its outcome later replaces its own row (same file)."""
+
+    store: Location
+    kind: RunKind
+    dataset: str
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.run_id = self.run_id or new_run_id(self.started)
+
+    def record(self, outcome: Outcome, **columns) -> dict:
+        """Write the row (run_row's keyword columns); `finished_at` is now unless running."""
+        finished = None if outcome == Outcome.RUNNING else datetime.now(UTC)
+        row = run_row(self.run_id, self.kind, self.dataset, self.started, finished, outcome,
+                      **columns)  # fmt: skip
+        write_run(self.store, row)
+        return row
+
+    @staticmethod
+    def extraction_columns(counts: Accounting, extraction) -> dict:
+        """The image columns of a run that extracts: counts measured against the vectors, and
+        `extraction` (tasks/extract.ExtractionResult)."""
+        return {
+            "found": counts.found,
+            "new": extraction.images_done,
+            "featurised": counts.done,
+            "quarantined": counts.quarantined,
+            "duplicate": counts.duplicate,
+            "missing": counts.missing,
+            "images_per_second": extraction.to_dict()["images_per_second"],
+        }
+
+
 def run_row(
     run_id: str,
     kind: str,

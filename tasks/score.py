@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -20,17 +19,12 @@ import numpy as np
 from leukoflow.errors import LeukoflowError
 from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.records import Accounting, non_clinical_note, run_row
-from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, flagged, short_id
+from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged, short_id
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
 # A cell is flagged when its score reaches the model's threshold (the rule tasks.calibration
 # records with calibrated models; for an SVM's decision value the threshold is 0).
 SCORE_QUANTILES = 21  # points of the score reference's distribution kept in model.json
-
-
-def new_run_id(started: datetime) -> str:
-    """A sortable, unique run id: the start time and a random suffix."""
-    return f"{started.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def night_of(text: str | None, started: datetime) -> str:
@@ -459,7 +453,7 @@ class Sweep:
         non_clinical = bool(record.get("non_clinical"))
         return {
             "run_id": self.run_id,
-            "kind": "score",
+            "kind": RunKind.SCORE,
             "outcome": outcome,
             "message": self.message,
             "store": self.store,

@@ -1,9 +1,10 @@
 """The stages every flow shares, as thin Prefect tasks: catalog, missing vectors, featurise,
-quarantine what extraction could not read, join.
+quarantine what extraction could not read, join; and `prepare_features`, the one chain of them
+that `run`, `validate`, `experiments`, `backfill` and the nightly sweep all call.
 
-One set, used by run, validate, experiments, backfill and the nightly sweep, so no two flows can
-key vectors or count images differently. Stage logic lives in plain modules (catalog, actors,
-join); these wrappers log, report progress and give each stage its place in the Prefect UI.
+One set, so no two flows can key vectors, count images or report progress differently. Stage
+logic lives in plain modules (catalog, actors, join); these wrappers log, report progress and
+give each stage its place in the Prefect UI.
 Results stay in memory (NO_CACHE): the store is the system of record, and re-runs skip work by
 reading it, not through Prefect's cache. Ray is imported only when there are vectors to compute,
 so a sweep that finds nothing new never pays its start-up.
@@ -11,8 +12,9 @@ so a sweep that finds nothing new never pays its start-up.
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,12 +23,15 @@ from prefect.cache_policies import NO_CACHE
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from leukoflow.tasks import records
 from leukoflow.tasks.catalog import build_catalog, catalog_counts
-from leukoflow.tasks.join import JoinedFeatures, join_features
+from leukoflow.tasks.extract import ExtractionResult
+from leukoflow.tasks.join import JoinedFeatures, featurised_images, join_features
+from leukoflow.tasks.join import missing_vectors as vectors_missing
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.storage import Location
-from leukoflow.tasks.tables import CATALOG_SCHEMA, featurised_ids, read_catalog, write_catalog
-from leukoflow.vocabulary import ImageStatus
+from leukoflow.tasks.tables import CATALOG_SCHEMA, read_catalog, write_catalog
+from leukoflow.vocabulary import ImageStatus, short_id
 
 
 @dataclass
@@ -102,12 +107,7 @@ def missing_vectors(
 ) -> dict[str, list[str]]:
     """Per backbone, the ids without a vector of `recipe` (only backbones with work)."""
     logger = get_run_logger()
-    todo = {}
-    for name in recipe.backbones:
-        done = featurised_ids(store, name, *recipe.vector_key(name))
-        missing = [i for i in image_ids if i not in done]
-        if missing:
-            todo[name] = missing
+    todo = vectors_missing(store, recipe, image_ids)
     logger.info("vectors to compute: %s", {n: len(ids) for n, ids in todo.items()} or "none")
     return todo
 
@@ -120,44 +120,38 @@ def featurise(
     recipe: FeatureRecipe,
     compute: Compute,
     total_images: int | None = None,
-    progress_bar: bool = False,
+    progress_bar: bool | None = None,
     pool=None,
-) -> dict:
+) -> ExtractionResult:
     """Compute the missing vectors on Ray actors; Ray is never started when there are none.
 
     `pool` (tasks/actors.BackbonePool): take the actors from it and leave them running, so the
     explanations that follow reuse the networks; without, the actors live for this stage only.
+    `progress_bar` None: a bar when stderr is a terminal, log lines otherwise.
     """
-    empty = {"computed": {}, "rejected": {}, "seconds": 0.0, "images_per_second": None}
     if not any(todo.values()):
-        return empty
+        return ExtractionResult()
     from leukoflow.tasks.actors import extract_features, ray_session  # Ray: only with work
 
     pending = len({i for ids in todo.values() for i in ids})
     total = total_images if total_images is not None else pending
     logger = get_run_logger()
-    with progress_reporter(progress_bar, total, total - pending, logger) as report:
+    bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    with progress_reporter(bar, total, total - pending, logger) as report:
         if pool is not None:  # the pool holds (or starts) its own Ray session
             result = extract_features(store, uris, todo, recipe, compute, on_progress=report,
                                       pool=pool)  # fmt: skip
         else:
             with ray_session(compute.ray_address):
                 result = extract_features(store, uris, todo, recipe, compute, on_progress=report)
-    rate = result.images_done / result.seconds if result.seconds else None
+    rate = result.images_per_second
     logger.info(
         "featurise: %s in %.1fs (%s images/s)", result.computed, result.seconds,
         rate and round(rate, 2),
     )  # fmt: skip
     for image_id, reason in result.rejected.items():
-        logger.warning("featurise: image %s set aside: %s", image_id[:12], reason)
-    return {
-        "computed": result.computed,
-        "rejected": result.rejected,
-        "seconds": round(result.seconds, 2),
-        "images_per_second": rate and round(rate, 3),
-        "actor_nodes": result.actor_nodes,
-        "actor_code_dirs": result.actor_code_dirs,
-    }
+        logger.warning("featurise: image %s set aside: %s", short_id(image_id), reason)
+    return result
 
 
 @task(name="join", cache_policy=NO_CACHE)
@@ -172,8 +166,82 @@ def join(store: Location, image_ids: list[str], recipe: FeatureRecipe) -> Joined
         " + ".join(f"{n}:{d}" for n, d in zip(joined.backbones, joined.dims, strict=True)),
     )
     for image_id, absent in joined.missing.items():
-        logger.warning("join: image %s lacks features of %s", image_id[:12], ", ".join(absent))
+        logger.warning("join: image %s lacks features of %s", short_id(image_id), ", ".join(absent))
     return joined
+
+
+# -- the one feature-preparation step ------------------------------------------------------------
+RowSelection = Callable[[list[dict]], list[dict]]
+
+
+def ok_rows(rows: Sequence[dict]) -> list[dict]:
+    """The catalog rows whose images decoded (what every flow featurises unless told otherwise)."""
+    return [row for row in rows if row["status"] == ImageStatus.OK]
+
+
+@dataclass
+class PreparedFeatures:
+    """What `prepare_features` hands a flow."""
+
+    catalog: CatalogPass | None  # this pass over the images (None: the stored catalog was read)
+    rows: list[dict]  # the dataset's catalog rows as written, extraction's rejects quarantined
+    selected: list[dict]  # the rows that were to hold vectors, rejects left out
+    todo: dict[str, list[str]]  # per backbone, the ids that lacked a vector before extraction
+    extraction: ExtractionResult
+    joined: JoinedFeatures | None  # the joined rows' matrix and ids (None: not asked to join)
+    counts: records.Accounting | None  # every row counted against the vectors (None: not asked)
+
+    @property
+    def rejected(self) -> dict[str, str]:
+        """Images extraction could not read (changed or unreadable since the catalog), with why."""
+        return self.extraction.rejected
+
+
+def prepare_features(
+    root: Location,
+    dataset: str,
+    recipe: FeatureRecipe,
+    compute: Compute,
+    *,
+    images: str | list[str] | None = None,
+    rows: list[dict] | None = None,
+    labels: dict[str, str] | None = None,
+    allow_empty: bool = False,
+    select: RowSelection = ok_rows,
+    also: Sequence[dict] = (),
+    join_rows: RowSelection | None = None,
+    count: bool = True,
+    progress_bar: bool | None = None,
+    pool=None,
+) -> PreparedFeatures:
+    """Catalog -> what is missing -> featurise (with progress) -> quarantine rejects -> join.
+
+    The images are catalogued from `images` (folders or manifests), or `rows` are taken as the
+    dataset's catalog. `select` picks the rows that must hold a vector of every backbone (and
+    `also`, rows outside the catalog such as augmented copies); `join_rows` picks those to join
+    into one matrix (None: no join). `count`: measure every row against the stored vectors.
+    """
+    catalog = None
+    if rows is None:
+        catalog = catalog_images(images, root, dataset, labels, allow_empty)
+        rows = catalog.rows
+    wanted = [*select(rows), *also]
+    uris = {row["image_id"]: row["uri"] for row in wanted}
+    todo = missing_vectors(root, list(uris), recipe)
+    extraction = featurise(
+        root, uris, todo, recipe, compute, total_images=len(uris), progress_bar=progress_bar,
+        pool=pool,
+    )  # fmt: skip
+    rejected = extraction.rejected
+    rows = quarantine_rejects(root, dataset, rows, rejected)
+    joined = None
+    if join_rows is not None:
+        joined = join(
+            root, [r["image_id"] for r in join_rows(rows) if r["image_id"] not in rejected], recipe
+        )
+    counts = records.account(rows, rejected, featurised_images(root, recipe)) if count else None
+    selected = [row for row in select(rows) if row["image_id"] not in rejected]
+    return PreparedFeatures(catalog, rows, selected, todo, extraction, joined, counts)
 
 
 # -- progress --------------------------------------------------------------------------------

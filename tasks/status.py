@@ -29,12 +29,12 @@ from leukoflow.tasks.tables import (
     read_predictions,
     read_runs,
 )
-from leukoflow.vocabulary import ImageStatus
+from leukoflow.vocabulary import ImageStatus, Outcome, RunKind
 
 # Run kinds whose rows count images against the features table (a sweep counts predictions).
-EXTRACTING_KINDS = ("run", "backfill", "validate", "experiments", "score")
+EXTRACTING_KINDS = tuple(RunKind)  # every kind extracts what it lacks
 
-KNOWN_STATUSES = (ImageStatus.OK, ImageStatus.QUARANTINED, ImageStatus.DUPLICATE)
+KNOWN_STATUSES = tuple(ImageStatus)
 RUN_COUNTS = ("found", "new", "skipped", "featurised", "quarantined", "duplicate", "missing")
 VectorKey = tuple[str, str, int]  # (backbone, weights id, image size key)
 
@@ -123,7 +123,7 @@ def dataset_recipes(store: Location, runs: pa.Table) -> dict[str, tuple[str, lis
     """dataset -> (run id, vector keys) of its latest completed extracting run with a recipe."""
     chosen: dict[str, tuple[str, list[VectorKey]]] = {}
     for row in sorted(runs.to_pylist(), key=lambda r: r["started_at"]):
-        if row["kind"] not in EXTRACTING_KINDS or row["outcome"] != "completed":
+        if row["kind"] not in EXTRACTING_KINDS or row["outcome"] != Outcome.COMPLETED:
             continue
         keys = recipe_keys(_run_recipe(store, row))
         if keys:
@@ -136,7 +136,7 @@ def dataset_sweeps(store: Location, runs: pa.Table) -> dict[str, tuple[str, set[
     latest completed run is a nightly sweep: its images must be scored, not only featurised."""
     latest: dict[str, dict] = {}
     for row in sorted(runs.to_pylist(), key=lambda r: r["started_at"]):
-        if row["outcome"] == "completed":
+        if row["outcome"] == Outcome.COMPLETED:
             latest[row["dataset"]] = row
     models = {r["model_id"] for r in latest.values() if r["kind"] == "score" and r["model_id"]}
     if not models:
@@ -239,7 +239,7 @@ def runs_accounting(runs: pa.Table) -> list[dict]:
             done = count["featurised"]
         missing = count["missing"]
         total = done + count["quarantined"] + count["duplicate"] + missing
-        checked = row["outcome"] == "completed"
+        checked = row["outcome"] == Outcome.COMPLETED
         shown.append(
             {
                 "run_id": row["run_id"],

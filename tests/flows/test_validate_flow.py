@@ -112,3 +112,20 @@ def test_patient_level_decides_each_subject_once_on_its_cells(validated):
     assert not raw & {p["subject_id"] for p in level["patients"]}
     for fold in level["per_fold"]:
         assert 0.0 <= fold["patient_threshold"] <= 1.0
+
+
+def test_validate_leaves_a_run_row_like_every_other_kind_of_run(validated):
+    from leukoflow.tasks.tables import read_runs
+
+    store, summary = validated
+    (row,) = read_runs(open_location(str(store))).to_pylist()
+    assert row["run_id"] == summary["run_id"]
+    assert (row["kind"], row["outcome"], row["dataset"]) == ("validate", "completed", "two-sources")
+    assert row["finished_at"] >= row["started_at"]
+    assert row["images_found"] == 24 and row["images_featurised"] == 24
+    assert row["images_quarantined"] == 0 and row["images_missing"] == 0
+    details = json.loads(row["details"])
+    assert details["feature_recipe"]["backbones"] == ["color_morphology"]
+    assert (
+        details["metrics"]["balanced_accuracy"] == summary["metrics"]["balanced_accuracy"]["mean"]
+    )
