@@ -21,6 +21,7 @@ from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import records, registry
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.explain_tasks import explain_flagged_cells
+from leukoflow.tasks.fhir import export_after_sweep, with_fhir_details
 from leukoflow.tasks.lease import SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe, recipe_from_record
@@ -56,11 +57,13 @@ def score_inbox(
     precision: str | None = None,
     explain_flagged: bool = False,
     explain_limit: int = 100,
+    export_fhir: str | None = None,
 ) -> dict:
     """One sweep of INBOX; its summary (outcome "busy": another sweep holds the lease).
 
     `precision` None: the model's own. explain_flagged: also write activation-map PNGs of the
     night's flagged cells (at most `explain_limit` per sweep) under explanations/date=<night>/.
+    export_fhir: a folder or FHIR base URL for the night's results as FHIR (tasks/fhir).
     """
     install_secret_masking()
     logger = get_run_logger()
@@ -112,9 +115,16 @@ def score_inbox(
     with lease.kept_alive(hold_limit_s=hold_limit_s):
         write_run(root, state.run_row("running", None))
         outcome = "failed"
+        fhir_done = None
         try:
             summary = _sweep(state, root, recipe, sweep, lease, compute, explain_flagged,
                              explain_limit)  # fmt: skip
+            if export_fhir:  # the predictions are stored; its outcome goes in the final row
+                fhir_done = export_after_sweep(root, night, model_id, record, state.rule,
+                                               export_fhir)  # fmt: skip
+                summary["fhir"] = fhir_done
+                if fhir_done["status"] == "failed":
+                    logger.warning("FHIR export not done: %s", fhir_done["reason"])
             outcome = "completed"
         except BaseException as error:
             if _stopped_by_timeout(error, started, hold_limit_s):
@@ -135,7 +145,7 @@ def score_inbox(
         finally:
             # A failed sweep leaves its row too; a killed one stays "running" (dashboard:
             # interrupted) and the next sweep finishes its work.
-            write_run(root, state.run_row(outcome, datetime.now(UTC)))
+            write_run(root, with_fhir_details(state.run_row(outcome, datetime.now(UTC)), fhir_done))
     return summary
 
 

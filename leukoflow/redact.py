@@ -20,6 +20,7 @@ SECRET_ENV_VARS = (
     "PREFECT_SERVER_API_AUTH_STRING",
     "RAY_AUTH_TOKEN",
     "LEUKOFLOW_MODEL_KEY",
+    "LEUKOFLOW_FHIR_TOKEN",
 )
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 

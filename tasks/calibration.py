@@ -22,11 +22,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import evaluate, train
+from leukoflow.tasks import choices, evaluate, train
 from leukoflow.vocabulary import THRESHOLD_RULE
 from leukoflow.vocabulary import flagged as flag_rule
 
-DEFAULT_TARGET_SENSITIVITY = 0.95
+DEFAULT_TARGET_SENSITIVITY = choices.DEFAULT_TARGET_SENSITIVITY
 DEFAULT_CALIBRATION_FOLDS = 5
 METHOD = "sigmoid"  # Platt scaling: two parameters, stable on the few hundred cells of a fold
 RELIABILITY_BINS = 10

@@ -17,6 +17,10 @@ TUNED_CLASSIFIER = "rbf-svm-tuned"
 SPLITS = ("random", "subject")
 EXPERIMENT_SPLITS = (*SPLITS, "both")
 
+# The screening threshold's target: the sensitivity for ALL it must reach on validation folds
+# (tasks/calibration.py).
+DEFAULT_TARGET_SENSITIVITY = 0.95
+
 # Cross-validation (tasks/folds.py), for `validate`, `experiments` and the bench alike.
 DEFAULT_FOLDS = 5
 DEFAULT_BOOTSTRAP = 1000  # subject-bootstrap resamples of a 95% interval

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from leukoflow import __version__
-from leukoflow.cli import demo, deploy, explain, models, nightly, status, training
+from leukoflow.cli import demo, deploy, explain, export, models, nightly, status, training
 from leukoflow.cli.boundary import quiet_environment, redact, report_failure
 
 __all__ = ["app", "main", "redact"]
@@ -81,6 +81,16 @@ models_app.command("list")(models.models_list)
 models_app.command("show")(models.models_show)
 models_app.command("promote")(models.models_promote)
 app.add_typer(models_app, name="models")
+
+export_app = typer.Typer(
+    no_args_is_help=False,
+    invoke_without_command=True,
+    rich_markup_mode=None,
+    help="Export a night's results to other systems: fhir.",
+)
+export_app.callback()(_help_when_bare)
+export_app.command("fhir")(export.export_fhir)
+app.add_typer(export_app, name="export")
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import typer
 
 from leukoflow.cli.options import COMPUTE, RECIPE, AsJson, Classifier, Split, shared_options
 from leukoflow.cli.training import print_run_summary, train_model
+from leukoflow.tasks import choices
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
 
@@ -20,7 +21,7 @@ def demo(
     subjects: Annotated[int, typer.Option(help="Synthetic subjects (half ALL)")] = 8,
     cells_per_subject: Annotated[int, typer.Option("--cells-per-subject")] = 12,
     recipe: FeatureRecipe = RECIPE.with_defaults(weights="none"),
-    classifier: Classifier = "linear-svm",
+    classifier: Classifier = choices.DEFAULT_CLASSIFIER,
     split: Split = None,
     compute: Compute = COMPUTE,
     as_json: AsJson = False,

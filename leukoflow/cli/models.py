@@ -71,13 +71,20 @@ def models_show(model_id: ModelArgument, store: Store, as_json: AsJson = False) 
 def models_promote(
     model_id: Annotated[str, typer.Argument(help="The model id to make current")],
     store: Store,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Promote a non-clinical model (random weights) over a clinical current one",
+        ),
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Make MODEL_ID the model that scoring uses (one atomic write of CURRENT.json)."""
     from leukoflow.tasks import registry
     from leukoflow.tasks.status import open_existing_store
 
-    pointer = registry.promote(open_existing_store(store), model_id)
+    pointer = registry.promote(open_existing_store(store), model_id, force=force)
     if as_json:
         print_json(pointer)
     else:

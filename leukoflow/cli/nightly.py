@@ -124,6 +124,14 @@ def score(
     explain_limit: Annotated[
         int, typer.Option("--explain-limit", help="At most this many PNGs per sweep")
     ] = 100,
+    export_fhir: Annotated[
+        str | None,
+        typer.Option(
+            "--export-fhir",
+            help="Export the night as FHIR NDJSON to this folder, or POST it to this FHIR base "
+            "URL (http(s)://; NDJSON kept in STORE/exports/fhir/)",
+        ),
+    ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -149,6 +157,10 @@ def score(
         "weights": weights,
     }
     check_store(store)
+    if export_fhir and export_fhir.startswith(("http://", "https://")):
+        from leukoflow.tasks.fhir import check_url
+
+        check_url(export_fhir)  # a bad URL is refused before the night, not after it
 
     from leukoflow.flows.score import score_inbox
 
@@ -160,7 +172,7 @@ def score(
     summary = score_inbox(
         inbox=inbox, store=store, model=model, compute=compute, sweep=sweep, date=date,
         dataset=dataset, weights_dir=weights_dir, expected_recipe=expected, precision=precision,
-        explain_flagged=explain_flagged, explain_limit=explain_limit,
+        explain_flagged=explain_flagged, explain_limit=explain_limit, export_fhir=export_fhir,
     )  # fmt: skip
     if summary["outcome"] == "busy":
         print(f"leukoflow: {summary['message']}", file=sys.stderr)
@@ -209,6 +221,10 @@ def print_score_summary(summary: dict) -> None:
         )
     if summary.get("lease"):
         out.print(f"lease: {summary['lease']}")
+    fhir = summary.get("fhir")
+    if fhir:
+        why = f": {fhir['reason']}" if fhir.get("reason") else ""
+        out.print(f"FHIR export to {fhir['target']}: {fhir['status']}{why}", highlight=False)
 
 
 @shared_options

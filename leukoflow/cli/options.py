@@ -151,10 +151,7 @@ def shared_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def _feature_recipe(
     backbones: Annotated[
         str,
-        typer.Option(
-            help="Comma list, in concatenation order (vgg16, vgg19, resnet101, "
-            "mobilenet_v2, densenet121, inception_resnet_v2, color_morphology)"
-        ),
+        typer.Option(help=f"Comma list, in concatenation order ({', '.join(bb.BACKBONES)})"),
     ] = DEFAULT_BACKBONES,
     weights: Annotated[
         str, typer.Option(help="imagenet, none (random init: non-clinical) or DIR")

@@ -28,6 +28,7 @@ from leukoflow.cli.options import (
     shared_options,
 )
 from leukoflow.cli.output import console, print_json
+from leukoflow.tasks import choices
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
 METRICS_SHOWN = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
@@ -50,7 +51,7 @@ def train_model(
     classifier: str,
     split: str | None,
     labels: str | None = None,
-    target_sensitivity: float = 0.95,
+    target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
     promote: bool = True,
     force: bool = False,
 ) -> dict:
@@ -78,10 +79,10 @@ def run(
     store: Store,
     dataset: Dataset = "default",
     recipe: FeatureRecipe = RECIPE,
-    classifier: Classifier = "linear-svm",
+    classifier: Classifier = choices.DEFAULT_CLASSIFIER,
     split: Split = None,
     labels: Labels = None,
-    target_sensitivity: TargetSensitivity = 0.95,
+    target_sensitivity: TargetSensitivity = choices.DEFAULT_TARGET_SENSITIVITY,
     promote: Annotated[
         bool,
         typer.Option(
@@ -143,9 +144,9 @@ def validate(
     store: Store,
     dataset: Dataset = "default",
     recipe: FeatureRecipe = RECIPE,
-    classifier: Classifier = "linear-svm",
-    folds: Annotated[int, typer.Option(help="Subject-grouped folds")] = 5,
-    n_boot: NBoot = 1000,
+    classifier: Classifier = choices.DEFAULT_CLASSIFIER,
+    folds: Annotated[int, typer.Option(help="Subject-grouped folds")] = choices.DEFAULT_FOLDS,
+    n_boot: NBoot = choices.DEFAULT_BOOTSTRAP,
     labels: Labels = None,
     compute: Compute = COMPUTE,
     as_json: AsJson = False,
@@ -198,15 +199,17 @@ def experiments(
     dataset: Dataset = "default",
     recipe: FeatureRecipe = RECIPE.with_defaults(backbones=PAPER_BACKBONES),
     classifiers: Annotated[
-        str, typer.Option(help="Comma list of knn, linear-svm, rbf-svm, tree, forest, mlp")
+        str, typer.Option(help=f"Comma list of {', '.join(choices.CLASSIFIERS)}")
     ] = PAPER_CLASSIFIERS,
     split: ExperimentSplit = "both",
     trio: Annotated[
         str | None,
         typer.Option(help="The 3 backbones whose pairs and trio are tried (default: the paper's)"),
     ] = None,
-    folds: Annotated[int, typer.Option(help="Folds of the subject-grouped evaluation")] = 5,
-    n_boot: NBoot = 1000,
+    folds: Annotated[
+        int, typer.Option(help="Folds of the subject-grouped evaluation")
+    ] = choices.DEFAULT_FOLDS,
+    n_boot: NBoot = choices.DEFAULT_BOOTSTRAP,
     augment: Annotated[
         bool,
         typer.Option(

@@ -148,3 +148,15 @@ def test_the_code_version_is_the_git_commit_or_else_the_package_version(monkeypa
 
     monkeypatch.setattr(registry, "_git", no_git)
     assert registry.code_version() == "leukoflow==0.1.0"
+
+
+def test_a_non_clinical_model_replaces_a_clinical_one_only_with_force(store, cli):
+    root = open_location(str(store))
+    model, record = fitted_record("m-random", 0.5)
+    registry.save_model(root, "m-random", model, {**record, "non_clinical": True})
+    refused = cli("models", "promote", "m-random", "--store", store)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert registry.current_model_id(root) == "m-old"
+    pointer = last_json(cli("models", "promote", "m-random", "--store", store, "--force", "--json"))
+    assert pointer["model_id"] == "m-random" and pointer["previous"] == "m-old"
+    assert registry.current_model_id(root) == "m-random"
