@@ -3,13 +3,14 @@ one for long.
 
 The lease is one small JSON object, `leases/<name>.json`, naming its holder (host, pid, run id),
 a token unique to this holding, the holder's ttl and a renewal count. Every change is a
-compare-and-swap, so two processes can never both believe they hold it:
-- create: only when no lease exists (S3: PUT with If-None-Match: *; a local folder: os.open with
-  O_CREAT | O_EXCL);
+compare-and-swap (the storage layer's, tasks/storage.py), so two processes can never both
+believe they hold it:
+- create: only when no lease exists (S3: PUT with If-None-Match: *; a local folder: a hard link
+  of a fully written temporary file, refused when the name is taken);
 - renew, take over a stale lease, release: only when the object is still the exact version this
-  process last saw (S3: If-Match on its ETag; a local folder: compare the bytes and replace them
-  while holding a short fcntl lock on a guard file beside the lease, which the kernel drops if
-  the process dies).
+  process last saw (S3: If-Match on its ETag; a local folder: compare the bytes and replace or
+  remove them while holding a short fcntl lock on a hidden guard file beside the lease, which
+  the kernel drops if the process dies).
 
 Staleness never compares the clocks of two hosts. A holder renews every (ttl - write budget) / 3
 from a heartbeat thread, and every renewal changes the object (its renewal count goes up). A
@@ -33,8 +34,6 @@ No Prefect, no Ray: tested on its own against a local folder and an S3 server.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -46,16 +45,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
-from typing import Protocol
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.redact import redact
 from leukoflow.tasks.storage import (
     S3_CONNECT_TIMEOUT_S,
     S3_READ_TIMEOUT_S,
     S3FS_TRIES,
     Location,
+    create_versioned,
+    delete_if_unchanged,
+    first_line,
+    read_versioned,
+    replace_versioned,
     s3_retry_options,
+    store_failures,
+    supports_conditional_writes,
 )
 
 log = logging.getLogger("leukoflow.lease")
@@ -167,152 +171,6 @@ class LeaseLost(Exception):
     """This process no longer holds the lease (it stalled past its expiry and was taken over)."""
 
 
-# -- backends: compare-and-swap on one small object ------------------------------------------
-class _Backend(Protocol):
-    def read(self) -> tuple[bytes, object] | None: ...
-    def create(self, data: bytes) -> object | None: ...
-    def replace(self, data: bytes, expected: object) -> object | None: ...
-    def delete(self, expected: object) -> bool: ...
-
-
-class _LocalBackend:
-    """A file in a local folder; a version is the file's bytes (they hold a unique token)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.guard = f"{path}.guard"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-
-    @contextmanager
-    def _guarded(self) -> Iterator[None]:
-        # Held for a few milliseconds per operation; the kernel releases it if the process dies.
-        fd = os.open(self.guard, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _current(self) -> bytes | None:
-        try:
-            with open(self.path, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return None
-
-    def read(self) -> tuple[bytes, object] | None:
-        with self._guarded():
-            data = self._current()
-        return None if data is None else (data, data)
-
-    def create(self, data: bytes) -> object | None:
-        with self._guarded():
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return None
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return data
-
-    def replace(self, data: bytes, expected: object) -> object | None:
-        with self._guarded():
-            if self._current() != expected:
-                return None
-            tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        return data
-
-    def delete(self, expected: object) -> bool:
-        with self._guarded():
-            if self._current() != expected:
-                return False
-            os.remove(self.path)
-        return True
-
-
-class _S3Backend:
-    """An S3 object; a version is its ETag, and every write is conditional on it."""
-
-    def __init__(self, loc: Location):
-        self.fs = loc.fs
-        self.path = loc.path
-
-    def read(self) -> tuple[bytes, object] | None:
-        self.fs.invalidate_cache(self.path)
-        try:
-            # The ETag is read first: if the object changes before the GET, a swap conditional
-            # on this ETag fails and the caller looks again, so a newer body is never misjudged.
-            etag = self.fs.info(self.path)["ETag"]
-            data = self.fs.cat_file(self.path)
-        except FileNotFoundError:
-            return None
-        return data, etag
-
-    def create(self, data: bytes) -> object | None:
-        try:
-            response = self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *
-        except FileExistsError:
-            return None
-        return response["ETag"]
-
-    def replace(self, data: bytes, expected: object) -> object | None:
-        try:
-            response = self.fs.pipe_file(self.path, data, IfMatch=expected)
-        except OSError as error:
-            if _precondition_failed(error):
-                return None
-            raise
-        return response["ETag"]
-
-    def delete(self, expected: object) -> bool:
-        bucket, key, _ = self.fs.split_path(self.path)
-        try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=expected)
-        except OSError as error:
-            if _precondition_failed(error):
-                return False
-            raise
-        self.fs.invalidate_cache(self.path)
-        return True
-
-
-def _precondition_failed(error: OSError) -> bool:
-    # s3fs maps HTTP 412 (If-Match failed) to EINVAL and a vanished object to FileNotFoundError.
-    return isinstance(error, FileNotFoundError) or error.errno == errno.EINVAL
-
-
-def _backend(loc: Location) -> _Backend:
-    if loc.is_local:
-        return _LocalBackend(loc.path)
-    protocols = (loc.fs.protocol,) if isinstance(loc.fs.protocol, str) else loc.fs.protocol
-    if "s3" in protocols:
-        return _S3Backend(loc)
-    raise LeukoflowError(f"leases need a local folder or an s3:// store, not {loc.uri}")
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    # What a store that cannot be reached raises: OSError, and botocore's own errors (s3fs's
-    # dependency), which are not OSErrors.
-    try:
-        from botocore.exceptions import BotoCoreError
-    except ImportError:
-        return (OSError,)
-    return (OSError, BotoCoreError)
-
-
-def _first_line(error: BaseException) -> str:
-    text = (str(error) or type(error).__name__).splitlines()[0]
-    return redact(f"{type(error).__name__}: {text}")
-
-
 # -- the lease -------------------------------------------------------------------------------
 class StoreLease:
     """One process's claim on a named lease: acquire, keep alive, check before writes, release.
@@ -359,7 +217,8 @@ class StoreLease:
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
-        self._backend = _backend(loc)
+        if not supports_conditional_writes(loc):
+            raise LeukoflowError(f"leases need a local folder or an s3:// store, not {loc.uri}")
         # A pid means something only on this host's own disk; on S3 only an unchanged lease does.
         self._process_alive = process_alive if loc.is_local else None
         self._record: LeaseRecord | None = None
@@ -376,7 +235,7 @@ class StoreLease:
 
     def holder(self) -> LeaseRecord | None:
         """The current lease record, if there is one."""
-        current = self._backend.read()
+        current = read_versioned(self.loc)
         return None if current is None else LeaseRecord.parse(current[0])
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 1.0) -> LeaseRecord:
@@ -397,10 +256,10 @@ class StoreLease:
             self.attempts += 1
             sent = self._monotonic()
             record = self._fresh_record()
-            version = self._backend.create(record.to_bytes())
+            version = create_versioned(self.loc, record.to_bytes())
             if version is not None:
                 return self._hold(record, version, sent)
-            current = self._backend.read()
+            current = read_versioned(self.loc)
             raced = current is None  # released in between
             if current is not None:
                 data, version = current
@@ -413,7 +272,7 @@ class StoreLease:
                 if reason is not None:
                     sent = self._monotonic()
                     record = self._fresh_record()
-                    new_version = self._backend.replace(record.to_bytes(), version)
+                    new_version = replace_versioned(self.loc, record.to_bytes(), version)
                     if new_version is not None:
                         who = holder.describe(self._clock()) if holder else "unknown holder"
                         self.took_over = f"took over a stale lease ({who}): {reason}"
@@ -441,7 +300,7 @@ class StoreLease:
         # The store is written without the mutex: ensure_held must not wait on a hung renewal.
         sent = self._monotonic()
         record = replace(held, expires_at=self._clock() + self.ttl_s, renewals=held.renewals + 1)
-        new_version = self._backend.replace(record.to_bytes(), version)
+        new_version = replace_versioned(self.loc, record.to_bytes(), version)
         with self._mutex:
             if new_version is None:
                 self._lost = (
@@ -462,8 +321,8 @@ class StoreLease:
             token, renewed_at = self._record.token, self._renewed_at
         try:
             current = self.holder()
-        except _store_errors() as error:
-            self._mark_lost(f"cannot confirm the {self.name} lease: {_first_line(error)}")
+        except store_failures() as error:
+            self._mark_lost(f"cannot confirm the {self.name} lease: {first_line(error)}")
             raise LeaseLost(self._lost) from None
         if current is None or current.token != token:
             who = current.describe(self._clock()) if current else "nobody"
@@ -485,12 +344,12 @@ class StoreLease:
         if version is None:
             return
         try:
-            self._backend.delete(version)  # conditional: never another holder's lease
-        except _store_errors() as error:
+            delete_if_unchanged(self.loc, version)  # conditional: never another holder's lease
+        except store_failures() as error:
             log.warning(
                 "could not release the %s lease (%s); others take it over after its ttl",
                 self.name,
-                _first_line(error),
+                first_line(error),
             )
 
     @contextmanager
@@ -536,7 +395,10 @@ class StoreLease:
                 # must not end this thread with a raw, unredacted traceback, and a lease that
                 # could not be renewed can no longer be trusted: the writer stops at its next
                 # ensure_held.
-                self._mark_lost(f"the {self.name} lease could not be renewed: {_first_line(error)}")
+                why = first_line(error)
+                if not isinstance(error, store_failures()):  # a bug: its type says most
+                    why = f"{type(error).__name__}: {why}"
+                self._mark_lost(f"the {self.name} lease could not be renewed: {why}")
                 log.error("%s", self._lost)
                 return
 

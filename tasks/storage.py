@@ -5,13 +5,15 @@ temporary name in the same folder and renamed into place (rename is atomic on PO
 single PUT is atomic by itself. Readers (pyarrow datasets) skip names starting with '.' or '_', so
 they never see a half-written file.
 
-Conditional writes (`create_if_absent`, `replace_if_unchanged`, with `read_versioned`): for the
-few small objects that several processes may change at once (the current-model pointer, the
-subject salt). Create-if-absent is S3's PUT with If-None-Match: * and, locally, a hard link of a
-fully written temporary file (link fails if the name exists, and readers never see a partial
-file). Replace-if-unchanged is S3's PUT with If-Match on the ETag read and, locally, a compare of
-the bytes read and an atomic rename while an fcntl lock on a hidden guard file beside the object
-is held (the kernel drops it if the process dies). The same patterns as tasks/lease.py.
+Conditional writes, the one compare-and-swap of the code base (the current-model pointer, the
+subject salt, the sweep lease in tasks/lease.py): `read_versioned` gives an object's bytes and
+version; `create_versioned` / `create_if_absent` write only where nothing is,
+`replace_versioned` / `replace_if_unchanged` and `delete_if_unchanged` act only on the version
+read. On S3 they are single requests conditional on If-None-Match: * or If-Match: <ETag>.
+Locally create-if-absent hard-links a fully written temporary file (the link fails if the name
+exists, and readers never see a partial file); replace and delete compare the bytes and rename
+or remove while holding an fcntl lock on a hidden guard file beside the object (the kernel drops
+it if the process dies). Of two writers from one version, exactly one wins on both backends.
 
 S3 retry budget (see docs/reliability.md): botocore's "standard" retry mode retries refused or
 reset connections, timeouts, 5xx answers and throttling, waiting a random 0..2**k seconds (full
@@ -41,6 +43,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from leukoflow.errors import LeukoflowError, StoreUnavailable
+from leukoflow.redact import redact
 
 
 @dataclass(frozen=True)
@@ -128,21 +131,30 @@ def check_store(store: Location) -> None:
         raise LeukoflowError(
             f"access to the store {store.uri} was refused: check the credentials"
         ) from error
-    except (OSError, *_remote_errors()) as error:
-        raise LeukoflowError(f"cannot reach the store {store.uri}: {_first_line(error)}") from error
+    except _store_errors() as error:
+        raise LeukoflowError(f"cannot reach the store {store.uri}: {first_line(error)}") from error
 
 
-def _remote_errors() -> tuple[type[BaseException], ...]:
-    # botocore comes with s3fs; its connection errors are not OSErrors.
+def _store_errors() -> tuple[type[BaseException], ...]:
+    # What a store that cannot be used raises through fsspec: OSError, and botocore's own
+    # errors (s3fs's dependency), which are not OSErrors.
     try:
         from botocore.exceptions import BotoCoreError
     except ImportError:
-        return ()
-    return (BotoCoreError,)
+        return (OSError,)
+    return (OSError, BotoCoreError)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error) or type(error).__name__).splitlines()[0]
+def store_failures() -> tuple[type[BaseException], ...]:
+    """Everything a failing store raises through this module (the errors it explains, and
+    fsspec's and botocore's own from direct use of `Location.fs`): for callers that must
+    survive any store failure, e.g. a heartbeat."""
+    return (StoreUnavailable, LeukoflowError, *_store_errors())
+
+
+def first_line(error: BaseException) -> str:
+    """The error's first line with credentials masked: what a one-line message may show."""
+    return redact((str(error) or type(error).__name__).splitlines()[0])
 
 
 def write_bytes_atomic(loc: Location, data: bytes) -> None:
@@ -159,9 +171,9 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
     else:
         try:
             loc.fs.pipe_file(loc.path, data)  # one PUT: the object appears whole or not at all
-        except (OSError, *_remote_errors()) as error:
+        except _store_errors() as error:
             raise StoreUnavailable(
-                f"cannot write {loc.uri} (retried within the budget): {_first_line(error)}"
+                f"cannot write {loc.uri} (retried within the budget): {first_line(error)}"
             ) from error
 
 
@@ -190,20 +202,28 @@ def exists(loc: Location) -> bool:
         return loc.fs.exists(loc.path)
     try:
         return loc.fs.exists(loc.path)
-    except (OSError, *_remote_errors()) as error:  # refused (403), or past the retry budget
-        raise StoreUnavailable(f"cannot read {loc.uri}: {_first_line(error)}") from error
+    except _store_errors() as error:  # refused (403), or past the retry budget
+        raise StoreUnavailable(f"cannot read {loc.uri}: {first_line(error)}") from error
 
 
 # -- conditional writes (compare-and-swap on one small object) -------------------------------
+# The one compare-and-swap of the code base: the registry's CURRENT.json, the subject salt and
+# the sweep lease (tasks/lease.py) all go through these functions. A version is opaque to
+# callers; on both backends it stands for the object's bytes (locally the bytes themselves, on
+# S3 the ETag, an MD5 of them for a single PUT), so rewriting identical bytes does not count as
+# a change: callers write unique content where that matters (a lease token, a timestamp).
+def supports_conditional_writes(loc: Location) -> bool:
+    """Whether `loc` is on a store with conditional writes: a local folder or S3."""
+    return loc.is_local or "s3" in _protocols(loc.fs)
+
+
 def read_versioned(loc: Location) -> tuple[bytes, object] | None:
-    """The object's bytes and a version token for `replace_if_unchanged` (None: no object)."""
+    """The object's bytes and its version, for the *_if_unchanged calls (None: no object)."""
+    _require_conditional(loc)
     if loc.is_local:
-        if not os.path.isdir(posixpath.dirname(loc.path)):
-            return None  # a read makes no folders (and takes no lock) where nothing is
-        with _guarded(loc):
-            data = _read_local(loc.path)
-        return None if data is None else (data, data)  # locally, the bytes are the version
-    _require_s3(loc)
+        # No lock: objects only ever appear whole (link, rename), so a read sees one version.
+        data = _read_local(loc)
+        return None if data is None else (data, data)
     loc.fs.invalidate_cache(loc.path)
     try:
         # ETag first: if the object changes before the GET, a swap conditional on this ETag
@@ -212,47 +232,47 @@ def read_versioned(loc: Location) -> tuple[bytes, object] | None:
         data = loc.fs.cat_file(loc.path)
     except FileNotFoundError:
         return None
-    except (OSError, *_remote_errors()) as error:
-        raise StoreUnavailable(f"cannot read {loc.uri}: {_first_line(error)}") from error
+    except _store_errors() as error:  # refused (403), or past the retry budget
+        raise StoreUnavailable(f"cannot read {loc.uri}: {first_line(error)}") from error
     return data, etag
 
 
-def create_if_absent(loc: Location, data: bytes) -> bool:
-    """Write `data` only if nothing exists at `loc`; True when this call created it."""
+def create_versioned(loc: Location, data: bytes) -> object | None:
+    """Write `data` only if nothing exists at `loc`: the new version, or None when something
+    was there (including an object another writer created a moment before)."""
+    _require_conditional(loc)
     if loc.is_local:
         parent = posixpath.dirname(loc.path)
         tmp = _write_tmp(parent, posixpath.basename(loc.path), data)
         try:
-            os.link(tmp, loc.path)  # atomic, and refused with EEXIST when the name is taken
+            # Atomic, refused with EEXIST when the name is taken, and readers never see a
+            # partly written object (os.open with O_EXCL would show them one).
+            os.link(tmp, loc.path)
         except FileExistsError:
-            return False
+            return None
         except OSError as error:
             raise LeukoflowError(f"cannot write {loc.uri}: {error.strerror or error}") from error
         finally:
             os.remove(tmp)
-        return True
-    _require_s3(loc)
+        return data
     try:
-        loc.fs.pipe_file(loc.path, data, mode="create")  # If-None-Match: *
-    except FileExistsError:
-        return False
-    except OSError as error:
-        if _precondition_failed(error):
-            return False
-        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
-    except _remote_errors() as error:
-        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
-    return True
+        response = loc.fs.pipe_file(loc.path, data, mode="create")  # If-None-Match: *
+    except _store_errors() as error:
+        if _precondition_failed(error, creating=True):
+            return None
+        raise StoreUnavailable(f"cannot write {loc.uri}: {first_line(error)}") from error
+    return response["ETag"]
 
 
-def replace_if_unchanged(loc: Location, data: bytes, version: object) -> bool:
-    """Replace the object with `data` only if it is still at `version` (from read_versioned);
-    True when this call replaced it, False when someone changed or removed it first."""
+def replace_versioned(loc: Location, data: bytes, version: object) -> object | None:
+    """Replace the object with `data` only if it is still at `version` (from read_versioned):
+    the new version, or None when someone changed or removed it first."""
+    _require_conditional(loc)
     if loc.is_local:
         parent = posixpath.dirname(loc.path)
         with _guarded(loc):
-            if _read_local(loc.path) != version:
-                return False
+            if _read_local(loc) != version:
+                return None
             tmp = _write_tmp(parent, posixpath.basename(loc.path), data)
             try:
                 os.replace(tmp, loc.path)
@@ -261,27 +281,85 @@ def replace_if_unchanged(loc: Location, data: bytes, version: object) -> bool:
                 raise LeukoflowError(
                     f"cannot write {loc.uri}: {error.strerror or error}"
                 ) from error
-        return True
-    _require_s3(loc)
+        return data
     try:
-        loc.fs.pipe_file(loc.path, data, IfMatch=version)
-    except OSError as error:
+        response = loc.fs.pipe_file(loc.path, data, IfMatch=version)
+    except _store_errors() as error:
+        if _precondition_failed(error):
+            return None
+        raise StoreUnavailable(f"cannot write {loc.uri}: {first_line(error)}") from error
+    return response["ETag"]
+
+
+def create_if_absent(loc: Location, data: bytes) -> bool:
+    """Write `data` only if nothing exists at `loc`; True when this call created it."""
+    return create_versioned(loc, data) is not None
+
+
+def replace_if_unchanged(loc: Location, data: bytes, version: object) -> bool:
+    """Replace the object with `data` only if it is still at `version` (from read_versioned);
+    True when this call replaced it, False when someone changed or removed it first."""
+    return replace_versioned(loc, data, version) is not None
+
+
+def delete_if_unchanged(loc: Location, version: object) -> bool:
+    """Delete the object only if it is still at `version`; True when this call deleted it,
+    False when someone changed it first (or, locally, it was already gone; S3 may answer an
+    already deleted object as deleted)."""
+    _require_conditional(loc)
+    if loc.is_local:
+        if not os.path.isdir(posixpath.dirname(loc.path)):
+            return False  # nothing there, and no folder (or guard file) made for nothing
+        with _guarded(loc):
+            if _read_local(loc) != version:
+                return False
+            try:
+                os.remove(loc.path)
+            except OSError as error:
+                raise LeukoflowError(
+                    f"cannot delete {loc.uri}: {error.strerror or error}"
+                ) from error
+        return True
+    bucket, key, _ = loc.fs.split_path(loc.path)
+    try:
+        loc.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+    except _store_errors() as error:
         if _precondition_failed(error):
             return False
-        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
-    except _remote_errors() as error:
-        raise StoreUnavailable(f"cannot write {loc.uri}: {_first_line(error)}") from error
+        raise StoreUnavailable(f"cannot delete {loc.uri}: {first_line(error)}") from error
+    finally:
+        loc.fs.invalidate_cache(loc.path)
     return True
 
 
-def _precondition_failed(error: OSError) -> bool:
-    # s3fs maps HTTP 412 (a failed If-Match / If-None-Match) to EINVAL, and a vanished object
-    # to FileNotFoundError.
-    return isinstance(error, FileNotFoundError) or error.errno == errno.EINVAL
+# S3 answers a condition that does not hold with 412 PreconditionFailed (s3fs: FileExistsError
+# for If-None-Match, else an OSError with EINVAL), an If-Match on a missing object with 404
+# NoSuchKey (FileNotFoundError), and a conditional write racing another one on the same key
+# with 409 ConditionalRequestConflict: each means another writer came first. s3fs maps many
+# other answers to EINVAL too, so botocore's answer, kept as the cause, decides where there
+# is one.
+_LOST_RACE_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_LOST_RACE_STATUSES = frozenset({412, 409})
 
 
-def _require_s3(loc: Location) -> None:
-    if "s3" not in _protocols(loc.fs):
+def _precondition_failed(error: BaseException, *, creating: bool = False) -> bool:
+    if isinstance(error, FileExistsError):
+        return True
+    response = getattr(error.__cause__, "response", None)
+    answer = response if isinstance(response, dict) else {}
+    code = answer.get("Error", {}).get("Code")
+    status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(error, FileNotFoundError):
+        # The object went away under an If-Match; no bucket is no race, and neither is
+        # anything missing when creating.
+        return not creating and code != "NoSuchBucket"
+    if answer:
+        return code in _LOST_RACE_CODES or status in _LOST_RACE_STATUSES
+    return isinstance(error, OSError) and error.errno == errno.EINVAL
+
+
+def _require_conditional(loc: Location) -> None:
+    if not supports_conditional_writes(loc):
         raise LeukoflowError(
             f"conditional writes need a local folder or an s3:// store, not {loc.uri}"
         )
@@ -289,13 +367,17 @@ def _require_s3(loc: Location) -> None:
 
 @contextmanager
 def _guarded(loc: Location) -> Iterator[None]:
-    # A hidden guard file beside the object; held for milliseconds per operation.
+    # The one lock discipline for local conditional writes: an exclusive fcntl lock on a hidden
+    # guard file beside the object (`.<name>.guard`, skipped by readers like every hidden
+    # name), held for the milliseconds of one compare and rename; the kernel drops it if the
+    # process dies. The guard file is never deleted: a process could hold a lock on a deleted
+    # one while another locks a new one.
     parent, name = posixpath.split(loc.path)
     try:
         os.makedirs(parent, exist_ok=True)
+        fd = os.open(posixpath.join(parent, f".{name}.guard"), os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as error:
         raise LeukoflowError(f"cannot write {loc.uri}: {error.strerror or error}") from error
-    fd = os.open(posixpath.join(parent, f".{name}.guard"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -303,12 +385,14 @@ def _guarded(loc: Location) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _read_local(path: str) -> bytes | None:
+def _read_local(loc: Location) -> bytes | None:
     try:
-        with open(path, "rb") as handle:
+        with open(loc.path, "rb") as handle:
             return handle.read()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise LeukoflowError(f"cannot read {loc.uri}: {error.strerror or error}") from error
 
 
 def _write_tmp(parent: str, name: str, data: bytes) -> str:

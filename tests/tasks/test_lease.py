@@ -14,10 +14,12 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 
+import fsspec
 import pyarrow.dataset as ds
 import pytest
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import lease as lease_module
 from leukoflow.tasks.lease import (
     LeaseBusy,
     LeaseLost,
@@ -32,6 +34,7 @@ from leukoflow.tasks.storage import (
     S3_CONNECT_TIMEOUT_S,
     S3_READ_TIMEOUT_S,
     S3FS_TRIES,
+    Location,
     open_location,
 )
 from leukoflow.tasks.tables import (
@@ -325,11 +328,11 @@ def test_the_heartbeat_logs_any_failure_and_the_writer_stops(store, monkeypatch,
     holder = lease(store, "flaky", ttl=0.5)
     holder.acquire()
 
-    def broken(data, expected):
+    def broken(loc, data, expected):
         raise failure()
 
     with caplog.at_level(logging.WARNING, logger="leukoflow.lease"), holder.kept_alive():
-        monkeypatch.setattr(holder._backend, "replace", broken)
+        monkeypatch.setattr(lease_module, "replace_versioned", broken)
         wait_until(  # the next heartbeat, 0.15 s away
             lambda: [r for r in caplog.records if r.name == "leukoflow.lease"],
             "the heartbeat to report the failure",
@@ -513,24 +516,27 @@ def test_clock_skew_of_minutes_between_two_sweeps_loses_and_doubles_nothing(stor
 
 
 @SKEWS
-def test_a_holder_that_stalls_past_its_ttl_and_then_writes_makes_no_second_copy(store, skews):
+def test_a_holder_that_stalls_past_its_ttl_and_then_writes_makes_no_second_copy(
+    store, skews, monkeypatch
+):
     """The other case of two sweeps minutes apart: the first's renewals stop (hung), so the
     second takes over, and the first, waking up, is stopped before it writes again."""
     stalled = lease(store, "stalled", ttl=1.0, budget=0.1, skew=skews[0])
     stalled.acquire()
     stalled_token = stalled.token
     hang, stalled_at = threading.Event(), []
-    real_replace = stalled._backend.replace
+    real_replace = lease_module.replace_versioned
 
-    def hung_renewal(data, expected):  # its heartbeat is stuck, e.g. in a hung connection
-        stalled_at.append(time.monotonic())
-        hang.wait()
-        return real_replace(data, expected)
+    def hung_renewal(loc, data, expected):  # its heartbeat is stuck, e.g. in a hung connection
+        if LeaseRecord.parse(data).token == stalled_token:  # the taker's writes go through
+            stalled_at.append(time.monotonic())
+            hang.wait(timeout=60)  # bounded: a failing test must not hang on it
+        return real_replace(loc, data, expected)
 
     with stalled.kept_alive():
         write_predictions(store, "2026-03-01", "stalled", _rows(IMAGES[:4]),
                           lease_token=stalled.token)  # fmt: skip
-        stalled._backend.replace = hung_renewal
+        monkeypatch.setattr(lease_module, "replace_versioned", hung_renewal)
         # The next sweep: it watches the unchanged lease for a ttl, takes over, does the rest.
         taker = lease(store, "taker", ttl=2.0, budget=0.1, skew=skews[1])
         assert _sweep(store, taker, wait_s=30) == "completed 6"
@@ -572,6 +578,12 @@ def test_the_ttl_must_exceed_the_longest_write_to_the_store(tmp_path, monkeypatc
         StoreLease(lease_location(s3, "score"), "sweep", ttl_s=300)
     held = StoreLease(lease_location(s3, "score"), "sweep")  # the default fits the budget
     assert held.ttl_s > held.write_budget_s and held.renew_every_s > 30
+
+
+def test_a_lease_needs_a_store_with_conditional_writes():
+    memory = Location(fsspec.filesystem("memory"), "/store/leases/score.json")
+    with pytest.raises(LeukoflowError, match="leases need a local folder or an s3://"):
+        StoreLease(memory, "sweep", ttl_s=60, write_budget_s=BUDGET_S)
 
 
 def test_records_round_trip_and_refuse_garbage():

@@ -10,14 +10,17 @@ import threading
 import fsspec
 import pytest
 
-from leukoflow.errors import LeukoflowError
+from leukoflow.errors import LeukoflowError, StoreUnavailable
 from leukoflow.tasks.storage import (
     Location,
     create_if_absent,
+    create_versioned,
+    delete_if_unchanged,
     open_location,
     read_json,
     read_versioned,
     replace_if_unchanged,
+    replace_versioned,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -114,10 +117,67 @@ def test_replace_of_a_removed_object_is_refused(store) -> None:
     assert replace_if_unchanged(loc, b"v2", version) is False
 
 
+def test_each_write_returns_the_version_the_next_swap_needs(store) -> None:
+    loc = store.child("leases", "score.json")
+    first = create_versioned(loc, b"v1")
+    assert first is not None and read_versioned(loc) == (b"v1", first)
+    assert create_versioned(loc, b"v1-again") is None
+    second = replace_versioned(loc, b"v2", first)
+    assert second is not None and read_versioned(loc) == (b"v2", second)
+    assert replace_versioned(loc, b"v3", first) is None  # the version it replaced is gone
+    assert read(loc) == b"v2"
+    if store.is_local:  # one hidden guard file beside the object, nothing else left over
+        assert sorted(os.listdir(os.path.dirname(loc.path))) == [".score.json.guard", "score.json"]
+
+
+def test_delete_if_unchanged_deletes_only_the_version_read(store) -> None:
+    loc = store.child("leases", "score.json")
+    old = create_versioned(loc, b"holder-1")
+    current = replace_versioned(loc, b"holder-1 renewed", old)
+    assert delete_if_unchanged(loc, old) is False  # someone renewed it since: kept
+    assert read(loc) == b"holder-1 renewed"
+    assert delete_if_unchanged(loc, current) is True
+    assert read_versioned(loc) is None
+    assert replace_versioned(loc, b"too late", current) is None  # nothing to replace
+    assert read_versioned(loc) is None
+    assert create_if_absent(loc, b"holder-2")  # free for the next one
+
+
+@pytest.mark.parametrize("first", ["replace", "delete"])
+def test_of_two_writers_from_one_version_exactly_one_wins(store, first: str) -> None:
+    """Two writers read the same version; whichever acts first wins, the other is refused,
+    whatever each of them does (replace or delete)."""
+    loc = store.child("models", "CURRENT.json")
+    assert create_if_absent(loc, b"start")
+    (_, seen_by_a), (_, seen_by_b) = read_versioned(loc), read_versioned(loc)
+    assert seen_by_a == seen_by_b
+    if first == "replace":
+        assert replace_if_unchanged(loc, b"a", seen_by_a) is True
+        assert delete_if_unchanged(loc, seen_by_b) is False
+        assert read(loc) == b"a"
+    else:
+        assert delete_if_unchanged(loc, seen_by_a) is True
+        assert replace_if_unchanged(loc, b"b", seen_by_b) is False
+        assert read_versioned(loc) is None
+
+
 def test_conditional_writes_need_a_local_or_s3_store() -> None:
     memory = Location(fsspec.filesystem("memory"), "/somewhere/x")
-    with pytest.raises(LeukoflowError, match="local folder or an s3://"):
-        create_if_absent(memory, b"x")
+    for call in (
+        lambda: create_if_absent(memory, b"x"),
+        lambda: read_versioned(memory),
+        lambda: replace_if_unchanged(memory, b"x", b"x"),
+        lambda: delete_if_unchanged(memory, b"x"),
+    ):
+        with pytest.raises(LeukoflowError, match="local folder or an s3://"):
+            call()
+
+
+@pytest.mark.integration
+def test_a_missing_bucket_is_a_store_failure_not_a_lost_race(s3_env) -> None:
+    loc = open_location("s3://no-such-bucket-for-cas/store/keys/subject-salt")
+    with pytest.raises(StoreUnavailable, match="cannot write s3://no-such-bucket-for-cas"):
+        create_if_absent(loc, b"salt")
 
 
 def _create_racer(path: str, tag: int, barrier, results) -> None:
