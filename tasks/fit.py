@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from leukoflow.tasks import calibration, choices, evaluate, patient, train
+from leukoflow.tasks.reference import score_reference
 from leukoflow.vocabulary import THRESHOLD_RULE
 from leukoflow.vocabulary import flagged as flag_rule
 
@@ -77,8 +78,6 @@ def drift_reference(fitted: FittedModel, x: np.ndarray) -> dict:
     """What nightly drift compares against: the training side's feature moments, and the saved
     model's scores on held-out cells (training-set scores of a separating SVM are more extreme
     than new cells' ever are)."""
-    from leukoflow.tasks.score import score_reference
-
     held_out = x[fitted.split.test]
     return {
         "feature_mean": x[fitted.split.train].mean(axis=0).tolist(),

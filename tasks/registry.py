@@ -103,7 +103,7 @@ def save_model(store: Location, model_id: str, model: Pipeline, record: dict) ->
         raise LeukoflowError(
             f"model {model_id} already exists in {store.uri}; models are immutable"
         )
-    from leukoflow.tasks.train import model_to_bytes
+    from leukoflow.tasks.model_io import model_to_bytes
 
     key = _model_key()
     model_bytes = model_to_bytes(model)
@@ -252,7 +252,7 @@ def load_record(store: Location, model_id: str) -> dict:
 def load_model(store: Location, model_id: str) -> tuple[Pipeline, dict]:
     """The fitted pipeline and its record, both verified against the saved digests first."""
     record, model_bytes = _verified(store, model_id)
-    from leukoflow.tasks.train import model_from_bytes
+    from leukoflow.tasks.model_io import model_from_bytes
 
     return model_from_bytes(model_bytes), record
 
@@ -329,7 +329,7 @@ def _check_signature(refused: str, model_id: str, files: dict, signature: object
 def _untrusted_note(model_bytes: bytes) -> str:
     """What an altered skops file would make a loader call, for the refusal line (never loaded:
     skops lists the types without building any object)."""
-    from leukoflow.tasks.train import TRUSTED_TYPES
+    from leukoflow.tasks.model_io import TRUSTED_TYPES
 
     try:
         import skops.io as sio

@@ -24,7 +24,6 @@ from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, fl
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
 # A cell is flagged when its score reaches the model's threshold (the rule tasks.calibration
 # records with calibrated models; for an SVM's decision value the threshold is 0).
-SCORE_QUANTILES = 21  # points of the score reference's distribution kept in model.json
 
 
 def night_of(text: str | None, started: datetime) -> str:
@@ -278,19 +277,6 @@ def night_totals(subjects: Sequence[dict]) -> dict:
 
 
 # -- drift -----------------------------------------------------------------------------------
-def score_reference(scores: np.ndarray, score_kind: str, split: str) -> dict:
-    """What model.json keeps of a score distribution: moments and quantiles."""
-    values = np.asarray(scores, dtype=np.float64)
-    return {
-        "score_kind": score_kind,
-        "split": split,
-        "n": int(values.size),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "quantiles": np.quantile(values, np.linspace(0, 1, SCORE_QUANTILES)).tolist(),
-    }
-
-
 @dataclass
 class FeatureMoments:
     """Running per-feature sums, so a sweep scored in chunks can still give tonight's means."""

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import skops.io as sio
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
@@ -242,29 +241,3 @@ def decision_scores(model: Pipeline, x: np.ndarray) -> tuple[np.ndarray, str]:
 def fingerprint(image_ids: list[str]) -> str:
     """Order-free fingerprint of a set of training images."""
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()
-
-
-# -- model files -----------------------------------------------------------------------------
-# Types beyond skops' defaults that our pipelines legitimately contain. Anything else in a model
-# file (a tampered one, say) makes loading fail instead of executing unknown code.
-TRUSTED_TYPES = [
-    "sklearn.metrics._dist_metrics.EuclideanDistance64",
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.tree._tree.Tree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.isotonic.IsotonicRegression",
-]
-
-
-def model_to_bytes(model: Pipeline) -> bytes:
-    return sio.dumps(model)
-
-
-def model_from_bytes(data: bytes) -> Pipeline:
-    """Load a skops model file, refusing any type outside the trusted list."""
-    untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
-    if untrusted:
-        raise LeukoflowError(f"model file refused: it contains untrusted types {untrusted}")
-    return sio.loads(data, trusted=TRUSTED_TYPES)

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import calibration, evaluate, train
+from leukoflow.tasks import calibration, evaluate, model_io, train
 from leukoflow.tasks.report import render_report
 
 
@@ -129,7 +129,7 @@ def test_the_calibrated_model_is_a_probability_pipeline_that_survives_skops():
     assert summary["validation"]["sensitivity"] >= 0.9
     assert summary["threshold"] == result.threshold and 0 < result.threshold < 1
     assert summary["threshold_rule"] == "score >= threshold means all"
-    loaded = train.model_from_bytes(train.model_to_bytes(result.model))
+    loaded = model_io.model_from_bytes(model_io.model_to_bytes(result.model))
     scores, kind = train.decision_scores(loaded, x[150:])
     assert kind == "probability"
     np.testing.assert_allclose(scores, result.test_probabilities)

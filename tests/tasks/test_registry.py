@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import calibration, registry, train
+from leukoflow.tasks import calibration, model_io, registry, train
 from leukoflow.tasks.registry import ModelRefused
 from leukoflow.tasks.storage import Location, open_location
 
@@ -80,7 +80,7 @@ def test_a_smuggled_type_is_named_in_the_refusal(store, fitted) -> None:
     folder = save(store, fitted, "m-1")
     model, _ = registry.load_model(store, "m-1")
     model.steps[-1][1].smuggled = os.system  # what an attacker would want called on load
-    (folder / "model.skops").write_bytes(train.model_to_bytes(model))
+    (folder / "model.skops").write_bytes(model_io.model_to_bytes(model))
     with pytest.raises(ModelRefused) as refused:
         registry.load_model(store, "m-1")
     assert "sha256 differs" in str(refused.value) and "posix.system" in str(refused.value)

@@ -14,6 +14,7 @@ from leukoflow.tasks import score as sc
 from leukoflow.tasks.catalog import build_catalog
 from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.records import Accounting
+from leukoflow.tasks.reference import SCORE_QUANTILES, score_reference
 from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.synthetic import make_synthetic_dataset
 from leukoflow.tasks.tables import RUN_SCHEMA, read_runs, write_run
@@ -162,8 +163,8 @@ def test_feature_shift_is_zero_at_home_and_counts_standard_deviations_away():
 
 def test_score_ks_is_small_for_the_reference_distribution_and_one_when_disjoint():
     rng = np.random.default_rng(1)
-    reference = sc.score_reference(rng.uniform(0, 1, 500), "probability", "held-out test")
-    assert len(reference["quantiles"]) == sc.SCORE_QUANTILES and reference["n"] == 500
+    reference = score_reference(rng.uniform(0, 1, 500), "probability", "held-out test")
+    assert len(reference["quantiles"]) == SCORE_QUANTILES and reference["n"] == 500
     assert sc.score_ks(rng.uniform(0, 1, 400), reference["quantiles"]) < 0.1
     assert sc.score_ks(np.full(50, 3.0), reference["quantiles"]) == 1.0
 
@@ -175,7 +176,7 @@ def test_drift_warns_only_past_a_threshold_with_enough_cells():
         "reference": {
             "feature_mean": [0.0, 0.0],
             "feature_std": [1.0, 1.0],
-            "scores": sc.score_reference(rng.uniform(0, 0.5, 200), "probability", "held-out test"),
+            "scores": score_reference(rng.uniform(0, 0.5, 200), "probability", "held-out test"),
         },
     }
     limits = sc.DriftThresholds(feature_shift=1.0, score_ks=0.5, min_cells=20)

@@ -7,7 +7,7 @@ import skops.io as sio
 from sklearn.svm import LinearSVC
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import train
+from leukoflow.tasks import model_io, train
 
 
 def test_the_papers_classifier_is_pinned():
@@ -74,7 +74,7 @@ def test_model_files_round_trip_through_skops():
     y = (x[:, 0] > 0).astype(int)
     for name in train.CLASSIFIERS:
         model = train.fit(name, x, y)
-        loaded = train.model_from_bytes(train.model_to_bytes(model))
+        loaded = model_io.model_from_bytes(model_io.model_to_bytes(model))
         np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
 
 
@@ -88,7 +88,7 @@ def test_a_model_file_carrying_an_unexpected_type_is_refused():
     tampered = sio.dumps(model)
     assert any(t.endswith("Payload") for t in sio.get_untrusted_types(data=tampered))
     with pytest.raises(LeukoflowError, match="untrusted types"):
-        train.model_from_bytes(tampered)
+        model_io.model_from_bytes(tampered)
 
 
 def test_scores_are_decision_values_for_the_svm_and_probabilities_otherwise():
@@ -124,5 +124,5 @@ def test_the_tuned_rbf_svm_chooses_on_subject_folds_and_saves_as_a_plain_svm(cap
     for model in (grouped, ungrouped):
         assert [name for name, _ in model.steps] == ["scale", "clf"]
         assert model[-1].kernel == "rbf" and model[-1].C in train.TUNED_C
-    loaded = train.model_from_bytes(train.model_to_bytes(grouped))
+    loaded = model_io.model_from_bytes(model_io.model_to_bytes(grouped))
     assert np.array_equal(loaded.predict(x), grouped.predict(x))
