@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import io
 import json
 import os
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import pages
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.records import non_clinical_note
 from leukoflow.tasks.storage import (
@@ -355,14 +355,17 @@ def _subject_reference(subject: dict) -> dict:
 
 
 def _narrative(subject: dict, conclusion: str, model_id: str, recipe: str, note: str | None) -> str:
-    lines = [
-        *([f"<p><b>{html.escape(note)}</b></p>"] if note else []),
-        f"<p>Screening conclusion: {html.escape(conclusion)}</p>",
-        f"<p>Cells scored {int(subject['cells_scored'])}, flagged "
-        f"{int(subject['cells_flagged'])} ({100 * float(subject['flagged_fraction']):.1f}%)</p>",
-        f"<p>Model {html.escape(model_id)}; feature recipe {html.escape(recipe)}</p>",
-    ]
-    return f'<div xmlns="http://www.w3.org/1999/xhtml">{"".join(lines)}</div>'
+    """The report's human-readable XHTML, from its template (present/templates)."""
+    return pages.render(
+        "fhir_narrative.html",
+        note=note,
+        conclusion=conclusion,
+        scored=int(subject["cells_scored"]),
+        flagged=int(subject["cells_flagged"]),
+        percent=100 * float(subject["flagged_fraction"]),
+        model_id=model_id,
+        recipe=recipe,
+    ).strip()
 
 
 def validate_resource(resource: dict) -> None:
