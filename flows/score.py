@@ -21,19 +21,15 @@ from leukoflow.redact import install_secret_masking
 from leukoflow.tasks import records, registry
 from leukoflow.tasks import score as sc
 from leukoflow.tasks.explain_tasks import explain_flagged_cells
-from leukoflow.tasks.fhir import export_after_sweep, with_fhir_details
+from leukoflow.tasks.fhir import export_after_sweep
 from leukoflow.tasks.lease import SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe, recipe_from_record
 from leukoflow.tasks.score_tasks import publish_sweep, score_new_images
-from leukoflow.tasks.stage_tasks import (
-    catalog_images,
-    featurise,
-    missing_vectors,
-    quarantine_rejects,
-)
+from leukoflow.tasks.stage_tasks import PreparedFeatures, catalog_images, prepare_features
 from leukoflow.tasks.storage import Location, open_location
-from leukoflow.tasks.tables import read_predictions, scored_image_ids, write_run
+from leukoflow.tasks.tables import read_predictions, scored_image_ids
+from leukoflow.vocabulary import Outcome, RunKind
 
 # A night's sweep must end well inside the night, so the next one is not blocked by a hung one
 # (its lease would be renewed for as long as it runs). `leukoflow score --timeout` changes it.
@@ -77,6 +73,7 @@ def score_inbox(
     compute = dataclasses.replace(compute, batch_timeout_s=batch_timeout_s)
     night = sc.night_of(date, started)
     root = open_location(store)
+    recorder = records.RunRecorder(root, RunKind.SCORE, dataset, started, run_id)
     model_id = registry.resolve_model_id(root, model)
     record = registry.load_record(root, model_id)
     recipe = recipe_from_record(record, weights_dir)
@@ -104,8 +101,8 @@ def score_inbox(
         # Ops must see a night that did nothing: a row with its outcome, not silence.
         state.message = f"{busy}; nothing done"
         logger.warning(state.message)
-        write_run(root, state.run_row("busy", datetime.now(UTC)))
-        return state.summary("busy", datetime.now(UTC))
+        recorder.record(Outcome.BUSY, **state.run_columns(Outcome.BUSY, datetime.now(UTC)))
+        return state.summary(Outcome.BUSY, datetime.now(UTC))
     state.lease_note = lease.took_over
     if lease.took_over:
         logger.warning("lease: %s", lease.took_over)
@@ -113,22 +110,21 @@ def score_inbox(
     # next night can take over.
     hold_limit_s = time_limit_s
     with lease.kept_alive(hold_limit_s=hold_limit_s):
-        write_run(root, state.run_row("running", None))
-        outcome = "failed"
-        fhir_done = None
+        recorder.record(Outcome.RUNNING, **state.run_columns(Outcome.RUNNING, None))
+        outcome = Outcome.FAILED
         try:
             summary = _sweep(state, root, recipe, sweep, lease, compute, explain_flagged,
                              explain_limit)  # fmt: skip
             if export_fhir:  # the predictions are stored; its outcome goes in the final row
-                fhir_done = export_after_sweep(root, night, model_id, record, state.rule,
-                                               export_fhir)  # fmt: skip
-                summary["fhir"] = fhir_done
-                if fhir_done["status"] == "failed":
-                    logger.warning("FHIR export not done: %s", fhir_done["reason"])
-            outcome = "completed"
+                state.fhir = export_after_sweep(root, night, model_id, record, state.rule,
+                                                export_fhir)  # fmt: skip
+                summary["fhir"] = state.fhir
+                if state.fhir["status"] == "failed":
+                    logger.warning("FHIR export not done: %s", state.fhir["reason"])
+            outcome = Outcome.COMPLETED
         except BaseException as error:
             if _stopped_by_timeout(error, started, hold_limit_s):
-                outcome = "timed_out"
+                outcome = Outcome.TIMED_OUT
                 state.message = f"stopped after its timeout of {hold_limit_s} s"
                 raise SweepTimedOut(
                     f"the sweep stopped after its timeout of {hold_limit_s:g} s (--timeout); "
@@ -145,7 +141,7 @@ def score_inbox(
         finally:
             # A failed sweep leaves its row too; a killed one stays "running" (dashboard:
             # interrupted) and the next sweep finishes its work.
-            write_run(root, with_fhir_details(state.run_row(outcome, datetime.now(UTC)), fhir_done))
+            recorder.record(outcome, **state.run_columns(outcome, datetime.now(UTC)))
     return summary
 
 
@@ -198,10 +194,12 @@ def _sweep(
 
     # One set of actors for the new images' vectors and the flagged cells' explanations.
     with backbone_pool(recipe, compute) as pool:
-        summary = _score_and_summarise(
-            state, root, recipe, settings, lease, compute, catalog.rows, plan.new_rows,
-            scored_before, pool,
+        prepared = prepare_features(
+            root, state.dataset, recipe, compute, rows=catalog.rows, pool=pool, count=False,
+            select=lambda rows: sc.plan_sweep(rows, scored_before).new_rows,
         )  # fmt: skip
+        summary = _score_and_summarise(state, root, recipe, settings, lease, prepared,
+                                       scored_before)  # fmt: skip
         if explain_flagged and explain_limit > 0:
             summary["explanations"] = explain_flagged_cells(
                 root, state.model_id, state.night, explain_limit, recipe.weights_dir, maps=pool
@@ -216,28 +214,20 @@ def _score_and_summarise(
     recipe: FeatureRecipe,
     settings: sc.SweepSettings,
     lease: StoreLease,
-    compute: Compute,
-    catalog_rows: list[dict],
-    new_rows: list[dict],
+    prepared: PreparedFeatures,
     scored_before: set[str],
-    pool,
 ) -> dict:
-    """Featurise and score the new images, count every image, summarise the night."""
-    scores, feature_mean, rejected = [], None, {}
-    if new_rows:
-        uris = {row["image_id"]: row["uri"] for row in new_rows}
-        todo = missing_vectors(root, list(uris), recipe)
-        extraction = featurise(root, uris, todo, recipe, compute, total_images=len(uris),
-                               pool=pool)  # fmt: skip
-        state.extraction, state.computed = extraction.to_dict(), extraction.images_done
-        rejected = extraction.rejected  # files changed or unreadable since the catalog
-        rows = [row for row in new_rows if row["image_id"] not in rejected]
+    """Score the new images that have their vectors, count every image, summarise the night."""
+    extraction, rows = prepared.extraction, prepared.rows
+    state.extraction, state.computed = extraction.to_dict(), extraction.images_done
+    rejected = extraction.rejected  # files changed or unreadable since the catalog
+    scores, feature_mean = [], None
+    if prepared.selected:
         scored = score_new_images(
-            root, state.model_id, state.record, recipe, rows, state.night, state.run_id,
-            settings.chunk_size, lease,
+            root, state.model_id, state.record, recipe, prepared.selected, state.night,
+            state.run_id, settings.chunk_size, lease,
         )  # fmt: skip
         scores, feature_mean = scored["scores"], scored["feature_mean"]
-    rows = quarantine_rejects(root, state.dataset, catalog_rows, rejected)
     # Counted against the predictions table, not from what this process believes it wrote.
     state.accounting = records.account(
         rows, rejected, scored_image_ids(root, state.model_id), scored_before
@@ -261,5 +251,5 @@ def _score_and_summarise(
     state.drift = sc.drift_signal(
         state.scored, feature_mean, scores, state.record, settings.drift()
     )
-    summary = state.summary("completed", datetime.now(UTC))
+    summary = state.summary(Outcome.COMPLETED, datetime.now(UTC))
     return summary

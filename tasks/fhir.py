@@ -619,11 +619,3 @@ def export_after_sweep(
 
 def _target_shown(target: str) -> str:
     return shown_url(target) if is_url(target) else target
-
-
-def with_fhir_details(row: dict, fhir: dict | None) -> dict:
-    """A run row whose details JSON also carries the export's outcome under "fhir"."""
-    if fhir is None:
-        return row
-    details = json.loads(row.get("details") or "{}")
-    return {**row, "details": json.dumps({**details, "fhir": fhir}, default=str)}

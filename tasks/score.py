@@ -402,6 +402,7 @@ class Sweep:
     subjects: list[dict] = field(default_factory=list)
     lease_note: str | None = None
     message: str | None = None
+    fhir: dict | None = None  # the night's FHIR export, when the sweep made one (tasks/fhir)
 
     @property
     def scored(self) -> int:
@@ -463,26 +464,33 @@ class Sweep:
             "lease": self.lease_note,
             "started_at": self.started.isoformat(),
             "finished_at": finished.isoformat(),
+            **({"fhir": self.fhir} if self.fhir else {}),
         }
 
-    def run_row(self, outcome: str, finished: datetime | None) -> dict:
-        """The RUN_SCHEMA row; details carries the night, drift and subject summary as JSON."""
+    def run_columns(self, outcome: str, finished: datetime | None) -> dict:
+        """The run row's columns (records.RunRecorder.record); details carries the night, drift
+        and subject summary as JSON."""
         done = finished or self.started
         summary = self.summary(outcome, done)
         counts = summary["counts"]
-        return run_row(
-            self.run_id, "score", self.dataset, self.started, finished, outcome,
+        return dict(
             found=counts["found"], new=counts["new"], featurised=counts["scored"],
             quarantined=counts["quarantined"], duplicate=counts["duplicate"],
             scored=counts["scored"], skipped=counts["skipped"], missing=counts["missing"],
             images_per_second=self.images_per_second(done), model_id=self.model_id,
-            weights_id=self.weights_id, details={key: summary[key] for key in DETAIL_KEYS},
+            weights_id=self.weights_id,
+            details={key: summary[key] for key in DETAIL_KEYS if key in summary},
         )  # fmt: skip
+
+    def run_row(self, outcome: str, finished: datetime | None) -> dict:
+        """The RUN_SCHEMA row the recorder writes for this state."""
+        return run_row(self.run_id, RunKind.SCORE, self.dataset, self.started, finished, outcome,
+                       **self.run_columns(outcome, finished))  # fmt: skip
 
 
 DETAIL_KEYS = (
     "date", "inbox", "score_kind", "threshold", "non_clinical", "counts", "seconds", "extraction",
-    "drift", "subject_rule", "night", "subjects", "lease", "message",
+    "drift", "subject_rule", "night", "subjects", "lease", "message", "fhir",
 )  # fmt: skip
 
 

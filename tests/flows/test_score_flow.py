@@ -204,7 +204,8 @@ def test_night_one_scores_every_readable_cell_once(world, nights):
 def test_the_same_night_twice_writes_nothing_but_its_run_row(world, nights):
     again = nights["again"]
     assert again["counts"]["new"] == 0 and again["counts"]["scored"] == 0
-    assert again["counts"]["skipped"] == 12 and again["extraction"] == {}  # Ray never entered
+    assert again["counts"]["skipped"] == 12 and again["extraction"]["computed"] == {}
+    assert again["extraction"]["actors_ready_at"] is None  # Ray never entered
     assert again["subjects"] == nights["first"]["subjects"]  # the night's table, unchanged
     changed = {p for p, t in nights["after"].items() if nights["before"].get(p) != t}
     assert len(changed) == 1  # no prediction, feature or catalog file: only its run row

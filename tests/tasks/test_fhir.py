@@ -237,13 +237,3 @@ def test_an_s3_store_gets_its_ndjson_and_status(request) -> None:
     assert len(resources["DiagnosticReport"]) == 2 and len(resources["Observation"]) == 6
     status = json.loads(root.fs.cat_file(folder.child(fhir.STATUS_FILE).path))
     assert status["status"] == "written"
-
-
-def test_the_run_row_details_gain_the_export_outcome() -> None:
-    row = {"run_id": "r", "details": json.dumps({"date": NIGHT})}
-    outcome = {"status": "failed", "reason": "HTTP 503"}
-    assert json.loads(fhir.with_fhir_details(row, outcome)["details"]) == {
-        "date": NIGHT,
-        "fhir": outcome,
-    }
-    assert fhir.with_fhir_details(row, None) is row

@@ -226,8 +226,11 @@ def test_a_sweep_row_fits_the_runs_table_and_accounts_for_every_image(tmp_path):
     assert row["images_found"] == 6 + 1 + 2 + 1 + row["images_missing"] == 10
     details = json.loads(row["details"])
     assert details["night"]["subjects_flagged"] == 1 and details["date"] == "2026-03-14"
+    assert "fhir" not in details  # no export: no key
+    sweep.fhir = {"status": "failed", "reason": "HTTP 503"}  # an export that did not reach
+    assert sweep.run_columns("completed", finished)["details"]["fhir"] == sweep.fhir
     summary = sweep.summary("completed", finished)
-    assert "NOT CLINICALLY" in summary["note"]
+    assert summary["fhir"] == sweep.fhir and "NOT CLINICALLY" in summary["note"]
     markdown = sc.sweep_markdown(summary)
     assert "Subjects flagged: 1 of 1" in markdown and "| 7 | YES | 6 | 6 | 100.0 |" in markdown
 
