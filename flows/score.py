@@ -9,9 +9,7 @@ that finds it held, fails or runs out of time still leaves a run row saying so.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import sys
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
@@ -23,13 +21,12 @@ from leukoflow.tasks import score as sc
 from leukoflow.tasks.explain_tasks import explain_flagged_cells
 from leukoflow.tasks.fhir import export_after_sweep
 from leukoflow.tasks.lease import SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
-from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import Compute, FeatureRecipe, recipe_from_record
 from leukoflow.tasks.score_tasks import publish_sweep, score_new_images
 from leukoflow.tasks.stage_tasks import PreparedFeatures, catalog_images, prepare_features
 from leukoflow.tasks.storage import Location, open_location
-from leukoflow.tasks.tables import read_predictions, scored_image_ids
-from leukoflow.vocabulary import Outcome, RunKind
+from leukoflow.tasks.tables import scored_image_ids
+from leukoflow.vocabulary import Outcome, RunKind, short_id
 
 # A night's sweep must end well inside the night, so the next one is not blocked by a hung one
 # (its lease would be renewed for as long as it runs). `leukoflow score --timeout` changes it.
@@ -123,55 +120,26 @@ def score_inbox(
                     logger.warning("FHIR export not done: %s", state.fhir["reason"])
             outcome = Outcome.COMPLETED
         except BaseException as error:
-            if _stopped_by_timeout(error, started, hold_limit_s):
+            if sc.stopped_by_timeout(error, started, hold_limit_s):
                 outcome = Outcome.TIMED_OUT
                 state.message = f"stopped after its timeout of {hold_limit_s} s"
-                raise SweepTimedOut(
+                raise sc.SweepTimedOut(
                     f"the sweep stopped after its timeout of {hold_limit_s:g} s (--timeout); "
                     "its run row says timed_out, and the next sweep scores what is left"
                 ) from error
-            if _batch_timed_out(error):
+            if sc.batch_timed_out(error):
                 state.message = (
                     f"no vectors came back for a batch within the --batch-timeout of "
                     f"{compute.batch_timeout_s:g} s (a backbone actor is stuck or too slow): "
                     "the night is not done; the next sweep scores what is left"
                 )
-                raise BatchTimedOut(state.message) from error
+                raise sc.BatchTimedOut(state.message) from error
             raise
         finally:
             # A failed sweep leaves its row too; a killed one stays "running" (dashboard:
             # interrupted) and the next sweep finishes its work.
             recorder.record(outcome, **state.run_columns(outcome, datetime.now(UTC)))
     return summary
-
-
-class BatchTimedOut(RuntimeError):
-    """A batch's vectors did not come back within the batch timeout (a stuck or lost actor)."""
-
-
-class SweepTimedOut(TimeoutError):
-    """The sweep ran out of its time (its flow timeout, `leukoflow score --timeout`)."""
-
-
-def _stopped_by_timeout(error: BaseException, started: datetime, limit_s: float) -> bool:
-    """Whether the flow's timeout ended the sweep. Prefect raises CancelledError in the flow's
-    thread; one that strikes while Ray waits surfaces only when the wait ends (cut to the time
-    left, above), as the cause of Ray's own error."""
-    seen: list[BaseException] = []
-    while error is not None and error not in seen and len(seen) < 20:
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    if any(isinstance(e, asyncio.CancelledError) for e in seen):
-        return True
-    spent = (datetime.now(UTC) - started).total_seconds() >= limit_s
-    return spent and isinstance(seen[0], TimeoutError)
-
-
-def _batch_timed_out(error: BaseException) -> bool:
-    """Whether `error` is Ray's answer to a batch that outlasted its timeout (Ray is imported
-    only by sweeps with vectors to compute: without it, the error cannot be Ray's)."""
-    ray_exceptions = sys.modules.get("ray.exceptions")
-    return ray_exceptions is not None and isinstance(error, ray_exceptions.GetTimeoutError)
 
 
 def _sweep(
@@ -236,20 +204,8 @@ def _score_and_summarise(
         get_run_logger().warning(
             "accounting: %d image(s) neither scored nor quarantined, %d counted twice: %s",
             state.accounting.missing, len(state.accounting.double_counted_ids),
-            ", ".join(i[:12] for i in state.accounting.missing_ids[:10]),
+            ", ".join(short_id(i) for i in state.accounting.missing_ids[:10]),
         )  # fmt: skip
-    columns = ["image_id", "subject_id", "score", "predicted_label"]
-    night = read_predictions(root, state.night, state.model_id, columns=columns)
-    # Subject ids leave the store only as keyed pseudonyms (tasks/pseudonym).
-    salt = subject_salt(root)
-    state.subjects = sc.summarize_subjects(
-        [subject_key(s, salt) for s in night.column("subject_id").to_pylist()],
-        night.column("score").to_pylist(),
-        night.column("predicted_label").to_pylist(),
-        state.rule,
-    )
-    state.drift = sc.drift_signal(
-        state.scored, feature_mean, scores, state.record, settings.drift()
-    )
+    sc.summarise_night(state, root, scores, feature_mean, settings.drift())
     summary = state.summary(Outcome.COMPLETED, datetime.now(UTC))
     return summary

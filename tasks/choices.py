@@ -26,6 +26,15 @@ DEFAULT_FOLDS = 5
 DEFAULT_BOOTSTRAP = 1000  # subject-bootstrap resamples of a 95% interval
 DEFAULT_SEED = 0
 
+# The nightly sweep (tasks/score.py): predictions per file, the subject rule used when the model
+# has no patient rule of its own, and when drift becomes a warning.
+SWEEP_CHUNK_SIZE = 256
+MIN_FLAGGED_CELLS = 5  # a subject with this many flagged cells is flagged (0: off)
+MIN_FLAGGED_FRACTION = 0.5  # ... or with more than this fraction of its cells flagged (1: off)
+FEATURE_DRIFT_THRESHOLD = 1.0  # mean |z| of tonight's feature means against training
+SCORE_DRIFT_THRESHOLD = 0.5  # KS distance of tonight's scores against the held-out reference
+DRIFT_MIN_CELLS = 20  # fewer new cells: drift is shown, never a warning
+
 # The paper's six backbones (Tables 2-3).
 PAPER_BACKBONES = (
     "vgg16",

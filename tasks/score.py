@@ -7,9 +7,11 @@ must start and finish in seconds, and every function can be tested on small arra
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -17,8 +19,12 @@ from datetime import UTC, date, datetime
 import numpy as np
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import choices
+from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import FeatureRecipe
 from leukoflow.tasks.records import Accounting, non_clinical_note, run_row
+from leukoflow.tasks.storage import Location
+from leukoflow.tasks.tables import read_predictions
 from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged, short_id
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
@@ -140,8 +146,9 @@ def prediction_rows(
 class SubjectRule:
     """A subject is flagged with at least k flagged cells or a flagged fraction above f."""
 
-    min_flagged_cells: int = 5  # 0 turns this condition off
-    min_flagged_fraction: float = 0.5  # 1 turns this condition off (no fraction is above 1)
+    min_flagged_cells: int = choices.MIN_FLAGGED_CELLS  # 0 turns this condition off
+    # 1 turns this condition off (no fraction is above 1)
+    min_flagged_fraction: float = choices.MIN_FLAGGED_FRACTION
     # The model's patient rule flags a fraction at or above its threshold (tasks/patient).
     inclusive: bool = False
 
@@ -193,12 +200,12 @@ class SweepSettings:
     cells / 50%. Frozen and JSON-valued, so Prefect validates it as a flow parameter.
     """
 
-    chunk_size: int = 256
+    chunk_size: int = choices.SWEEP_CHUNK_SIZE
     min_flagged_cells: int | None = None
     min_flagged_fraction: float | None = None
-    feature_drift_threshold: float = 1.0  # DriftThresholds' defaults
-    score_drift_threshold: float = 0.5
-    drift_min_cells: int = 20
+    feature_drift_threshold: float = choices.FEATURE_DRIFT_THRESHOLD
+    score_drift_threshold: float = choices.SCORE_DRIFT_THRESHOLD
+    drift_min_cells: int = choices.DRIFT_MIN_CELLS
     wait_s: float = 0.0
     lease_ttl_s: float | None = None  # None: the store's default (tasks/lease.default_ttl_s)
 
@@ -221,9 +228,10 @@ class SweepSettings:
         if self.min_flagged_cells is None and self.min_flagged_fraction is None:
             if patient_rule.get("threshold") is not None:
                 return SubjectRule(0, float(patient_rule["threshold"]), inclusive=True)
+        cells, fraction = self.min_flagged_cells, self.min_flagged_fraction
         return SubjectRule(
-            5 if self.min_flagged_cells is None else self.min_flagged_cells,
-            0.5 if self.min_flagged_fraction is None else self.min_flagged_fraction,
+            choices.MIN_FLAGGED_CELLS if cells is None else cells,
+            choices.MIN_FLAGGED_FRACTION if fraction is None else fraction,
         )
 
 
@@ -319,9 +327,9 @@ def score_ks(scores: Sequence[float], quantiles: Sequence[float]) -> float:
 class DriftThresholds:
     """When the drift signal becomes a warning."""
 
-    feature_shift: float = 1.0  # mean |z| of the feature means against training
-    score_ks: float = 0.5  # KS distance of the scores against the held-out reference
-    min_cells: int = 20  # fewer cells than this: the signal is reported, never a warning
+    feature_shift: float = choices.FEATURE_DRIFT_THRESHOLD  # mean |z| of feature means
+    score_ks: float = choices.SCORE_DRIFT_THRESHOLD  # KS distance against the reference
+    min_cells: int = choices.DRIFT_MIN_CELLS  # fewer: the signal is shown, never a warning
 
     def as_dict(self) -> dict:
         return {"feature_shift": self.feature_shift, "score_ks": self.score_ks,
@@ -587,3 +595,54 @@ def scoring_recipe(
         f"scoring a {recipe.precision} model with {swapped.precision} vectors: parity shown on "
         "real cells (docs/benchmarks.md, Precision parity)"
     )
+
+
+# -- the night's summary and how a sweep ended ------------------------------------------------
+def summarise_night(
+    state: Sweep,
+    store: Location,
+    scores: Sequence[float],
+    feature_mean: np.ndarray | None,
+    thresholds: DriftThresholds,
+) -> None:
+    """The night's subjects (every prediction of the night, keyed pseudonyms only) and this
+    sweep's drift signal, onto `state`."""
+    columns = ["image_id", "subject_id", "score", "predicted_label"]
+    night = read_predictions(store, state.night, state.model_id, columns=columns)
+    salt = subject_salt(store)
+    state.subjects = summarize_subjects(
+        [subject_key(s, salt) for s in night.column("subject_id").to_pylist()],
+        night.column("score").to_pylist(),
+        night.column("predicted_label").to_pylist(),
+        state.rule,
+    )
+    state.drift = drift_signal(state.scored, feature_mean, scores, state.record, thresholds)
+
+
+class BatchTimedOut(RuntimeError):
+    """A batch's vectors did not come back within the batch timeout (a stuck or lost actor)."""
+
+
+class SweepTimedOut(TimeoutError):
+    """The sweep ran out of its time (its flow timeout, `leukoflow score --timeout`)."""
+
+
+def stopped_by_timeout(error: BaseException, started: datetime, limit_s: float) -> bool:
+    """Whether the flow's timeout ended the sweep. Prefect raises CancelledError in the flow's
+    thread; one that strikes while Ray waits surfaces only when the wait ends (cut to the time
+    left, above), as the cause of Ray's own error."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen and len(seen) < 20:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    if any(isinstance(e, asyncio.CancelledError) for e in seen):
+        return True
+    spent = (datetime.now(UTC) - started).total_seconds() >= limit_s
+    return spent and isinstance(seen[0], TimeoutError)
+
+
+def batch_timed_out(error: BaseException) -> bool:
+    """Whether `error` is Ray's answer to a batch that outlasted its timeout (Ray is imported
+    only by sweeps with vectors to compute: without it, the error cannot be Ray's)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    return ray_exceptions is not None and isinstance(error, ray_exceptions.GetTimeoutError)

@@ -28,19 +28,20 @@ from leukoflow.cli.options import (
 )
 from leukoflow.cli.output import console, print_json
 from leukoflow.errors import LeukoflowError
+from leukoflow.tasks import choices
 from leukoflow.tasks.recipe import Compute, FeatureRecipe
 
 
 def _sweep_settings(
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", help="Images per predictions file (what a kill redoes)")
-    ] = 256,
+    ] = choices.SWEEP_CHUNK_SIZE,
     min_flagged_cells: Annotated[
         int | None,
         typer.Option(
             "--min-flagged-cells",
-            help="Flag a subject with >= K flagged cells (0: "
-            "off) [default: the model's patient rule, else 5]",
+            help="Flag a subject with >= K flagged cells (0: off) "
+            f"[default: the model's patient rule, else {choices.MIN_FLAGGED_CELLS}]",
             show_default=False,
         ),
     ] = None,
@@ -48,22 +49,22 @@ def _sweep_settings(
         float | None,
         typer.Option(
             "--min-flagged-fraction",
-            help="... or with more than F of its cells "
-            "flagged (1: off) [default: the model's patient rule, else 0.5]",
+            help="... or with more than F of its cells flagged (1: off) "
+            f"[default: the model's patient rule, else {choices.MIN_FLAGGED_FRACTION}]",
             show_default=False,
         ),
     ] = None,
     feature_drift_threshold: Annotated[
         float,
         typer.Option("--feature-drift-threshold", help="Warn above this mean |z| of feature means"),
-    ] = 1.0,
+    ] = choices.FEATURE_DRIFT_THRESHOLD,
     score_drift_threshold: Annotated[
         float, typer.Option("--score-drift-threshold", help="Warn above this KS distance of scores")
-    ] = 0.5,
+    ] = choices.SCORE_DRIFT_THRESHOLD,
     drift_min_cells: Annotated[
         int,
         typer.Option("--drift-min-cells", help="Fewer new cells: drift is shown, never a warning"),
-    ] = 20,
+    ] = choices.DRIFT_MIN_CELLS,
     wait: Annotated[
         float, typer.Option(help="Seconds to wait while another sweep holds the store (0: exit)")
     ] = 0.0,
