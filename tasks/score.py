@@ -22,10 +22,10 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.tasks import choices
 from leukoflow.tasks.pseudonym import subject_key, subject_salt
 from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.records import Accounting, non_clinical_note, run_row
+from leukoflow.tasks.records import Accounting, accounting_dict, non_clinical_note, run_row
 from leukoflow.tasks.storage import Location
 from leukoflow.tasks.tables import read_predictions
-from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged, short_id
+from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
 # A cell is flagged when its score reaches the model's threshold (the rule tasks.calibration
@@ -424,19 +424,15 @@ class Sweep:
 
     def counts(self) -> dict:
         acc = self.accounting or Accounting(0, 0, 0, 0)
+        measured = accounting_dict(acc, "done")
+        del measured["done"]  # a sweep names what it did: scored now, skipped (scored before)
         return {
-            "found": acc.found,
+            **measured,
             # `new` as the row's images_new: images this sweep scored (measured).
             "new": self.scored,
             "scored": self.scored,
             "skipped": acc.already_done,
-            "quarantined": acc.quarantined,
             "quarantined_new": self.quarantined_new,
-            "duplicate": acc.duplicate,
-            "missing": acc.missing,
-            "accounted": acc.accounted,
-            "missing_images": [short_id(i) for i in acc.missing_ids[:100]],
-            "double_counted_images": [short_id(i) for i in acc.double_counted_ids[:100]],
             "unscored_at_start": self.new,
             "computed": self.computed,
             "ignored": self.ignored,
