@@ -37,6 +37,7 @@ chromium:
 test: $(VENV)/.installed-dev chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
 
 # Throughput harness (docs/benchmarks.md has the full measurement's options), e.g.

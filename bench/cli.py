@@ -26,7 +26,7 @@ from bench.runner import (
     run_plain_script,
 )
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import backbones as bb
+from leukoflow.features import backbones as bb
 
 SECTIONS = (
     "compute_limit",

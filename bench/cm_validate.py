@@ -3,7 +3,7 @@
 The protocol of docs/color_morphology.md ("Developing cm-2", rounds 1-4): the pool's cells (one
 or more manifests with path, label, subject_id), the product's subject-grouped folds and
 classifiers through the product's one fold runner (`tasks.validate.cross_validate` over
-`tasks.folds`), at cell level and at patient level (tasks/patient.py's rule, the threshold chosen
+`tasks.folds`), at cell level and at patient level (learn/patient.py's rule, the threshold chosen
 on the training folds only, from inner subject-grouped folds). A development
 tool, not part of the wheel. Features are cached under --cache (never in the repository): re-runs
 only refit.
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from leukoflow.tasks import color_morphology as cm
-from leukoflow.tasks import evaluate, folds, patient, train, validate
+from leukoflow.features import color_morphology as cm
+from leukoflow.learn import evaluate, folds, patient, train, validate
 
 SHARED_DATA = Path(
     os.environ.get("LEUKOFLOW_SHARED_DATA")
@@ -139,8 +139,8 @@ def extract_all(
 
 
 def _patient_summary(level: dict) -> dict:
-    """The bench's patient figures from tasks/patient.patient_metrics (or the `patient_level`
-    of tasks/validate.cross_validate): the one patient rule of the product."""
+    """The bench's patient figures from learn/patient.patient_metrics (or the `patient_level`
+    of learn/validate.cross_validate): the one patient rule of the product."""
     decisions = [
         {
             "subject": p["subject_id"],

@@ -3,7 +3,7 @@
 Every copy gets one corner pixel of its own, so each file has its own sha256 (leukoflow keys work
 by content: identical bytes would be featurised once) while the cost of decoding and featurising
 stays that of the source cell. Sources are real cells (`--source DIR` with all/ and hem/ folders)
-or, by default, synthetic 450 px cells from leukoflow.tasks.synthetic.
+or, by default, synthetic 450 px cells from leukoflow.features.synthetic.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 SOURCE_SIDE = 450  # C-NMC crops are 450 x 450
 SOURCE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")

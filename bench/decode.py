@@ -42,7 +42,7 @@ def pixel_mean(pixels: np.ndarray) -> np.ndarray:
 
 
 def _trivial_spec():
-    from leukoflow.tasks import backbones as bb
+    from leukoflow.features import backbones as bb
 
     spec = bb.BACKBONES["color_morphology"]
     return replace(spec, name="pixel_mean", module="bench.decode", constructor="pixel_mean",
@@ -56,7 +56,7 @@ def _image_uris(images: Path, n: int | None = None) -> dict[str, str]:
 
 def single_core_rate(uris: dict[str, str], image_size: int) -> dict:
     """Read, hash, decode and resize one image at a time on one core (the unit of the goal)."""
-    from leukoflow.tasks.extract import load_pixels
+    from leukoflow.features.extract import load_pixels
 
     keep = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {sorted(keep)[-1]})
@@ -77,7 +77,7 @@ def single_core_rate(uris: dict[str, str], image_size: int) -> dict:
 
 def threaded_rate(uris: dict[str, str], image_size: int, batch_size: int) -> dict:
     """load_pixels with its default thread pool, batch after batch (no Ray, no Parquet)."""
-    from leukoflow.tasks.extract import decode_workers, load_pixels
+    from leukoflow.features.extract import decode_workers, load_pixels
 
     ids = list(uris)
     started = time.perf_counter()
@@ -89,11 +89,11 @@ def threaded_rate(uris: dict[str, str], image_size: int, batch_size: int) -> dic
 
 def pipeline_rate(uris: dict[str, str], image_size: int, batch_size: int, store: Path) -> dict:
     """extract_features with one trivial actor: images -> Parquet, the driver's ceiling."""
-    from leukoflow.tasks import backbones as bb
-    from leukoflow.tasks.actors import BackbonePool, extract_features, ray_session
-    from leukoflow.tasks.recipe import Compute, FeatureRecipe
-    from leukoflow.tasks.storage import open_location
-    from leukoflow.tasks.tables import featurised_ids
+    from leukoflow.engine.actors import BackbonePool, extract_features, ray_session
+    from leukoflow.features import backbones as bb
+    from leukoflow.recipe import Compute, FeatureRecipe
+    from leukoflow.store.storage import open_location
+    from leukoflow.store.tables import featurised_ids
 
     spec = _trivial_spec()
     bb.BACKBONES[spec.name] = spec  # this child process only: the registry's one extra entry
@@ -169,7 +169,7 @@ S3_LATENCY_S = 0.020
 
 def _measure_s3(images: Path, n: int, image_size: int, batch_size: int) -> dict:
     from bench.latency import DelayingForwarder
-    from leukoflow.tasks.storage import open_location
+    from leukoflow.store.storage import open_location
 
     bucket = open_location("s3://bench-decode")
     bucket.fs.mkdir("bench-decode")
@@ -197,8 +197,8 @@ def _measure_s3(images: Path, n: int, image_size: int, batch_size: int) -> dict:
 def _read_rates(uris: dict[str, str], image_size: int, batch_size: int) -> dict:
     """Reads/s one GET at a time, then a batch's concurrent `cat`, then load_pixels (reads,
     hashes and decodes, as extraction does), over the same objects."""
-    from leukoflow.tasks.extract import load_pixels
-    from leukoflow.tasks.storage import open_location
+    from leukoflow.features.extract import load_pixels
+    from leukoflow.store.storage import open_location
 
     ids = list(uris)
     fs = open_location(uris[ids[0]]).fs

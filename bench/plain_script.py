@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         # What Keras' mixed-precision guide tells a script author to write: one global policy.
         keras.config.set_dtype_policy("mixed_bfloat16")
 
-    from leukoflow.tasks.backbones import BACKBONES
+    from leukoflow.features.backbones import BACKBONES
 
     imported = time.perf_counter()
     paths = sorted(args.images.rglob("*.bmp"))

@@ -71,7 +71,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def decode_all(cells: list[dict], image_size: int) -> np.ndarray:
-    from leukoflow.tasks.images import decode_image, resize_pixels
+    from leukoflow.features.images import decode_image, resize_pixels
 
     return np.stack([
         resize_pixels(decode_image(Path(c["path"]).read_bytes()).pixels, image_size) for c in cells
@@ -81,15 +81,15 @@ def decode_all(cells: list[dict], image_size: int) -> np.ndarray:
 def featurise(name, precision, pixels, image_size, choice, batch_size, cache: Path) -> np.ndarray:
     """Vectors of every cell for one backbone and precision, cached as .npy (resumable); the
     file name carries a digest of the pixels, so another subset never reads these vectors."""
-    from leukoflow.tasks import backbones as bb
-    from leukoflow.tasks.extract import Featurizer
+    from leukoflow.features import backbones as bb
+    from leukoflow.features.extract import Featuriser
 
     digest = hashlib.sha256(pixels.tobytes()).hexdigest()[:12]
     target = cache / f"{name}-{precision}-{choice.kind}{choice.seed}-{image_size}-{digest}.npy"
     if target.exists():
         return np.load(target)
-    featurizer = Featurizer(bb.BACKBONES[name], image_size, choice, precision)
-    parts = [featurizer(pixels[k : k + batch_size]) for k in range(0, len(pixels), batch_size)]
+    featuriser = Featuriser(bb.BACKBONES[name], image_size, choice, precision)
+    parts = [featuriser(pixels[k : k + batch_size]) for k in range(0, len(pixels), batch_size)]
     vectors = np.concatenate(parts)
     np.save(target, vectors)
     return vectors
@@ -98,7 +98,7 @@ def featurise(name, precision, pixels, image_size, choice, batch_size, cache: Pa
 def unchanged_decisions(x32, x16, y, subjects, folds: int, seed: int) -> dict:
     """Paper's linear SVM trained on fp32 vectors per subject-grouped fold; every held-out cell
     scored with its fp32 and its bf16 vector."""
-    from leukoflow.tasks import train
+    from leukoflow.learn import train
 
     split = train.kfold(y, subjects, folds, seed)
     same, flipped_margins, total, correct32, correct16 = 0, [], 0, 0, 0
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from leukoflow.tasks import backbones as bb
+    from leukoflow.features import backbones as bb
 
     names = bb.parse_backbones(args.backbones)
     choice = bb.parse_weights(args.weights, None, args.seed)

@@ -78,7 +78,7 @@ def run_plain_script(settings: dict, images: Path, workdir: Path) -> dict:
     out = workdir / "plain-script"
     weights = settings["weights"]
     if weights == "imagenet":
-        from leukoflow.tasks.backbones import keras_models_folder
+        from leukoflow.features.backbones import keras_models_folder
 
         weights = str(keras_models_folder())
     command = [

@@ -20,7 +20,7 @@ from bench.decode import decode_stage
 # -- 1. the compute limit --------------------------------------------------------------------
 def compute_limit(settings: dict) -> dict:
     """Each backbone's forward pass on preloaded, preprocessed tensors at its best batch size."""
-    from leukoflow.tasks import backbones as bb
+    from leukoflow.features import backbones as bb
 
     choice = bb.parse_weights(settings["weights"], None, 0)
     size = settings["image_size"]
@@ -81,8 +81,8 @@ def _clear_keras() -> None:
 # -- color_morphology ------------------------------------------------------------------------
 def color_morphology(settings: dict) -> dict:
     """The hand-crafted extractor on one core, full-resolution cells, decoding excluded."""
-    from leukoflow.tasks.color_morphology import extract_features
-    from leukoflow.tasks.images import decode_image
+    from leukoflow.features.color_morphology import extract_features
+    from leukoflow.features.images import decode_image
 
     core = sorted(os.sched_getaffinity(0))[-1]
     os.sched_setaffinity(0, {core})
@@ -131,11 +131,11 @@ def synthetic_vectors(n: int, dims: dict[str, int], seed: int = 0) -> tuple[dict
 
 def join_train(settings: dict) -> dict:
     """Write generated vectors as extraction would (one file per batch), then join and train."""
-    from leukoflow.tasks import evaluate, train
-    from leukoflow.tasks.join import join_features
-    from leukoflow.tasks.recipe import FeatureRecipe
-    from leukoflow.tasks.storage import open_location
-    from leukoflow.tasks.tables import compact_features, write_features
+    from leukoflow.features.join import join_features
+    from leukoflow.learn import evaluate, train
+    from leukoflow.recipe import FeatureRecipe
+    from leukoflow.store.storage import open_location
+    from leukoflow.store.tables import compact_features, write_features
 
     n, batch = settings["join_n"], settings["batch_size"]
     vectors, labels = synthetic_vectors(n, JOIN_DIMS)
@@ -165,7 +165,7 @@ def join_train(settings: dict) -> dict:
     t4 = time.perf_counter()
     calibration_seconds = None
     if settings["join_calibration"]:
-        from leukoflow.tasks import calibration
+        from leukoflow.learn import calibration
 
         calibration.calibrate_and_choose_threshold(
             train.DEFAULT_CLASSIFIER, joined.matrix[parts.train], y[parts.train],

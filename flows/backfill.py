@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 
 from prefect import flow
 
+from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import records
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.store import records
+from leukoflow.store.storage import open_location
 from leukoflow.tasks.stage_tasks import ok_rows, prepare_features
-from leukoflow.tasks.storage import open_location
 from leukoflow.vocabulary import Outcome, RunKind
 
 

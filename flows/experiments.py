@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from prefect import flow
 
+from leukoflow import choices
+from leukoflow.engine.actors import ray_session
+from leukoflow.learn import evaluate
+from leukoflow.learn import experiments as ex
+from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import choices, evaluate, records, registry
-from leukoflow.tasks import experiments as ex
-from leukoflow.tasks.actors import ray_session
+from leukoflow.store import records, registry
+from leukoflow.store.storage import open_location
 from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.stage_tasks import catalog_images, prepare_features
-from leukoflow.tasks.storage import open_location
 from leukoflow.vocabulary import Outcome, RunKind
 
 

@@ -1,21 +1,22 @@
 """`leukoflow run`: catalog -> featurise -> join -> fit -> report -> promote, as one flow.
 
 Wiring only: the stages are tasks/stage_tasks (shared by every flow) and tasks/train_tasks; the
-records come from tasks/records.
+records come from store/records.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from leukoflow.learn import calibration, evaluate, train
+from leukoflow.learn.fit import drift_reference, plan_split, trainable_rows
+from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import calibration, evaluate, records, registry, train
+from leukoflow.store import records, registry
+from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.storage import open_location
 from leukoflow.tasks.explain_tasks import explain_examples
-from leukoflow.tasks.fit import drift_reference, plan_split, trainable_rows
-from leukoflow.tasks.pseudonym import subject_key, subject_salt
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
 from leukoflow.tasks.stage_tasks import catalog_images, prepare_features
-from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.train_tasks import fit_model, promote_model, save_model
 from leukoflow.vocabulary import Outcome, RunKind
 
@@ -58,7 +59,7 @@ def run_pipeline(
     # One class, or too few subjects for the split or its calibration folds: say so before
     # hours of extraction.
     split = plan_split(catalog.rows, split, seed)
-    from leukoflow.tasks.actors import backbone_pool  # Ray: started only if the pool is used
+    from leukoflow.engine.actors import backbone_pool  # Ray: started only if the pool is used
 
     # One set of backbone actors for extraction and the report's explanations: each network is
     # built once, in its actor, never in the driver.

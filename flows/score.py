@@ -15,17 +15,17 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
+from leukoflow.present.fhir import export_after_sweep
+from leukoflow.recipe import Compute, FeatureRecipe, recipe_from_record
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import records, registry
-from leukoflow.tasks import score as sc
+from leukoflow.scoring import score as sc
+from leukoflow.store import records, registry
+from leukoflow.store.lease import SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
+from leukoflow.store.storage import Location, open_location
+from leukoflow.store.tables import scored_image_ids
 from leukoflow.tasks.explain_tasks import explain_flagged_cells
-from leukoflow.tasks.fhir import export_after_sweep
-from leukoflow.tasks.lease import SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
-from leukoflow.tasks.recipe import Compute, FeatureRecipe, recipe_from_record
 from leukoflow.tasks.score_tasks import publish_sweep, score_new_images
 from leukoflow.tasks.stage_tasks import PreparedFeatures, catalog_images, prepare_features
-from leukoflow.tasks.storage import Location, open_location
-from leukoflow.tasks.tables import scored_image_ids
 from leukoflow.vocabulary import Outcome, RunKind, short_id
 
 # A night's sweep must end well inside the night, so the next one is not blocked by a hung one
@@ -56,7 +56,7 @@ def score_inbox(
 
     `precision` None: the model's own. explain_flagged: also write activation-map PNGs of the
     night's flagged cells (at most `explain_limit` per sweep) under explanations/date=<night>/.
-    export_fhir: a folder or FHIR base URL for the night's results as FHIR (tasks/fhir).
+    export_fhir: a folder or FHIR base URL for the night's results as FHIR (present/fhir).
     """
     install_secret_masking()
     logger = get_run_logger()
@@ -158,7 +158,7 @@ def _sweep(
     scored_before = scored_image_ids(root, state.model_id)
     plan = sc.plan_sweep(catalog.rows, scored_before)
     state.new = len(plan.new_rows)
-    from leukoflow.tasks.actors import backbone_pool  # Ray: started only if the pool is used
+    from leukoflow.engine.actors import backbone_pool  # Ray: started only if the pool is used
 
     # One set of actors for the new images' vectors and the flagged cells' explanations.
     with backbone_pool(recipe, compute) as pool:

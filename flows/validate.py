@@ -2,7 +2,7 @@
 
 The fixed protocol of docs/results.md, as one command: the paper's linear SVM (or another
 classifier by name) on one feature recipe, k folds grouped by subject, cell- and patient-level
-metrics with intervals that resample whole subjects (tasks/validate.py, tasks/patient.py).
+metrics with intervals that resample whole subjects (learn/validate.py, learn/patient.py).
 Vectors already in the store are reused, so several feature sets of the same images cost one
 extraction per backbone. Several folders or manifests can be validated as one pool.
 """
@@ -13,13 +13,15 @@ from datetime import UTC, datetime
 
 from prefect import flow
 
+from leukoflow import choices
+from leukoflow.learn import evaluate, train
+from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
-from leukoflow.tasks import choices, evaluate, records, train
-from leukoflow.tasks.pseudonym import pseudonymise_subjects, subject_key, subject_salt
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
-from leukoflow.tasks.records import non_clinical_note, package_versions
+from leukoflow.store import records
+from leukoflow.store.pseudonym import pseudonymise_subjects, subject_key, subject_salt
+from leukoflow.store.records import non_clinical_note, package_versions
+from leukoflow.store.storage import open_location
 from leukoflow.tasks.stage_tasks import prepare_features
-from leukoflow.tasks.storage import open_location
 from leukoflow.tasks.validate_tasks import cross_validate
 from leukoflow.vocabulary import Outcome, RunKind
 

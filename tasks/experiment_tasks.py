@@ -16,13 +16,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from leukoflow.engine.actors import ray_session
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import experiments as ex
-from leukoflow.tasks import folds
-from leukoflow.tasks.actors import ray_session
-from leukoflow.tasks.report import render_experiments_html
-from leukoflow.tasks.storage import Location, write_json_atomic, write_text_atomic
-from leukoflow.tasks.tables import read_catalog
+from leukoflow.learn import experiments as ex
+from leukoflow.learn import folds
+from leukoflow.present.report import render_experiments_html
+from leukoflow.store.storage import Location, write_json_atomic, write_text_atomic
+from leukoflow.store.tables import read_catalog
 
 
 @task(name="read-catalog", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""Thin Prefect @task wrapper over tasks/explain: the report's example gallery."""
+"""Thin Prefect @task wrapper over present/explain: the report's example gallery."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import cam
-from leukoflow.tasks.explain import (
+from leukoflow.present import cam
+from leukoflow.present.explain import (
     Explainer,
     FeatureMapSource,
     example_gallery,
@@ -19,8 +19,8 @@ from leukoflow.tasks.explain import (
     explanations_folder,
     pick_examples,
 )
-from leukoflow.tasks.storage import Location, exists
-from leukoflow.tasks.tables import read_predictions
+from leukoflow.store.storage import Location, exists
+from leukoflow.store.tables import read_predictions
 from leukoflow.vocabulary import Label
 
 

@@ -1,7 +1,7 @@
 """Prefect tasks of the nightly sweep: score new images, publish the night. Thin wrappers.
 
 The shared stages (catalog, missing vectors, featurise, join) are in tasks/stage_tasks; stage
-logic lives in tasks/score and tasks/join. scikit-learn and skops are imported inside the task
+logic lives in scoring/score and features/join. scikit-learn and skops are imported inside the task
 that needs them, so a sweep that finds nothing new never pays seconds of start-up for them.
 """
 
@@ -15,12 +15,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import score as sc
-from leukoflow.tasks.join import join_features
-from leukoflow.tasks.lease import StoreLease
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.storage import Location
-from leukoflow.tasks.tables import write_predictions
+from leukoflow.features.join import join_features
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.scoring import score as sc
+from leukoflow.store.lease import StoreLease
+from leukoflow.store.storage import Location
+from leukoflow.store.tables import write_predictions
 
 
 @task(name="score-new-images", cache_policy=NO_CACHE)
@@ -36,7 +36,8 @@ def score_new_images(
     lease: StoreLease,
 ) -> dict:
     """Score `rows` chunk by chunk, each chunk one atomic predictions file (resumable)."""
-    from leukoflow.tasks import registry, train  # scikit-learn and skops: only with work to do
+    from leukoflow.learn import train
+    from leukoflow.store import registry  # scikit-learn and skops: only with work to do
 
     logger = get_run_logger()
     model, _ = registry.load_model(store, model_id)

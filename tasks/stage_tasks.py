@@ -23,14 +23,14 @@ from prefect.cache_policies import NO_CACHE
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from leukoflow.tasks import records
-from leukoflow.tasks.catalog import build_catalog, catalog_counts
-from leukoflow.tasks.extract import ExtractionResult
-from leukoflow.tasks.join import JoinedFeatures, featurised_images, join_features
-from leukoflow.tasks.join import missing_vectors as vectors_missing
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
-from leukoflow.tasks.storage import Location
-from leukoflow.tasks.tables import CATALOG_SCHEMA, read_catalog, write_catalog
+from leukoflow.features.catalog import build_catalog, catalog_counts
+from leukoflow.features.extract import ExtractionResult
+from leukoflow.features.join import JoinedFeatures, featurised_images, join_features
+from leukoflow.features.join import missing_vectors as vectors_missing
+from leukoflow.recipe import Compute, FeatureRecipe
+from leukoflow.store import records
+from leukoflow.store.storage import Location
+from leukoflow.store.tables import CATALOG_SCHEMA, read_catalog, write_catalog
 from leukoflow.vocabulary import ImageStatus, short_id
 
 
@@ -125,13 +125,13 @@ def featurise(
 ) -> ExtractionResult:
     """Compute the missing vectors on Ray actors; Ray is never started when there are none.
 
-    `pool` (tasks/actors.BackbonePool): take the actors from it and leave them running, so the
+    `pool` (engine/actors.BackbonePool): take the actors from it and leave them running, so the
     explanations that follow reuse the networks; without, the actors live for this stage only.
     `progress_bar` None: a bar when stderr is a terminal, log lines otherwise.
     """
     if not any(todo.values()):
         return ExtractionResult()
-    from leukoflow.tasks.actors import extract_features, ray_session  # Ray: only with work
+    from leukoflow.engine.actors import extract_features, ray_session  # Ray: only with work
 
     pending = len({i for ids in todo.values() for i in ids})
     total = total_images if total_images is not None else pending

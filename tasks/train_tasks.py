@@ -1,6 +1,6 @@
 """Thin Prefect tasks of training: fit and measure, save with its report, promote.
 
-The logic is in plain modules (tasks/fit, tasks/registry, tasks/report); these wrappers log and
+The logic is in plain modules (learn/fit, store/registry, present/report); these wrappers log and
 publish artifacts. Promotion is its own task so that the flow shows it as a step of its own.
 """
 
@@ -11,10 +11,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from leukoflow.tasks import calibration, registry
-from leukoflow.tasks.fit import FittedModel, fit_and_measure
-from leukoflow.tasks.report import render_report
-from leukoflow.tasks.storage import Location
+from leukoflow.learn import calibration
+from leukoflow.learn.fit import FittedModel, fit_and_measure
+from leukoflow.present.report import render_report
+from leukoflow.store import registry
+from leukoflow.store.storage import Location
 
 
 @task(name="fit-and-measure", cache_policy=NO_CACHE)

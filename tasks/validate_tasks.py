@@ -1,4 +1,4 @@
-"""Thin Prefect @task wrapper over tasks/validate."""
+"""Thin Prefect @task wrapper over learn/validate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from leukoflow.tasks import validate
+from leukoflow.learn import validate
 
 
 @task(name="cross-validate", cache_policy=NO_CACHE)

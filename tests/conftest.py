@@ -36,7 +36,7 @@ SHARED_SESSION_FIXTURES = {
         "tests/reliability/test_faults_ray_node.py",
     ),
     "real_cells_store": (
-        "tests/tasks/test_explain.py",
+        "tests/present/test_explain.py",
         "tests/cli/test_status.py",
         "tests/cli/test_explain.py",
     ),
@@ -191,7 +191,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synthetic_images(tmp_path_factory):
     """A small deterministic C-NMC-like dataset: 6 subjects (3 ALL, 3 normal) x 4 cells."""
-    from leukoflow.tasks.synthetic import make_synthetic_dataset
+    from leukoflow.features.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(
         tmp_path_factory.mktemp("images"), n_subjects=6, cells_per_subject=4, image_side=96
@@ -227,7 +227,7 @@ def real_cells_store(tmp_path_factory, real_cells, ray_local, prefect_harness):
     """A store whose current model is vgg16 (32 px, random init) + color_morphology, trained by
     the real `run` flow on the real cells; returns (store path, run summary)."""
     from leukoflow.flows.run import run_pipeline
-    from leukoflow.tasks.recipe import FeatureRecipe
+    from leukoflow.recipe import FeatureRecipe
 
     store = tmp_path_factory.mktemp("real-store")
     summary = run_pipeline(

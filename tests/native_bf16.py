@@ -1,5 +1,5 @@
 """Whether this machine runs bf16 natively, read the way the product decides it
-(tasks/backbones.native_precision), so that a test can assert the outcome the product must give
+(features/backbones.native_precision), so that a test can assert the outcome the product must give
 here: a visible NVIDIA GPU decides when there is one (every card of compute capability 8.0 or
 more); else the CPU flags amx_bf16 or avx512_bf16 in /proc/cpuinfo."""
 
@@ -17,7 +17,7 @@ def cpuinfo_flags() -> set[str]:
 
 
 def runs_bf16_natively() -> bool:
-    from leukoflow.tasks.backbones import BF16_MIN_COMPUTE_CAPABILITY, gpu_compute_capabilities
+    from leukoflow.features.backbones import BF16_MIN_COMPUTE_CAPABILITY, gpu_compute_capabilities
 
     gpus = gpu_compute_capabilities()
     if gpus:

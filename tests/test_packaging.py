@@ -54,10 +54,11 @@ def test_the_wheel_holds_one_package_with_its_templates_and_no_dev_tools(wheel):
     tops = {name.split("/")[0] for name in names if not name.startswith("leukoflow-")}
     assert tops == {"leukoflow"}  # no top-level tasks/, flows/ or bench/
     expected = [
-        "leukoflow/tasks/catalog.py",
+        "leukoflow/features/catalog.py",
+        "leukoflow/tasks/stage_tasks.py",
         "leukoflow/flows/score.py",
         "leukoflow/cli/__init__.py",
-        "leukoflow/tasks/templates/base.html",
+        "leukoflow/present/templates/base.html",
     ]
     assert set(expected) <= set(names)
     assert not any("bench" in name.split("/") for name in names)
@@ -86,6 +87,6 @@ def test_installed_not_editable_only_the_leukoflow_root_imports(wheel, tmp_path)
     for generic in ("tasks", "flows", "bench"):
         result = imports(generic)
         assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, generic
-    result = imports("leukoflow.tasks.catalog")
+    result = imports("leukoflow.features.catalog")
     assert result.returncode == 0, result.stderr[-2000:]
     assert str(fresh_site) in result.stdout  # the installed copy, not the checkout

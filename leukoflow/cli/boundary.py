@@ -60,7 +60,7 @@ def user_error(error: BaseException | None) -> LeukoflowError | None:
 def report_failure(error: BaseException) -> int:
     """One line on stderr for `error`; returns the exit status."""
     found = user_error(error)
-    registry = sys.modules.get("leukoflow.tasks.registry")  # loaded if it raised ModelRefused
+    registry = sys.modules.get("leukoflow.store.registry")  # loaded if it raised ModelRefused
     if registry is not None and isinstance(found, registry.ModelRefused):
         # Not a usage error: the store holds a model that is not the one saved (exit 1).
         print(f"leukoflow: refused: {redact(str(found).splitlines()[0])}", file=sys.stderr)

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
+from leukoflow import choices
 from leukoflow.cli.options import COMPUTE, RECIPE, AsJson, Classifier, Split, shared_options
 from leukoflow.cli.training import print_run_summary, train_model
-from leukoflow.tasks import choices
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.recipe import Compute, FeatureRecipe
 
 
 @shared_options
@@ -27,7 +27,7 @@ def demo(
     as_json: AsJson = False,
 ) -> None:
     """Make a small synthetic C-NMC-like dataset and run the whole pipeline on it."""
-    from leukoflow.tasks.synthetic import make_synthetic_dataset
+    from leukoflow.features.synthetic import make_synthetic_dataset
 
     images = make_synthetic_dataset(
         out / "images", n_subjects=subjects, cells_per_subject=cells_per_subject, seed=recipe.seed

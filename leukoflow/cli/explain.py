@@ -26,7 +26,7 @@ def explain(
 
     The model's own recipe decides backbones, weights and precision; the cell's networks run in
     this process (one image needs no Ray cluster)."""
-    from leukoflow.tasks.explain import explain_image
+    from leukoflow.present.explain import explain_image
 
     result = explain_image(store, image, model=model, out=out, weights_dir=weights_dir)
     if as_json:

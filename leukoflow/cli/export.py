@@ -1,4 +1,4 @@
-"""`leukoflow export fhir`: a night's subject-level results as FHIR R4 resources (tasks/fhir,
+"""`leukoflow export fhir`: a night's subject-level results as FHIR R4 resources (present/fhir,
 docs/nightly.md "FHIR")."""
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def export_fhir(
     """Write the night's DiagnosticReports and Observations as FHIR NDJSON, and send them."""
     from datetime import UTC, datetime
 
-    from leukoflow.tasks import fhir, registry
-    from leukoflow.tasks import score as sc
-    from leukoflow.tasks.status import open_existing_store
+    from leukoflow.present import fhir
+    from leukoflow.scoring import score as sc
+    from leukoflow.store import registry
+    from leukoflow.store.status import open_existing_store
 
     night = sc.night_of(date, datetime.now(UTC))
     if out and fhir_url:
@@ -99,8 +100,8 @@ def export_fhir(
 
 def _night_model(root, night: str, model: str | None) -> str:
     """The model whose predictions to export: the one asked for, else the night's only one."""
-    from leukoflow.tasks import registry
-    from leukoflow.tasks.tables import read_predictions
+    from leukoflow.store import registry
+    from leukoflow.store.tables import read_predictions
 
     scored = set(read_predictions(root, night, columns=["model_id"]).column("model_id").to_pylist())
     if model is not None:

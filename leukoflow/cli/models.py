@@ -1,4 +1,4 @@
-"""`leukoflow models list | show | promote`: the model registry (tasks/registry)."""
+"""`leukoflow models list | show | promote`: the model registry (store/registry)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ ModelArgument = Annotated[str, typer.Argument(help="A model id, or current")]
 
 def models_list(store: Store, as_json: AsJson = False) -> None:
     """Every model in the store, oldest first; the current one marked."""
-    from leukoflow.tasks import registry
-    from leukoflow.tasks.status import open_existing_store
+    from leukoflow.store import registry
+    from leukoflow.store.status import open_existing_store
 
     root = open_existing_store(store)
     current = registry.current_model_id(root)
@@ -49,8 +49,8 @@ def models_list(store: Store, as_json: AsJson = False) -> None:
 
 def models_show(model_id: ModelArgument, store: Store, as_json: AsJson = False) -> None:
     """One model's record: feature recipe, lineage, metrics and operating point."""
-    from leukoflow.tasks import registry
-    from leukoflow.tasks.status import open_existing_store
+    from leukoflow.store import registry
+    from leukoflow.store.status import open_existing_store
 
     root = open_existing_store(store)
     record = registry.load_record(root, registry.resolve_model_id(root, model_id))
@@ -81,8 +81,8 @@ def models_promote(
     as_json: AsJson = False,
 ) -> None:
     """Make MODEL_ID the model that scoring uses (one atomic write of CURRENT.json)."""
-    from leukoflow.tasks import registry
-    from leukoflow.tasks.status import open_existing_store
+    from leukoflow.store import registry
+    from leukoflow.store.status import open_existing_store
 
     pointer = registry.promote(open_existing_store(store), model_id, force=force)
     if as_json:

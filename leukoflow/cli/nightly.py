@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import typer
 from rich.table import Table
 
+from leukoflow import choices
 from leukoflow.cli.boundary import before_flow
 from leukoflow.cli.options import (
     COMPUTE,
@@ -28,8 +29,7 @@ from leukoflow.cli.options import (
 )
 from leukoflow.cli.output import console, print_json
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import choices
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.recipe import Compute, FeatureRecipe
 
 
 def _sweep_settings(
@@ -79,7 +79,7 @@ def _sweep_settings(
     ] = None,
 ):
     """How the sweep works (tasks.score.SweepSettings), validated before Prefect starts."""
-    from leukoflow.tasks.score import SweepSettings
+    from leukoflow.scoring.score import SweepSettings
 
     return SweepSettings(
         chunk_size=chunk_size, min_flagged_cells=min_flagged_cells,
@@ -147,8 +147,8 @@ def score(
     """The nightly sweep: score the images of INBOX that the model has not scored yet."""
     from datetime import UTC, datetime
 
-    from leukoflow.tasks import backbones as bb
-    from leukoflow.tasks import score as sc
+    from leukoflow.features import backbones as bb
+    from leukoflow.scoring import score as sc
 
     # Fail fast, before Prefect starts, on anything a user can get wrong.
     sc.night_of(date, datetime.now(UTC))
@@ -159,7 +159,7 @@ def score(
     }
     check_store(store)
     if export_fhir and export_fhir.startswith(("http://", "https://")):
-        from leukoflow.tasks.fhir import check_url
+        from leukoflow.present.fhir import check_url
 
         check_url(export_fhir)  # a bad URL is refused before the night, not after it
 
@@ -280,9 +280,9 @@ def dashboard(
     as_json: AsJson = False,
 ) -> None:
     """One offline HTML page of the nightly sweeps: plots over nights, the last subject table."""
-    from leukoflow.tasks.dashboard import write_dashboard
-    from leukoflow.tasks.status import open_existing_store
-    from leukoflow.tasks.storage import open_location
+    from leukoflow.present.dashboard import write_dashboard
+    from leukoflow.store.status import open_existing_store
+    from leukoflow.store.storage import open_location
 
     facts = write_dashboard(
         open_existing_store(store), open_location(out), nights, stale_after_hours=stale_after_hours

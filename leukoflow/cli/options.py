@@ -21,10 +21,10 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import choices
-from leukoflow.tasks.recipe import PRECISION_CHOICES, Compute, FeatureRecipe
+from leukoflow.features import backbones as bb
+from leukoflow.recipe import PRECISION_CHOICES, Compute, FeatureRecipe
 from leukoflow.vocabulary import Label
 
 DEFAULT_BACKBONES = ",".join(bb.DEFAULT_BACKBONES)
@@ -88,15 +88,15 @@ def parse_labels(text: str | None) -> dict[str, str] | None:
 
 def check_store(store: str) -> None:
     """An unreachable or missing store is a configuration error: say so before any work."""
-    from leukoflow.tasks.storage import check_store as check
-    from leukoflow.tasks.storage import open_location
+    from leukoflow.store.storage import check_store as check
+    from leukoflow.store.storage import open_location
 
     check(open_location(store))
 
 
 def check_images(images: str | list[str]) -> None:
     """A missing folder or manifest is the user's error: said in a second, before any engine."""
-    from leukoflow.tasks.catalog import check_sources
+    from leukoflow.features.catalog import check_sources
 
     check_sources(images)
 

@@ -15,7 +15,7 @@ NAMED_AT_MOST = 20  # images named per dataset in the text output (--json names 
 def status(store: Store, as_json: AsJson = False) -> None:
     """What the store holds: catalog, features, models, predictions, runs; exit 1 when an image
     found is neither featurised, quarantined nor a duplicate."""
-    from leukoflow.tasks.status import open_existing_store, store_status
+    from leukoflow.store.status import open_existing_store, store_status
 
     report = store_status(open_existing_store(store))
     if as_json:

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from leukoflow import choices
 from leukoflow.cli.boundary import before_flow
 from leukoflow.cli.options import (
     COMPUTE,
@@ -28,8 +29,7 @@ from leukoflow.cli.options import (
     shared_options,
 )
 from leukoflow.cli.output import console, print_json
-from leukoflow.tasks import choices
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.recipe import Compute, FeatureRecipe
 
 METRICS_SHOWN = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
 
@@ -56,7 +56,7 @@ def train_model(
     force: bool = False,
 ) -> dict:
     """The run flow, once everything a user can get wrong is checked (shared with `demo`)."""
-    from leukoflow.tasks import calibration
+    from leukoflow.learn import calibration
 
     calibration.check_target_sensitivity(target_sensitivity)
     label_map = parse_labels(labels)
@@ -220,8 +220,8 @@ def experiments(
     as_json: AsJson = False,
 ) -> None:
     """The paper's grid (backbones, pairs, trio x classifiers) beside subject-grouped numbers."""
-    from leukoflow.tasks import backbones as bb
-    from leukoflow.tasks import experiments as ex
+    from leukoflow.features import backbones as bb
+    from leukoflow.learn import experiments as ex
 
     classifier_names = ex.parse_classifiers(classifiers)
     trio_names = bb.parse_backbones(trio) if trio else None
@@ -245,7 +245,7 @@ def experiments(
 
 def print_experiments(summary: dict) -> None:
     """One compact table per evaluation (means, ± std over folds); intervals are in the report."""
-    from leukoflow.tasks import experiments as ex
+    from leukoflow.learn import experiments as ex
 
     out = console()
     if summary.get("note"):

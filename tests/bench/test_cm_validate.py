@@ -11,7 +11,7 @@ import pytest
 from datapaths import CNMC  # noqa: E402
 
 from bench import cm_validate
-from leukoflow.tasks.color_morphology import colour_moments, extract_features, feature_blocks
+from leukoflow.features.color_morphology import colour_moments, extract_features, feature_blocks
 
 
 def _two_subjects() -> list[dict[str, str]]:

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog
 
 from . import assert_user_error, leukoflow, leukoflow_here
 

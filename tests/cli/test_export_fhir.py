@@ -14,11 +14,12 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 
-from leukoflow.tasks import calibration, registry, train
-from leukoflow.tasks.pseudonym import subject_key, subject_salt
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_runs, write_predictions
+from leukoflow.learn import calibration, train
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.store import registry
+from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_runs, write_predictions
 from leukoflow.vocabulary import NON_CLINICAL_NOTICE
 
 from . import assert_user_error, leukoflow_here

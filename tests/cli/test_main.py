@@ -8,8 +8,8 @@ from importlib.metadata import version
 import pytest
 
 from leukoflow.cli import main
-from leukoflow.tasks import registry
-from leukoflow.tasks.storage import open_location
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
 
 from . import assert_click_usage, assert_user_error, leukoflow, leukoflow_here
 from .test_models import fitted_record
@@ -108,7 +108,7 @@ def test_a_file_is_not_a_store(tmp_path, capsys):
 
 
 def test_a_failure_that_is_not_the_users_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
-    from leukoflow.tasks import status
+    from leukoflow.store import status
 
     def broken(store):
         raise RuntimeError("disk on fire\nsecond line")

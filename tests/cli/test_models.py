@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import calibration, registry, train
-from leukoflow.tasks.storage import open_location
+from leukoflow.learn import calibration, train
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
 
 from . import leukoflow_here
 

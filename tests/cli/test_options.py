@@ -7,12 +7,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from leukoflow import choices, recipe
 from leukoflow.cli import app, options
 from leukoflow.cli.options import COMPUTE, RECIPE, shared_options
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import choices, experiments, recipe, train
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
+from leukoflow.features import backbones as bb
+from leukoflow.learn import experiments, train
+from leukoflow.recipe import Compute, FeatureRecipe
 
 from . import assert_user_error, leukoflow_here
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from leukoflow.tasks import registry
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_predictions
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_predictions
 
 from . import assert_user_error, leukoflow_here
 from .test_models import fitted_record

@@ -7,8 +7,8 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog
 
 from . import leukoflow, leukoflow_here
 

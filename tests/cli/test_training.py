@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog
 
 from . import assert_click_usage, assert_user_error, leukoflow_here
 

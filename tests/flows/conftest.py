@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.recipe import FeatureRecipe
 
 
 @pytest.fixture(scope="module")

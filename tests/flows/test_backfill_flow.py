@@ -6,10 +6,10 @@ import pyarrow.dataset as ds
 import pytest
 from cli import leukoflow_here
 
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_catalog, read_runs
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog, read_runs
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,9 @@ the CPU has AVX512-BF16 or AMX the convolutions run in bf16 natively; elsewhere 
 emulates them (slower, same answer), so an explicit bf16 run works on any machine. What differs
 between machines is `auto`: the test reads the CPU flags itself (tests/native_bf16.py) and
 asserts the product's answer for this machine; the answer for a machine without bf16 is taken
-through the product's own hardware probe (tasks/backbones.cpu_flags, gpu_compute_capabilities),
+through the product's own hardware probe (features/backbones.cpu_flags, gpu_compute_capabilities),
 answering "no bf16 here". Scoring at a precision the model was not trained at is refused: parity
-was never shown for the CNNs (tasks/score.scoring_recipe).
+was never shown for the CNNs (scoring/score.scoring_recipe).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import pytest
 from native_bf16 import native_precision
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import backbones as bb
-from leukoflow.tasks import registry
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.score import SweepSettings
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import featurised_ids, read_catalog, read_predictions, read_runs
+from leukoflow.features import backbones as bb
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.scoring.score import SweepSettings
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import featurised_ids, read_catalog, read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 

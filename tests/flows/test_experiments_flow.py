@@ -9,12 +9,13 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from leukoflow.tasks import registry, train
-from leukoflow.tasks.catalog import build_catalog
-from leukoflow.tasks.explain import stored_vector
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog, read_runs, write_catalog
+from leukoflow.features.catalog import build_catalog
+from leukoflow.learn import train
+from leukoflow.present.explain import stored_vector
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog, read_runs, write_catalog
 
 pytestmark = pytest.mark.integration
 

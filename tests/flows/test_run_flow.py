@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from leukoflow.tasks import registry
-from leukoflow.tasks.recipe import Compute, FeatureRecipe
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs
+from leukoflow.recipe import Compute, FeatureRecipe
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import CATALOG_SCHEMA, feature_schema, read_catalog, read_runs
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def first_run(tmp_path_factory, synthetic_images, ray_local, prefect_harness):
         dataset="synthetic",
         recipe=FeatureRecipe(TRIO, weights="none", image_size=75),
         compute=Compute(batch_size=8),
-        examples_per_kind=0,  # the report's explanation gallery: tests/tasks/test_explain.py
+        examples_per_kind=0,  # the report's explanation gallery: tests/present/test_explain.py
     )
     return store, summary
 
@@ -113,8 +113,8 @@ def test_a_second_run_does_no_feature_extraction(first_run, synthetic_images):
 def test_color_morphology_runs_in_the_same_machinery_at_full_resolution(
     tmp_path, synthetic_images, ray_local, prefect_harness
 ):
+    from leukoflow.features.color_morphology import FEATURE_DIM, FEATURE_VERSION
     from leukoflow.flows.run import run_pipeline
-    from leukoflow.tasks.color_morphology import FEATURE_DIM, FEATURE_VERSION
 
     summary = run_pipeline(
         images=str(synthetic_images),

@@ -21,14 +21,14 @@ import pytest
 from PIL import Image
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.tasks import registry
-from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
-from leukoflow.tasks.pseudonym import subject_key, subject_salt
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.score import SubjectRule, SweepSettings, summarize_subjects
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import (
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.scoring.score import SubjectRule, SweepSettings, summarise_subjects
+from leukoflow.store import registry
+from leukoflow.store.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
+from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import (
     featurised_ids,
     read_catalog,
     read_predictions,
@@ -191,7 +191,7 @@ def test_night_one_scores_every_readable_cell_once(world, nights):
     # The subject table is exactly what the prediction rows say under the rule.
     # ... keyed by pseudonym: no raw subject id leaves the store.
     salt = subject_salt(root)
-    expected = summarize_subjects(
+    expected = summarise_subjects(
         [subject_key(r["subject_id"], salt) for r in rows],
         [r["score"] for r in rows],
         [r["predicted_label"] for r in rows],
@@ -267,7 +267,7 @@ def test_prefect_shows_the_night_as_markdown_and_a_subject_table(nights):
     table = artifacts["nightly-subjects"].data
     table = json.loads(table) if isinstance(table, str) else table
     subjects = {row["subject"] for row in table}
-    # The UI shows pseudonymous subject keys, never the ids (tasks/pseudonym.py).
+    # The UI shows pseudonymous subject keys, never the ids (store/pseudonym.py).
     assert subjects == {s["subject_id"] for s in nights["second"]["subjects"]}
     assert len(subjects) == 4 and all(key.startswith("S-") for key in subjects)
 
@@ -362,7 +362,7 @@ def test_without_a_rule_the_sweep_flags_subjects_by_the_models_patient_rule(own_
     assert night["subject_rule"]["inclusive"] is True
     assert "patient rule" in night["subject_rule"]["text"]
     # Each subject flagged exactly when its fraction of flagged cells reaches the threshold,
-    # counted here from the prediction rows (tasks/patient: a patient is ALL at score >= t).
+    # counted here from the prediction rows (learn/patient: a patient is ALL at score >= t).
     salt = subject_salt(root)
     cells: dict[str, list[bool]] = {}
     for row in read_predictions(root, "2026-03-04").to_pylist():
@@ -378,8 +378,8 @@ def test_without_a_rule_the_sweep_flags_subjects_by_the_models_patient_rule(own_
 
 
 def test_the_dashboard_shows_the_nights_and_an_interrupted_sweep(own_world, nights):
-    from leukoflow.tasks import score as sc
-    from leukoflow.tasks.dashboard import write_dashboard
+    from leukoflow.present.dashboard import write_dashboard
+    from leukoflow.scoring import score as sc
 
     root = open_location(str(own_world["store"]))
     record = registry.load_record(root, own_world["model_id"])

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from reliability.harness import Background, last_json
 
-from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_predictions, read_runs
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.store.lease import SWEEP_LEASE, StoreLease, lease_location, read_lease
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from reliability.harness import Background, last_json
 
-from leukoflow.tasks.lease import SWEEP_LEASE, lease_location, read_lease
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_predictions, read_runs
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.store.lease import SWEEP_LEASE, lease_location, read_lease
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def poll(condition, timeout_s: float, what: str, run: Background | None = None):
 def test_a_killed_sweep_is_finished_by_the_next_while_a_third_finds_the_store_busy(
     trained, tmp_path
 ):
-    from leukoflow.tasks.dashboard import write_dashboard
+    from leukoflow.present.dashboard import write_dashboard
 
     store = tmp_path / "store"
     shutil.copytree(trained["store"], store)

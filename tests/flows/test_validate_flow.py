@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from datapaths import CNMC, CNMC_POOL
 
-from leukoflow.tasks.recipe import FeatureRecipe
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_patient_level_decides_each_subject_once_on_its_cells(validated):
 
 
 def test_validate_leaves_a_run_row_like_every_other_kind_of_run(validated):
-    from leukoflow.tasks.tables import read_runs
+    from leukoflow.store.tables import read_runs
 
     store, summary = validated
     (row,) = read_runs(open_location(str(store))).to_pylist()

@@ -23,10 +23,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from servers import BIN, Server, http_status, last_json_line, run_cli, server_env, wait_until
 
-from leukoflow.tasks import registry
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_predictions, read_runs
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.store import registry
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 from servers import http_status, kill_processes_naming, last_json_line, run_cli, server_env
 
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def test_a_remote_driver_backfills_through_ray_client_from_ray_address(
 
 GPU_PLAN_PROBE = """
 import json, os, ray
-from leukoflow.tasks.actors import ACTOR_ENV, ActorPlan
+from leukoflow.engine.actors import ACTOR_ENV, ActorPlan
 
 # A logical GPU: Ray schedules it like a real one (TensorFlow is not involved here).
 ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,

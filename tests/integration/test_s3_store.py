@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from servers import last_json_line, run_cli, server_env
 
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_catalog, read_predictions, read_runs
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog, read_predictions, read_runs
 
 pytestmark = pytest.mark.integration
 

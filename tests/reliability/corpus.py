@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 # Distinctive enough to search logs and artifacts for: a real manifest would carry MRNs here.
 SUBJECT_IDS = ("MRN-4471-DOE", "MRN-5820-ROE")

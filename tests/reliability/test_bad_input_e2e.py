@@ -14,9 +14,9 @@ from collections import Counter
 import pyarrow.dataset as ds
 import pytest
 
-from leukoflow.tasks.catalog import reason_code
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog, read_runs
+from leukoflow.features.catalog import reason_code
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog, read_runs
 
 from .conftest import FOLDER_DATASET, MANIFEST_DATASET
 from .harness import last_json

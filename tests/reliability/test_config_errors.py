@@ -18,10 +18,10 @@ import pytest
 from cli import leukoflow_here
 from PIL import Image
 
-from leukoflow.tasks.backbones import BACKBONES
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_predictions
+from leukoflow.features.backbones import BACKBONES
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_predictions
 
 from .harness import SMALL_RUN, assert_one_line_error
 

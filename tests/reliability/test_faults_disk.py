@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 from cli import leukoflow_here
 
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 from .harness import SMALL_RUN, assert_one_line_error
 

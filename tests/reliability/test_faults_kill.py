@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 from .harness import SMALL_RUN, Background, command_line, feature_ids, freeze, last_json, parts
 

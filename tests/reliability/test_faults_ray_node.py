@@ -12,7 +12,7 @@ import signal
 import pytest
 from servers import SHARED_PREFECT_SETTINGS
 
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 from .harness import Background, children_of, command_line, feature_ids, freeze, last_json, parts
 

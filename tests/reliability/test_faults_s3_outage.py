@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from leukoflow.tasks.synthetic import make_synthetic_dataset
+from leukoflow.features.synthetic import make_synthetic_dataset
 
 from .harness import SMALL_RUN, Background, children_of, command_line, freeze, thaw, wait_for
 from .proxy import StoppableEndpoint
@@ -111,7 +111,7 @@ def s3_parts(s3_endpoint, prefix: str) -> list[str]:
 
 
 def test_the_s3_retry_budget_is_bounded_and_configurable(monkeypatch):
-    from leukoflow.tasks.storage import S3FS_TRIES, open_location
+    from leukoflow.store.storage import S3FS_TRIES, open_location
 
     monkeypatch.setenv("LEUKOFLOW_S3_MAX_ATTEMPTS", "3")
     fs = open_location("s3://bucket/store").fs
@@ -131,7 +131,7 @@ def test_an_s3_outage_within_the_retry_budget_is_ridden_out(
     feature objects are in, and starts it again once the run has retried REFUSED_DURING_OUTAGE
     times against it."""
     from leukoflow.flows.run import run_pipeline
-    from leukoflow.tasks.recipe import Compute, FeatureRecipe
+    from leukoflow.recipe import Compute, FeatureRecipe
 
     bucket = s3_env.make_bucket()
     front = CountingFront(endpoint)

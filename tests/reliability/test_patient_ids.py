@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from leukoflow.tasks.pseudonym import subject_key, subject_salt
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.synthetic import make_synthetic_dataset
-from leukoflow.tasks.tables import read_catalog, read_predictions
+from leukoflow.features.synthetic import make_synthetic_dataset
+from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog, read_predictions
 
 from .harness import SMALL_RUN, last_json, leukoflow
 

@@ -15,8 +15,8 @@ import pytest
 from cli import leukoflow_here
 
 from leukoflow.errors import LeukoflowError, StoreUnavailable
-from leukoflow.tasks import pseudonym, registry
-from leukoflow.tasks.storage import S3FS_TRIES, check_store, open_location, write_json_atomic
+from leukoflow.store import pseudonym, registry
+from leukoflow.store.storage import S3FS_TRIES, check_store, open_location, write_json_atomic
 
 from .proxy import Request, StoppableEndpoint
 
@@ -62,7 +62,7 @@ def direct(s3_env):
 
 @pytest.fixture(scope="module")
 def fitted():
-    from leukoflow.tasks import calibration, train
+    from leukoflow.learn import calibration, train
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 4))
@@ -369,12 +369,12 @@ def test_an_outage_during_score_fails_in_one_line_and_keeps_the_chunks_written_w
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from leukoflow.features.synthetic import make_synthetic_dataset
     from leukoflow.flows.run import run_pipeline
     from leukoflow.flows.score import score_inbox
-    from leukoflow.tasks.recipe import FeatureRecipe
-    from leukoflow.tasks.score import SweepSettings
-    from leukoflow.tasks.synthetic import make_synthetic_dataset
-    from leukoflow.tasks.tables import scored_image_ids
+    from leukoflow.recipe import FeatureRecipe
+    from leukoflow.scoring.score import SweepSettings
+    from leukoflow.store.tables import scored_image_ids
 
     root = f"s3://{bucket}/store"
     train = make_synthetic_dataset(tmp_path / "train", n_subjects=6, cells_per_subject=4,

@@ -19,12 +19,12 @@ import pytest
 import skops.io as sio
 from cli import leukoflow_here
 
-from leukoflow.tasks import registry
-from leukoflow.tasks.lease import SWEEP_LEASE, StoreLease, lease_location
-from leukoflow.tasks.model_io import model_to_bytes
-from leukoflow.tasks.pseudonym import subject_key, subject_salt
-from leukoflow.tasks.storage import open_location
-from leukoflow.tasks.tables import read_catalog, read_predictions
+from leukoflow.store import registry
+from leukoflow.store.lease import SWEEP_LEASE, StoreLease, lease_location
+from leukoflow.store.model_io import model_to_bytes
+from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import read_catalog, read_predictions
 
 from .conftest import MANIFEST_DATASET
 from .harness import (

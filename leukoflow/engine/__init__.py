@@ -1,0 +1,1 @@
+"""The engine: the Ray actors that host the backbones and stream batches through them."""
