@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+import leukoflow
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import backbones as bb
 from leukoflow.features.extract import ExtractionResult, load_pixels, make_featuriser
@@ -183,7 +184,7 @@ class BackboneActor:
         self._ensure_loaded()
         context = ray.get_runtime_context()
         # Where this process imported the project from: the job's runtime_env on a cluster.
-        code_dir = os.path.dirname(os.path.dirname(os.path.abspath(bb.__file__)))
+        code_dir = os.path.dirname(os.path.dirname(os.path.abspath(leukoflow.__file__)))
         return {"node_id": context.get_node_id(), "pid": os.getpid(), "code_dir": code_dir}
 
     def featurise(self, pixels: np.ndarray | list[np.ndarray], rows: list[int]) -> np.ndarray:
