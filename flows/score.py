@@ -23,6 +23,7 @@ from leukoflow.store import records, registry
 from leukoflow.store.lease import SWEEP_LEASE, LeaseBusy, StoreLease, lease_location
 from leukoflow.store.storage import Location, open_location
 from leukoflow.store.tables import scored_image_ids
+from leukoflow.tasks.event_tasks import emit_night_events
 from leukoflow.tasks.explain_tasks import explain_flagged_cells
 from leukoflow.tasks.score_tasks import publish_sweep, score_new_images
 from leukoflow.tasks.stage_tasks import PreparedFeatures, catalog_images, prepare_features
@@ -139,6 +140,8 @@ def score_inbox(
             # A failed sweep leaves its row too; a killed one stays "running" (dashboard:
             # interrupted) and the next sweep finishes its work.
             recorder.record(outcome, **state.run_columns(outcome, datetime.now(UTC)))
+    # After the row: alerts (leukoflow/automations) react to these, never to a half-done night.
+    emit_night_events(summary)
     return summary
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import zoneinfo
+from datetime import timedelta
 from pathlib import Path
 
 from leukoflow.errors import LeukoflowError
@@ -153,8 +154,21 @@ def _schedule(schedule) -> dict:
     }
 
 
-def deploy(store: str, inbox: str, timezone: str, prefect_file: str | None = None) -> dict:
-    """Register every deployment of prefect.yaml; returns what the server now holds."""
+def deploy(
+    store: str,
+    inbox: str,
+    timezone: str,
+    prefect_file: str | None = None,
+    notify: str | None = None,
+    missed_within: timedelta | None = None,
+) -> dict:
+    """Register every deployment of prefect.yaml; returns what the server now holds.
+
+    notify: a notification block ("<block-type>/<name>") the alerting automations send through
+    (leukoflow/automations); missed_within: their missed-night window (default 26 h).
+    """
+    from leukoflow import automations
+
     project = project_dir()
     path = Path(prefect_file).resolve() if prefect_file else project / "deployments/prefect.yaml"
     if not path.is_file():
@@ -162,11 +176,19 @@ def deploy(store: str, inbox: str, timezone: str, prefect_file: str | None = Non
     values = placeholder_values(store, inbox, timezone, project)
     api = require_prefect_api()
     created = ensure_work_pool(api)
+    # A block name that does not resolve is refused before anything is registered.
+    block_id = automations.resolve_notification_block(notify) if notify else None
     run_prefect_deploy(path, values, project)
+    alerts = None
+    if block_id is not None:
+        window = missed_within or automations.MISSED_AFTER
+        built = automations.alert_automations(block_id, window)
+        alerts = {"notify": notify, "automations": automations.apply_automations(built)}
     return {
         "api": api,
         "work_pool": WORK_POOL,
         "work_pool_created": created,
         "prefect_file": str(path),
         "deployments": registered_deployments(),
+        "alerts": alerts,
     }
