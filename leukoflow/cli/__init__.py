@@ -16,7 +16,17 @@ from typing import Annotated
 import typer
 
 from leukoflow import __version__
-from leukoflow.cli import demo, deploy, explain, export, models, nightly, status, training
+from leukoflow.cli import (
+    demo,
+    deploy,
+    explain,
+    export,
+    metrics,
+    models,
+    nightly,
+    status,
+    training,
+)
 from leukoflow.cli.boundary import quiet_environment, redact, report_failure
 
 __all__ = ["app", "main", "redact"]
@@ -66,6 +76,7 @@ app.command("score")(nightly.score)
 app.command("backfill")(nightly.backfill)
 app.command("dashboard")(nightly.dashboard)
 app.command("status")(status.status)
+app.command("metrics")(metrics.metrics)
 app.command("explain")(explain.explain)
 app.command("deploy")(deploy.deploy)
 app.command("demo")(demo.demo)

@@ -129,6 +129,9 @@ def test_the_page_is_self_contained_and_names_interrupted_sweeps(store, tmp_path
     for plot in PLOTS:
         assert f"id='plot-{plot}'" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
+    # The page says where the nights' results go: FHIR, alerts, metrics.
+    for command in ("leukoflow export fhir", "--notify BLOCK", "leukoflow metrics"):
+        assert command in page
     assert "<link" not in page and "@import" not in page and "NOT CLINICALLY MEANINGFUL" in page
     assert page.count("data:image/png;base64,") == len(PLOTS)
     assert page.count("<img ") == len(PLOTS)  # every image is one of the inline plots
