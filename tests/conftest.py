@@ -66,6 +66,14 @@ LONGEST_FIRST = (
     "tests/cli/test_demo.py",
     "tests/flows/test_experiments_flow.py",
     "tests/flows/test_backfill_flow.py",
+    "tests/integration/test_automations.py",
+    "tests/flows/test_validate_flow.py",
+    "tests/cli/test_signed_models.py",
+    "tests/engine/test_actor_threads.py",
+    "tests/reliability/test_faults_disk.py",
+    "tests/present/test_dashboard.py",
+    "tests/bench/test_cm_validate.py",
+    "tests/cli/test_export_fhir.py",
 )
 
 
