@@ -12,6 +12,11 @@ believe they hold it:
   remove them while holding a short fcntl lock on a hidden guard file beside the lease, which
   the kernel drops if the process dies).
 
+A swap refused while the object holds exactly the bytes this process sent was its own write,
+landed with its answer lost (on S3 a retried conditional PUT then meets 412): the token and
+renewal count make those bytes unique to this write, so the lease takes the version read back
+and goes on as if the swap had succeeded (as the model registry does with its pointer).
+
 Staleness never compares the clocks of two hosts. A holder renews every (ttl - write budget) / 3
 from a heartbeat thread, and every renewal changes the object (its renewal count goes up). A
 waiting process takes the lease over only once it has itself seen the same version, unchanged,
@@ -256,10 +261,14 @@ class StoreLease:
             self.attempts += 1
             sent = self._monotonic()
             record = self._fresh_record()
-            version = create_versioned(self.loc, record.to_bytes())
+            mine = record.to_bytes()
+            version = create_versioned(self.loc, mine)
             if version is not None:
                 return self._hold(record, version, sent)
             current = read_versioned(self.loc)
+            if current is not None and current[0] == mine:
+                # Our own create: it landed, its answer was lost, and the retry found it there.
+                return self._hold(record, current[1], sent)
             raced = current is None  # released in between
             if current is not None:
                 data, version = current
@@ -272,7 +281,7 @@ class StoreLease:
                 if reason is not None:
                     sent = self._monotonic()
                     record = self._fresh_record()
-                    new_version = replace_versioned(self.loc, record.to_bytes(), version)
+                    new_version = self._replace(record.to_bytes(), version)
                     if new_version is not None:
                         who = holder.describe(self._clock()) if holder else "unknown holder"
                         self.took_over = f"took over a stale lease ({who}): {reason}"
@@ -300,7 +309,7 @@ class StoreLease:
         # The store is written without the mutex: ensure_held must not wait on a hung renewal.
         sent = self._monotonic()
         record = replace(held, expires_at=self._clock() + self.ttl_s, renewals=held.renewals + 1)
-        new_version = replace_versioned(self.loc, record.to_bytes(), version)
+        new_version = self._replace(record.to_bytes(), version)
         with self._mutex:
             if new_version is None:
                 self._lost = (
@@ -401,6 +410,22 @@ class StoreLease:
                 self._mark_lost(f"the {self.name} lease could not be renewed: {why}")
                 log.error("%s", self._lost)
                 return
+
+    def _replace(self, data: bytes, version: object) -> object | None:
+        """Replace the lease object with `data` if it is still at `version`: its new version, or
+        None when another process changed or removed it first.
+
+        A refused swap is read back: when the object holds exactly `data` (unique to this write:
+        its token and renewal count), the swap landed and its answer was lost (S3: botocore sent
+        the PUT again and met 412), and the version read back is ours.
+        """
+        new_version = replace_versioned(self.loc, data, version)
+        if new_version is not None:
+            return new_version
+        current = read_versioned(self.loc)
+        if current is not None and current[0] == data:
+            return current[1]
+        return None
 
     def _mark_lost(self, why: str) -> None:
         with self._mutex:

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import fsspec
@@ -414,6 +415,142 @@ def test_an_unreadable_lease_object_is_replaced(store):
     taker.acquire()
     assert "unreadable" in taker.took_over
     taker.release()
+
+
+# -- a swap that landed while its answer was lost --------------------------------------------
+def _first_answer_lost(real):
+    """`real` (create_versioned or replace_versioned) as it goes when its first write lands and
+    the answer is lost: botocore sends the write again, and the retry's condition no longer
+    holds (the object is already this write: S3 answers 412; locally the name is taken or the
+    bytes changed), so the caller hears of a lost race. Later calls go through. Returns the
+    wrapper and the retries' outcomes."""
+    retries: list = []
+
+    def swap(loc, data, *version):
+        if retries:
+            return real(loc, data, *version)
+        assert real(loc, data, *version) is not None  # it landed
+        retries.append(real(loc, data, *version))
+        return retries[0]
+
+    return swap, retries
+
+
+def test_an_acquire_whose_create_landed_but_whose_answer_was_lost_holds_the_lease(
+    store, monkeypatch
+):
+    create, retries = _first_answer_lost(lease_module.create_versioned)
+    monkeypatch.setattr(lease_module, "create_versioned", create)
+    loc = lease_location(store, "score")
+    holder = lease(store, "night")
+    record = holder.acquire()  # not LeaseBusy naming itself
+    assert retries == [None]  # the retry was refused: the lease was already there, ours
+    assert holder.attempts == 1 and holder.took_over is None
+    assert read_lease(loc) == record and holder.token == record.token
+    holder.ensure_held()
+    holder.renew()  # conditional on the version read back: it is the one in the store
+    assert read_lease(loc).renewals == 1
+    with pytest.raises(LeaseBusy):
+        lease(store, "other").acquire()
+    holder.release()
+    assert read_lease(loc) is None
+
+
+def test_a_take_over_that_landed_but_whose_answer_was_lost_holds_the_lease(store, monkeypatch):
+    loc = lease_location(store, "score")
+    loc.fs.makedirs(loc.path.rsplit("/", 1)[0], exist_ok=True)
+    loc.fs.pipe_file(loc.path, b'{"token": "cut sho')  # stale at once: unreadable
+    swap, retries = _first_answer_lost(lease_module.replace_versioned)
+    monkeypatch.setattr(lease_module, "replace_versioned", swap)
+    taker = lease(store, "after-crash")
+    record = taker.acquire()
+    assert retries == [None] and "unreadable" in taker.took_over
+    assert read_lease(loc) == record
+    taker.renew()
+    taker.ensure_held()
+    taker.release()
+    assert read_lease(loc) is None
+
+
+def test_a_renewal_that_landed_but_whose_answer_was_lost_keeps_the_lease(store, monkeypatch):
+    loc = lease_location(store, "score")
+    holder = lease(store, "night")
+    holder.acquire()
+    swap, retries = _first_answer_lost(lease_module.replace_versioned)
+    monkeypatch.setattr(lease_module, "replace_versioned", swap)
+    holder.renew()  # not LeaseLost: the object is this renewal
+    assert retries == [None] and read_lease(loc).renewals == 1
+    holder.ensure_held()
+    holder.renew()  # conditional on the version read back
+    assert read_lease(loc).renewals == 2
+    holder.release()
+    assert read_lease(loc) is None
+
+
+def _rival_first(real):
+    """`real`, but another holder's write lands just before this one: the same record with
+    another token (the bytes differ only there)."""
+
+    def swap(loc, data, *version):
+        rival = replace(LeaseRecord.parse(data), token="rival-token")
+        assert real(loc, rival.to_bytes(), *version) is not None
+        return real(loc, data, *version)
+
+    return swap
+
+
+def test_a_swap_refused_for_another_holders_write_is_still_a_lost_race(store, monkeypatch):
+    """The read-back after a refused swap finds another holder's bytes: the race was lost."""
+    loc = lease_location(store, "score")
+    monkeypatch.setattr(
+        lease_module, "create_versioned", _rival_first(lease_module.create_versioned)
+    )
+    loser = lease(store, "loser")
+    with pytest.raises(LeaseBusy) as busy:
+        loser.acquire()
+    assert busy.value.holder.token == "rival-token" and loser.token is None
+    monkeypatch.undo()
+    loc.fs.rm(loc.path)
+
+    holder = lease(store, "night")
+    holder.acquire()
+    monkeypatch.setattr(
+        lease_module, "replace_versioned", _rival_first(lease_module.replace_versioned)
+    )
+    with pytest.raises(LeaseLost, match="taken over by another process"):
+        holder.renew()
+    with pytest.raises(LeaseLost):
+        holder.ensure_held()
+    holder.release()  # must not delete the rival's lease
+    assert read_lease(loc).token == "rival-token"
+
+
+@pytest.mark.integration
+def test_lease_writes_whose_answers_are_cut_on_the_wire_still_hold_the_lease(s3_env, endpoint):
+    """No injected function: the endpoint forwards the conditional PUT, moto applies it, and the
+    connection is cut before the answer; botocore sends the PUT again and S3 answers 412, the
+    object being already ours. Both the create (acquire) and a renewal hold on."""
+    store = open_location(f"s3://{s3_env.make_bucket('lease')}/store")
+    loc = lease_location(store, "score")
+    holder = lease(store, "night")
+
+    def put(condition: str):
+        return lambda r: (
+            r.method == "PUT" and r.path.endswith("/score.json") and (condition in r.headers)
+        )
+
+    for condition, write in (("if-none-match", holder.acquire), ("if-match", holder.renew)):
+        cut = endpoint.cut_when(put(condition))
+        write()
+        assert cut.is_set() and endpoint.listening
+        sent = [r for r in endpoint.requests if put(condition)(r)]
+        assert len(sent) >= 2  # applied and unanswered, then the retry
+        holder.ensure_held()
+    assert endpoint.errors_answered() == 0  # the 412s came from moto itself
+    assert read_lease(loc).renewals == 1 and read_lease(loc).token == holder.token
+    holder.renew()
+    holder.release()
+    assert read_lease(loc) is None
 
 
 # -- what the lease guards: nightly prediction chunks ---------------------------------------
