@@ -17,7 +17,8 @@ from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
 from leukoflow.store import records, registry
 from leukoflow.store.storage import open_location
-from leukoflow.tasks.experiment_tasks import evaluate_grid, read_catalog_rows, save_experiment
+from leukoflow.store.tables import CatalogRow
+from leukoflow.tasks.experiment_tasks import evaluate_grid, save_experiment, stored_catalog
 from leukoflow.tasks.stage_tasks import catalog_images, prepare_features
 from leukoflow.vocabulary import Outcome, RunKind
 
@@ -56,7 +57,7 @@ def run_experiments(
 
     if images is not None:
         catalog_images(images, root, dataset)
-    rows = read_catalog_rows(root, dataset)
+    rows = stored_catalog(root, dataset)
     labelled = _labelled(rows)
     # Too few images or subjects for the folds: say so before hours of extraction.
     ex.plan_evaluations(*ex.targets(labelled), evaluation_names, folds, seed)
@@ -68,7 +69,7 @@ def run_experiments(
             join_rows=_labelled,
         )  # fmt: skip
         joined, features = prepared.joined, prepared.extraction
-        by_id = {r["image_id"]: r for r in prepared.rows}
+        by_id = {r.image_id: r for r in prepared.rows}
         y, subjects = ex.targets([by_id[i] for i in joined.image_ids])
         evaluations = ex.plan_evaluations(y, subjects, evaluation_names, folds, seed)
         augmented = None
@@ -126,5 +127,5 @@ def run_experiments(
     return summary
 
 
-def _labelled(rows: list[dict]) -> list[dict]:
+def _labelled(rows: list[CatalogRow]) -> list[CatalogRow]:
     return evaluate.labelled_rows(rows, "experiment on")

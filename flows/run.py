@@ -69,12 +69,12 @@ def run_pipeline(
             join_rows=trainable_rows,
         )  # fmt: skip
         joined, extraction = prepared.joined, prepared.extraction
-        by_id = {r["image_id"]: r for r in prepared.rows}
-        y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
+        by_id = {r.image_id: r for r in prepared.rows}
+        y = evaluate.labels_to_int([by_id[i].label for i in joined.image_ids])
         # Subjects only group cells (splits, folds, patients): their keyed pseudonyms group the
         # same, and nothing fitted, reported or printed can then carry a raw subject id.
         salt = subject_salt(root)
-        subjects = [subject_key(by_id[i]["subject_id"], salt) for i in joined.image_ids]
+        subjects = [subject_key(by_id[i].subject_id, salt) for i in joined.image_ids]
         fitted = fit_model(joined.matrix, y, subjects, classifier, split, seed, target_sensitivity)
 
         train_ids = [joined.image_ids[i] for i in fitted.split.train]
@@ -98,7 +98,7 @@ def run_pipeline(
         if examples_per_kind > 0:
             examples = explain_examples(
                 fitted.model, record, test_ids, fitted.y_test, fitted.test_probabilities,
-                {i: by_id[i]["uri"] for i in test_ids},
+                {i: by_id[i].uri for i in test_ids},
                 {i: joined.matrix[k] for k, i in zip(fitted.split.test, test_ids, strict=True)},
                 recipe.weights_dir, examples_per_kind, maps=pool,
                 subject_keys=dict(zip(joined.image_ids, subjects, strict=True)),

@@ -21,6 +21,7 @@ from leukoflow.store import records
 from leukoflow.store.pseudonym import pseudonymise_subjects, subject_key, subject_salt
 from leukoflow.store.records import non_clinical_note, package_versions
 from leukoflow.store.storage import open_location
+from leukoflow.store.tables import CatalogRow
 from leukoflow.tasks.stage_tasks import prepare_features
 from leukoflow.tasks.validate_tasks import cross_validate
 from leukoflow.vocabulary import Outcome, RunKind
@@ -52,9 +53,9 @@ def run_validation(
         join_rows=_labelled,
     )  # fmt: skip
     catalog, joined, features = prepared.catalog, prepared.joined, prepared.extraction
-    by_id = {row["image_id"]: row for row in prepared.rows}
-    y = evaluate.labels_to_int([by_id[i]["label"] for i in joined.image_ids])
-    subjects = [by_id[i]["subject_id"] for i in joined.image_ids]
+    by_id = {row.image_id: row for row in prepared.rows}
+    y = evaluate.labels_to_int([by_id[i].label for i in joined.image_ids])
+    subjects = [by_id[i].subject_id for i in joined.image_ids]
     result = cross_validate(joined.matrix, y, subjects, classifier, folds, seed, n_boot)
 
     # Raw subject ids stay in the store's tables; what this flow returns is printed.
@@ -102,5 +103,5 @@ def run_validation(
     return summary
 
 
-def _labelled(rows: list[dict]) -> list[dict]:
+def _labelled(rows: list[CatalogRow]) -> list[CatalogRow]:
     return evaluate.labelled_rows(rows, "validate")

@@ -22,13 +22,13 @@ from leukoflow.learn import experiments as ex
 from leukoflow.learn import folds
 from leukoflow.present.report import render_experiments_html
 from leukoflow.store.storage import Location, write_json_atomic, write_text_atomic
-from leukoflow.store.tables import read_catalog
+from leukoflow.store.tables import CatalogRow, read_catalog_rows
 
 
 @task(name="read-catalog", cache_policy=NO_CACHE)
-def read_catalog_rows(store: Location, dataset: str) -> list[dict]:
+def stored_catalog(store: Location, dataset: str) -> list[CatalogRow]:
     """The stored catalog of `dataset`: experiments run on what `leukoflow run` catalogued."""
-    rows = read_catalog(store, dataset).to_pylist()
+    rows = read_catalog_rows(store, dataset)
     if not rows:
         raise LeukoflowError(
             f"no catalog for dataset {dataset!r} in {store.uri}; catalogue it first with "

@@ -20,7 +20,7 @@ from leukoflow.recipe import FeatureRecipe
 from leukoflow.scoring import score as sc
 from leukoflow.store.lease import StoreLease
 from leukoflow.store.storage import Location
-from leukoflow.store.tables import write_predictions
+from leukoflow.store.tables import CatalogRow, write_predictions
 
 
 @task(name="score-new-images", cache_policy=NO_CACHE)
@@ -29,7 +29,7 @@ def score_new_images(
     model_id: str,
     record: dict,
     recipe: FeatureRecipe,
-    rows: list[dict],
+    rows: list[CatalogRow],
     night: str,
     run_id: str,
     chunk_size: int,
@@ -44,7 +44,7 @@ def score_new_images(
     sc.check_model_width(int(model.n_features_in_), recipe, model_id)
     moments, scores, missing = sc.FeatureMoments(), [], []
     for chunk in sc.chunks(rows, chunk_size):
-        by_id = {row["image_id"]: row for row in chunk}
+        by_id = {row.image_id: row for row in chunk}
         joined = join_features(store, list(by_id), recipe)
         missing.extend(joined.missing)
         if not joined.image_ids:

@@ -30,7 +30,7 @@ from leukoflow.features.join import missing_vectors as vectors_missing
 from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.store import records
 from leukoflow.store.storage import Location
-from leukoflow.store.tables import CATALOG_SCHEMA, read_catalog, write_catalog
+from leukoflow.store.tables import CatalogRow, read_catalog_rows, write_catalog
 from leukoflow.vocabulary import ImageStatus, short_id
 
 
@@ -38,7 +38,7 @@ from leukoflow.vocabulary import ImageStatus, short_id
 class CatalogPass:
     """A catalog pass over a collection, and what changed since the previous one."""
 
-    rows: list[dict]
+    rows: list[CatalogRow]
     written: bool  # False when nothing changed since the last pass: the catalog was not rewritten
     new_files: int  # uris not in the previous catalog
     quarantined_new: int  # of those, the ones set aside
@@ -56,14 +56,10 @@ def catalog_images(
     """Catalog one or more folders/manifests, reusing the rows of files unchanged since the last
     pass (the catalog is rewritten only when something changed)."""
     logger = get_run_logger()
-    known = {row["uri"]: row for row in read_catalog(store, dataset).to_pylist()}
+    known = {row.uri: row for row in read_catalog_rows(store, dataset)}
     rows = build_catalog(images, dataset, labels, known_rows=known, allow_empty=allow_empty)
-    fresh = [row for row in rows if row["uri"] not in known]
-    columns = CATALOG_SCHEMA.names
-    changed = len(rows) != len(known) or any(
-        [known.get(r["uri"], {}).get(c) for c in columns] != [r.get(c) for c in columns]
-        for r in rows
-    )
+    fresh = [row for row in rows if row.uri not in known]
+    changed = len(rows) != len(known) or any(known.get(row.uri) != row for row in rows)
     if changed:
         write_catalog(store, dataset, rows)
     counts = catalog_counts(rows)
@@ -76,25 +72,22 @@ def catalog_images(
         logger.warning("catalog: %d image(s) set aside: %s", n, reason)
     if counts.get("ignored"):
         logger.warning("catalog: %d file(s) ignored: not images", counts["ignored"])
-    quarantined_new = sum(row["status"] == ImageStatus.QUARANTINED for row in fresh)
+    quarantined_new = sum(row.status == ImageStatus.QUARANTINED for row in fresh)
     return CatalogPass(rows, changed, len(fresh), quarantined_new, counts)
 
 
 @task(name="quarantine-rejects", cache_policy=NO_CACHE)
 def quarantine_rejects(
-    store: Location, dataset: str, rows: list[dict], rejected: dict[str, str]
-) -> list[dict]:
+    store: Location, dataset: str, rows: list[CatalogRow], rejected: dict[str, str]
+) -> list[CatalogRow]:
     """Record in the catalog the images extraction could not read (changed or unreadable since
     they were catalogued): quarantined with extraction's reason, so the store itself says what
     became of them. Returns the rows as written."""
-    hit = [r for r in rows if r["status"] == ImageStatus.OK and r["image_id"] in rejected]
+    hit = [r for r in rows if r.ok and r.image_id in rejected]
     if not hit:
         return rows
     updated = [
-        {**r, "status": ImageStatus.QUARANTINED, "reason": rejected[r["image_id"]]}
-        if r["status"] == ImageStatus.OK and r["image_id"] in rejected
-        else r
-        for r in rows
+        r.quarantined(rejected[r.image_id]) if r.ok and r.image_id in rejected else r for r in rows
     ]
     write_catalog(store, dataset, updated)
     get_run_logger().warning("catalog %s: %d image(s) quarantined at extraction", dataset, len(hit))
@@ -171,12 +164,12 @@ def join(store: Location, image_ids: list[str], recipe: FeatureRecipe) -> Joined
 
 
 # -- the one feature-preparation step ------------------------------------------------------------
-RowSelection = Callable[[list[dict]], list[dict]]
+RowSelection = Callable[[list[CatalogRow]], list[CatalogRow]]
 
 
-def ok_rows(rows: Sequence[dict]) -> list[dict]:
+def ok_rows(rows: Sequence[CatalogRow]) -> list[CatalogRow]:
     """The catalog rows whose images decoded (what every flow featurises unless told otherwise)."""
-    return [row for row in rows if row["status"] == ImageStatus.OK]
+    return [row for row in rows if row.ok]
 
 
 @dataclass
@@ -184,8 +177,8 @@ class PreparedFeatures:
     """What `prepare_features` hands a flow."""
 
     catalog: CatalogPass | None  # this pass over the images (None: the stored catalog was read)
-    rows: list[dict]  # the dataset's catalog rows as written, extraction's rejects quarantined
-    selected: list[dict]  # the rows that were to hold vectors, rejects left out
+    rows: list[CatalogRow]  # the dataset's catalog as written, extraction's rejects quarantined
+    selected: list[CatalogRow]  # the rows that were to hold vectors, rejects left out
     todo: dict[str, list[str]]  # per backbone, the ids that lacked a vector before extraction
     extraction: ExtractionResult
     joined: JoinedFeatures | None  # the joined rows' matrix and ids (None: not asked to join)
@@ -204,11 +197,11 @@ def prepare_features(
     compute: Compute,
     *,
     images: str | list[str] | None = None,
-    rows: list[dict] | None = None,
+    rows: list[CatalogRow] | None = None,
     labels: dict[str, str] | None = None,
     allow_empty: bool = False,
     select: RowSelection = ok_rows,
-    also: Sequence[dict] = (),
+    also: Sequence[CatalogRow] = (),
     join_rows: RowSelection | None = None,
     count: bool = True,
     progress_bar: bool | None = None,
@@ -226,7 +219,7 @@ def prepare_features(
         catalog = catalog_images(images, root, dataset, labels, allow_empty)
         rows = catalog.rows
     wanted = [*select(rows), *also]
-    uris = {row["image_id"]: row["uri"] for row in wanted}
+    uris = {row.image_id: row.uri for row in wanted}
     todo = missing_vectors(root, list(uris), recipe)
     extraction = featurise(
         root, uris, todo, recipe, compute, total_images=len(uris), progress_bar=progress_bar,
@@ -237,10 +230,10 @@ def prepare_features(
     joined = None
     if join_rows is not None:
         joined = join(
-            root, [r["image_id"] for r in join_rows(rows) if r["image_id"] not in rejected], recipe
+            root, [r.image_id for r in join_rows(rows) if r.image_id not in rejected], recipe
         )
     counts = records.account(rows, rejected, featurised_images(root, recipe)) if count else None
-    selected = [row for row in select(rows) if row["image_id"] not in rejected]
+    selected = [row for row in select(rows) if row.image_id not in rejected]
     return PreparedFeatures(catalog, rows, selected, todo, extraction, joined, counts)
 
 

@@ -49,6 +49,7 @@ from leukoflow.features.images import (
     sniff_format,
 )
 from leukoflow.store.storage import Location, open_location
+from leukoflow.store.tables import CatalogRow
 from leukoflow.vocabulary import ImageStatus, Label
 
 # Suffixes catalogued without a look at the content; other files are probed (sniff_format).
@@ -87,11 +88,11 @@ def parse_subject_id(filename: str) -> str | None:
     return subject
 
 
-class CatalogRows(list):
-    """build_catalog's rows (a list of CATALOG_SCHEMA dicts), plus the uris of the files it
-    looked at and ignored because they are not images (they get no row)."""
+class CatalogRows(list[CatalogRow]):
+    """build_catalog's rows, plus the uris of the files it looked at and ignored because they
+    are not images (they get no row)."""
 
-    def __init__(self, rows: list[dict], ignored_files: list[str] | None = None) -> None:
+    def __init__(self, rows: list[CatalogRow], ignored_files: list[str] | None = None) -> None:
         super().__init__(rows)
         self.ignored_files = list(ignored_files or [])
 
@@ -100,7 +101,7 @@ def build_catalog(
     images: str | Sequence[str],
     dataset: str,
     labels: dict[str, str] | None = None,
-    known_rows: Mapping[str, dict] | None = None,
+    known_rows: Mapping[str, CatalogRow] | None = None,
     allow_empty: bool = False,
 ) -> CatalogRows:
     """One CATALOG_SCHEMA row per image file under IMAGES (one folder or .csv manifest, or a list
@@ -126,25 +127,21 @@ def build_catalog(
     rows = _rows(entries, dataset, discovered_at, known_rows or {})
     # A file a manifest lists is an image to account for, even where a folder walk ignored it.
     not_images = set(ignored) - {entry.uri for entry in entries}
-    return CatalogRows(sorted(rows, key=lambda row: row["uri"]), sorted(not_images))
+    return CatalogRows(sorted(rows, key=lambda row: row.uri), sorted(not_images))
 
 
-def catalog_counts(rows: list[dict]) -> dict:
+def catalog_counts(rows: list[CatalogRow]) -> dict:
     """Counts by status, conversions among ok rows, non-ok rows per reason code, and the files
     ignored as not images (known only for build_catalog's own result)."""
-    statuses = Counter(row["status"] for row in rows)
-    reasons = Counter(
-        reason_code(row["reason"])
-        for row in rows
-        if row["status"] != ImageStatus.OK and row["reason"]
-    )
+    statuses = Counter(row.status for row in rows)
+    reasons = Counter(reason_code(row.reason) for row in rows if not row.ok and row.reason)
     ignored = list(getattr(rows, "ignored_files", []))
     return {
         "found": len(rows),
         "ok": statuses[ImageStatus.OK],
         "quarantined": statuses[ImageStatus.QUARANTINED],
         "duplicate": statuses[ImageStatus.DUPLICATE],
-        "converted": sum(1 for row in rows if row["status"] == ImageStatus.OK and row["reason"]),
+        "converted": sum(1 for row in rows if row.ok and row.reason),
         "reasons": dict(sorted(reasons.items())),
         "ignored": len(ignored),
         "ignored_files": ignored,
@@ -450,57 +447,54 @@ def _manifest_entry(
 
 # -- rows ------------------------------------------------------------------------------------
 def _rows(
-    entries: list[_Entry], dataset: str, discovered_at: datetime, known_rows: Mapping[str, dict]
-) -> list[dict]:
+    entries: list[_Entry],
+    dataset: str,
+    discovered_at: datetime,
+    known_rows: Mapping[str, CatalogRow],
+) -> list[CatalogRow]:
     rows = []
-    first_by_hash: dict[str, dict] = {}
+    first_by_hash: dict[str, CatalogRow] = {}
     real_folders: dict[str, str] = {}
     for entry in entries:
-        row = {
-            "image_id": None,
-            "uri": entry.uri,
-            "dataset": dataset,
-            "label": entry.label,
-            "subject_id": entry.subject_id,
-            "width": None,
-            "height": None,
-            "size_bytes": None,
-            "status": ImageStatus.QUARANTINED,
-            "reason": entry.refused,
-            "discovered_at": discovered_at,
-            "modified_at": None,
-        }
+        row = CatalogRow(
+            # A path id until the bytes are read; then their sha256.
+            image_id=entry.image_id or _path_id(entry.uri),
+            uri=entry.uri,
+            dataset=dataset,
+            label=Label(entry.label) if entry.label else None,
+            subject_id=entry.subject_id,
+            status=ImageStatus.QUARANTINED,
+            reason=entry.refused,
+            discovered_at=discovered_at,
+        )
         rows.append(row)
         if entry.refused is not None or entry.loc is None:
-            row["image_id"] = entry.image_id or _path_id(entry.uri)
             continue
         if entry.root_real is not None and not _inside(
             _real_path(entry.loc.path, real_folders), entry.root_real
         ):
             # Checked here, just before any stat or read, so a file swapped for a link out of
             # the root after the walk is refused too (not stat'ed, not read).
-            row["image_id"] = _path_id(entry.uri)
-            row["reason"] = f"{OUTSIDE_ROOT}: {_OUTSIDE_PATH}"
+            row.reason = f"{OUTSIDE_ROOT}: {_OUTSIDE_PATH}"
             continue
         # Stamp before reading: a file changed after the stamp is simply read again next time.
-        size, row["modified_at"] = _stamp(entry)
+        size, row.modified_at = _stamp(entry)
         known = known_rows.get(entry.uri)
         if known is not None:
-            row["discovered_at"] = known["discovered_at"] or discovered_at
-            if _unchanged(known, size, row["modified_at"]):
+            row.discovered_at = known.discovered_at or discovered_at
+            if _unchanged(known, size, row.modified_at):
                 _reuse(row, known, first_by_hash)
                 continue
         try:
             data = _read(entry.loc, entry.size)
         except ImageRejected as rejected:
-            row["image_id"], row["reason"] = _path_id(entry.uri), str(rejected)
+            row.reason = str(rejected)
             continue
         except OSError as error:
-            row["image_id"] = _path_id(entry.uri)
-            row["reason"] = f"{UNREADABLE}: {_describe(error)}"
+            row.reason = f"{UNREADABLE}: {_describe(error)}"
             continue
         image_id = hashlib.sha256(data).hexdigest()
-        row["image_id"], row["size_bytes"] = image_id, len(data)
+        row.image_id, row.size_bytes = image_id, len(data)
         first = first_by_hash.get(image_id)
         if first is not None:
             _mark_copy(row, first)
@@ -509,14 +503,10 @@ def _rows(
         try:
             decoded = decode_image(data)
         except ImageRejected as rejected:
-            row["reason"] = str(rejected)
+            row.reason = str(rejected)
             continue
-        row.update(
-            width=decoded.width,
-            height=decoded.height,
-            status=ImageStatus.OK,
-            reason=decoded.conversion,
-        )
+        row.width, row.height = decoded.width, decoded.height
+        row.status, row.reason = ImageStatus.OK, decoded.conversion
     return rows
 
 
@@ -544,49 +534,45 @@ def _listed_mtime(info: dict) -> datetime | None:
     return moment.astimezone(UTC)
 
 
-def _unchanged(known: dict, size: int | None, modified: datetime | None) -> bool:
+def _unchanged(known: CatalogRow, size: int | None, modified: datetime | None) -> bool:
     """Whether an earlier row still describes the file: same size and mtime, bytes were read."""
     return (
         size is not None
         and modified is not None
-        and known.get("size_bytes") == size
-        and known.get("modified_at") == modified
+        and known.size_bytes == size
+        and known.modified_at == modified
         # Rows of files that could not be read carry a path id: those are tried again.
-        and not str(known.get("image_id") or "path:").startswith("path:")
+        and not (known.image_id or "path:").startswith("path:")
     )
 
 
-def _reuse(row: dict, known: dict, first_by_hash: dict[str, dict]) -> None:
+def _reuse(row: CatalogRow, known: CatalogRow, first_by_hash: dict[str, CatalogRow]) -> None:
     """Fill `row` from the earlier row of the same unchanged file: no read, hash or decode."""
-    image_id = known["image_id"]
-    row.update(image_id=image_id, size_bytes=known["size_bytes"])
-    first = first_by_hash.get(image_id)
+    row.image_id, row.size_bytes = known.image_id, known.size_bytes
+    first = first_by_hash.get(known.image_id)
     if first is not None:
         _mark_copy(row, first)
         return
-    first_by_hash[image_id] = row
-    if known["status"] == ImageStatus.QUARANTINED:
-        row["reason"] = known["reason"]  # the same bytes fail to decode the same way
+    first_by_hash[known.image_id] = row
+    if known.status == ImageStatus.QUARANTINED:
+        row.reason = known.reason  # the same bytes fail to decode the same way
         return
     # A row that was a duplicate decoded fine too; its conversion note went with the first copy.
-    conversion = known["reason"] if known["status"] == ImageStatus.OK else None
-    row.update(
-        width=known["width"], height=known["height"], status=ImageStatus.OK, reason=conversion
-    )
+    row.width, row.height = known.width, known.height
+    row.status, row.reason = ImageStatus.OK, known.reason if known.ok else None
 
 
-def _mark_copy(row: dict, first: dict) -> None:
+def _mark_copy(row: CatalogRow, first: CatalogRow) -> None:
     """Second sighting of the same bytes: a duplicate if the first was good, else the same fault."""
-    if first["status"] != ImageStatus.OK:
+    if not first.ok:
         # Same bytes fail the same way; five empty uploads read better as five empty files.
-        row["reason"] = first["reason"]
+        row.reason = first.reason
         return
-    reason = f"{DUPLICATE_OF}:{first['image_id']}"
-    if row["label"] and first["label"] and row["label"] != first["label"]:
-        reason = f"{LABEL_CONFLICT}:{reason} ({first['label']} vs {row['label']})"
-    row.update(
-        status=ImageStatus.DUPLICATE, reason=reason, width=first["width"], height=first["height"]
-    )
+    reason = f"{DUPLICATE_OF}:{first.image_id}"
+    if row.label and first.label and row.label != first.label:
+        reason = f"{LABEL_CONFLICT}:{reason} ({first.label} vs {row.label})"
+    row.status, row.reason = ImageStatus.DUPLICATE, reason
+    row.width, row.height = first.width, first.height
 
 
 def _read(loc: Location, size: int | None) -> bytes:

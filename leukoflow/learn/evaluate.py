@@ -14,18 +14,19 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.vocabulary import ImageStatus, Label
+from leukoflow.store.tables import CatalogRow
+from leukoflow.vocabulary import Label
 
 POSITIVE_LABEL = Label.ALL.value
 NEGATIVE_LABEL = Label.HEM.value
 _LABEL_TO_INT = {NEGATIVE_LABEL: 0, POSITIVE_LABEL: 1}
 
 
-def labelled_rows(rows: Sequence[dict], what: str) -> list[dict]:
+def labelled_rows(rows: Sequence[CatalogRow], what: str) -> list[CatalogRow]:
     """The catalogued images a classifier can learn from: status ok and labelled all or hem.
     None: a usage error saying what the images were for (`what`)."""
     labels = (POSITIVE_LABEL, NEGATIVE_LABEL)
-    labelled = [r for r in rows if r["status"] == ImageStatus.OK and r["label"] in labels]
+    labelled = [r for r in rows if r.ok and r.label in labels]
     if not labelled:
         raise LeukoflowError(
             f"no labelled images to {what} (labels all/hem come from C-NMC names, class folders "

@@ -14,7 +14,7 @@ import io
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from leukoflow.learn import evaluate, folds, train
 from leukoflow.learn.folds import Augmented
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.store.storage import Location
-from leukoflow.vocabulary import ImageStatus
+from leukoflow.store.tables import CatalogRow
 
 # The paper's table columns (Tables 5-6), then macro F1: its F1 values sit below accuracy on
 # 68% ALL data, which fits a class-averaged F1 better than the ALL-class one.
@@ -205,17 +205,17 @@ def evaluate_cell(
     }
 
 
-def targets(rows: list[dict]) -> tuple[np.ndarray, list[str | None]]:
+def targets(rows: Sequence[CatalogRow]) -> tuple[np.ndarray, list[str | None]]:
     """Labels (1 ALL, 0 normal) and subject ids of catalog rows."""
-    return evaluate.labels_to_int([r["label"] for r in rows]), [r["subject_id"] for r in rows]
+    return evaluate.labels_to_int([r.label for r in rows]), [r.subject_id for r in rows]
 
 
-def augmented_rows(labelled: list[dict], seed: int) -> list[dict]:
-    """Catalog-like rows for the augmented copies: same file, id "<sha256>#<transform>"."""
+def augmented_rows(labelled: list[CatalogRow], seed: int) -> list[CatalogRow]:
+    """Rows for the augmented copies: the same file and row, id "<sha256>#<transform>"."""
     return [
-        {"image_id": image_id, "uri": row["uri"], "status": ImageStatus.OK}
+        replace(row, image_id=image_id)
         for row in labelled
-        for image_id in augment.augmented_ids([row["image_id"]], seed)
+        for image_id in augment.augmented_ids([row.image_id], seed)
     ]
 
 

@@ -11,6 +11,7 @@ with the paper.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from sklearn.pipeline import Pipeline
 from leukoflow import choices
 from leukoflow.learn import calibration, evaluate, patient, train
 from leukoflow.learn.reference import score_reference
+from leukoflow.store.tables import CatalogRow
 from leukoflow.vocabulary import THRESHOLD_RULE
 from leukoflow.vocabulary import flagged as flag_rule
 
@@ -52,18 +54,18 @@ class FittedModel:
         return {k: v for k, v in params.items() if isinstance(v, plain)}
 
 
-def trainable_rows(rows: list[dict]) -> list[dict]:
+def trainable_rows(rows: Sequence[CatalogRow]) -> list[CatalogRow]:
     """The catalogued images `run` trains and tests on: decoded and labelled."""
     return evaluate.labelled_rows(rows, "train on")
 
 
-def plan_split(rows: list[dict], split: str | None, seed: int) -> str:
+def plan_split(rows: Sequence[CatalogRow], split: str | None, seed: int) -> str:
     """The split `run` will use (None: subject-grouped when every image has a subject id, else
     random), checked before any extraction: one class, or too few subjects for the split or
     its calibration folds, is a usage error now rather than after hours of work."""
     trainable = trainable_rows(rows)
-    y = evaluate.labels_to_int([r["label"] for r in trainable])
-    subjects = [r["subject_id"] for r in trainable]
+    y = evaluate.labels_to_int([r.label for r in trainable])
+    subjects = [r.subject_id for r in trainable]
     split = train.choose_split(split, y, subjects)
     planned = train.split_rows(y, subjects, split, seed=seed)
     train.kfold(

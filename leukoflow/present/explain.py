@@ -35,8 +35,8 @@ from leukoflow.learn import train
 from leukoflow.present import cam
 from leukoflow.store import registry
 from leukoflow.store.storage import Location, open_location, write_bytes_atomic
-from leukoflow.store.tables import read_catalog, read_features
-from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, Label, flagged
+from leukoflow.store.tables import read_catalog_rows, read_features
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE, Label, flagged
 
 TOP_FEATURES = 8
 # Recomputed features may differ from stored ones by float round-off (another machine, a GPU);
@@ -392,8 +392,8 @@ def read_cell(uri: str, image_id: str | None = None) -> tuple[str, np.ndarray]:
 
 def catalog_uris(store: Location, image_ids: list[str]) -> dict[str, str]:
     """The file of each image id (augmented ids resolve to their source file)."""
-    catalog = read_catalog(store).to_pylist()
-    uris = {r["image_id"]: r["uri"] for r in catalog if r["status"] == ImageStatus.OK}
+    catalog = read_catalog_rows(store)
+    uris = {r.image_id: r.uri for r in catalog if r.ok}
     found, unknown = {}, []
     for image_id in image_ids:
         source_id, _ = augment.parse_image_id(image_id)

@@ -24,7 +24,7 @@ from leukoflow.recipe import FeatureRecipe
 from leukoflow.store.pseudonym import subject_key, subject_salt
 from leukoflow.store.records import Accounting, accounting_dict, non_clinical_note, run_row
 from leukoflow.store.storage import Location
-from leukoflow.store.tables import read_predictions
+from leukoflow.store.tables import CatalogRow, read_predictions
 from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
@@ -84,17 +84,17 @@ class SweepPlan:
     quarantined: int
     duplicate: int
     already_scored: int
-    new_rows: list[dict]  # one ok row per image the model has not scored yet
+    new_rows: list[CatalogRow]  # one ok row per image the model has not scored yet
 
 
-def plan_sweep(rows: Sequence[dict], scored_ids: set[str]) -> SweepPlan:
+def plan_sweep(rows: Sequence[CatalogRow], scored_ids: set[str]) -> SweepPlan:
     """found = new + already scored + quarantined + duplicate (copies of another inbox file)."""
-    ok = [r for r in rows if r["status"] == ImageStatus.OK]
-    new_rows = [r for r in ok if r["image_id"] not in scored_ids]
+    ok = [r for r in rows if r.ok]
+    new_rows = [r for r in ok if r.image_id not in scored_ids]
     return SweepPlan(
         found=len(rows),
-        quarantined=sum(r["status"] == ImageStatus.QUARANTINED for r in rows),
-        duplicate=sum(r["status"] == ImageStatus.DUPLICATE for r in rows),
+        quarantined=sum(r.status == ImageStatus.QUARANTINED for r in rows),
+        duplicate=sum(r.status == ImageStatus.DUPLICATE for r in rows),
         already_scored=len(ok) - len(new_rows),
         new_rows=new_rows,
     )
@@ -114,7 +114,7 @@ def flag(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def prediction_rows(
-    rows: Sequence[dict],
+    rows: Sequence[CatalogRow],
     scores: np.ndarray,
     model_id: str,
     score_kind: str,
@@ -126,9 +126,9 @@ def prediction_rows(
     flagged = flag(scores, threshold)
     return [
         {
-            "image_id": row["image_id"],
-            "uri": row["uri"],
-            "subject_id": row["subject_id"],
+            "image_id": row.image_id,
+            "uri": row.uri,
+            "subject_id": row.subject_id,
             "model_id": model_id,
             "score": float(score),
             "score_kind": score_kind,

@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.store.storage import Location
-from leukoflow.store.tables import write_run
+from leukoflow.store.tables import CatalogRow, write_run
 from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, Outcome, RunKind, short_id
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
@@ -67,7 +67,7 @@ class Accounting:
 
 
 def account(
-    rows: Sequence[dict],
+    rows: Sequence[CatalogRow],
     rejected: Iterable[str],
     done_ids: set[str],
     done_before: set[str] | None = None,
@@ -79,7 +79,7 @@ def account(
     quarantined = duplicate = done = already = 0
     missing, double = [], []
     for row in rows:
-        status, image_id = row["status"], row["image_id"]
+        status, image_id = row.status, row.image_id
         if status == ImageStatus.DUPLICATE:
             duplicate += 1
         elif status == ImageStatus.QUARANTINED:
@@ -111,12 +111,12 @@ def accounting_dict(counts: Accounting, done_name: str) -> dict:
     }
 
 
-def quarantine_list(rows: Sequence[dict]) -> list[dict]:
+def quarantine_list(rows: Sequence[CatalogRow]) -> list[dict]:
     """The images set aside, by content id and reason (for reports; summaries count them)."""
     return [
-        {"image_id": r["image_id"], "reason": r["reason"]}
+        {"image_id": r.image_id, "reason": r.reason}
         for r in rows
-        if r["status"] == ImageStatus.QUARANTINED
+        if r.status == ImageStatus.QUARANTINED
     ]
 
 

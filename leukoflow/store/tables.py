@@ -20,7 +20,8 @@ import logging
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from typing import TypeVar
 
 import numpy as np
@@ -30,6 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from leukoflow.store.storage import Location, write_parquet_atomic
+from leukoflow.vocabulary import ImageStatus, Label
 
 log = logging.getLogger("leukoflow.tables")
 
@@ -60,9 +62,58 @@ def catalog_location(store: Location, dataset: str) -> Location:
     return store.child("catalog", f"dataset={dataset}", "catalog.parquet")
 
 
-def write_catalog(store: Location, dataset: str, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA)
+@dataclass(slots=True)
+class CatalogRow:
+    """One image file as the catalog knows it: a field per CATALOG_SCHEMA column, same order.
+
+    `status` and `label` are the vocabulary's enums (equal to the strings the table stores).
+    Rows outside the catalog (augmented copies) are CatalogRows too, with only what a flow
+    needs to featurise them.
+    """
+
+    image_id: str
+    uri: str
+    dataset: str
+    label: Label | None = None
+    subject_id: str | None = None
+    width: int | None = None
+    height: int | None = None
+    size_bytes: int | None = None
+    status: ImageStatus = ImageStatus.QUARANTINED
+    reason: str | None = None
+    discovered_at: datetime | None = None
+    modified_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Decoded, not a duplicate: an image every flow featurises unless told otherwise."""
+        return self.status == ImageStatus.OK
+
+    def quarantined(self, reason: str) -> CatalogRow:
+        """This row set aside, with why."""
+        return replace(self, status=ImageStatus.QUARANTINED, reason=reason)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in CATALOG_COLUMNS}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> CatalogRow:
+        """A row read back from the table (plain strings become the vocabulary's enums)."""
+        label = Label(row["label"]) if row.get("label") else None
+        return cls(**{**row, "status": ImageStatus(row["status"]), "label": label})
+
+
+CATALOG_COLUMNS = tuple(f.name for f in fields(CatalogRow))
+
+
+def write_catalog(store: Location, dataset: str, rows: Iterable[CatalogRow]) -> None:
+    table = pa.Table.from_pylist([row.to_dict() for row in rows], schema=CATALOG_SCHEMA)
     write_parquet_atomic(catalog_location(store, dataset), table)
+
+
+def read_catalog_rows(store: Location, dataset: str | None = None) -> list[CatalogRow]:
+    """read_catalog, as typed rows."""
+    return [CatalogRow.from_dict(row) for row in read_catalog(store, dataset).to_pylist()]
 
 
 def read_catalog(store: Location, dataset: str | None = None) -> pa.Table:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -28,7 +29,14 @@ from leukoflow.features.catalog import (
 )
 from leukoflow.features.synthetic import make_synthetic_dataset
 from leukoflow.store.storage import Location, open_location
-from leukoflow.store.tables import CATALOG_SCHEMA, read_catalog, write_catalog
+from leukoflow.store.tables import (
+    CATALOG_SCHEMA,
+    CatalogRow,
+    read_catalog,
+    read_catalog_rows,
+    write_catalog,
+)
+from leukoflow.vocabulary import ImageStatus, Label
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -51,18 +59,18 @@ def put(root: Path, relative: str, data: bytes) -> Path:
     return path
 
 
-def code(row: dict) -> str | None:
-    return None if row["reason"] is None else catalog.reason_code(row["reason"])
+def code(row: CatalogRow) -> str | None:
+    return None if row.reason is None else catalog.reason_code(row.reason)
 
 
-def assert_accounted(rows: list[dict]) -> None:
+def assert_accounted(rows: list[CatalogRow]) -> None:
     counts = catalog_counts(rows)
     assert counts["found"] == len(rows)
     assert counts["found"] == counts["ok"] + counts["quarantined"] + counts["duplicate"]
-    assert all(set(row) == set(CATALOG_SCHEMA.names) for row in rows)
-    assert [row["uri"] for row in rows] == sorted(row["uri"] for row in rows)
-    assert len({row["discovered_at"] for row in rows}) == 1
-    pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA)  # every value fits the schema
+    assert all(isinstance(row, CatalogRow) for row in rows)
+    assert [row.uri for row in rows] == sorted(row.uri for row in rows)
+    assert len({row.discovered_at for row in rows}) == 1
+    pa.Table.from_pylist([r.to_dict() for r in rows], schema=CATALOG_SCHEMA)  # values fit
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -99,20 +107,18 @@ def test_cnmc_folder_and_manifest_give_the_same_catalog() -> None:
     for rows in (from_folder, from_manifest):
         assert_accounted(rows)
         assert catalog_counts(rows)["ok"] == 103
-        assert {row["uri"] for row in rows} == set(expected)
+        assert {row.uri for row in rows} == set(expected)
         for row in rows:
-            truth = expected[row["uri"]]
-            assert row["image_id"] == truth["sha256"]
-            assert row["label"] == truth["label"]
-            assert row["subject_id"] == truth["subject_id"]
-            assert (row["width"], row["height"]) == (450, 450)
-            assert row["size_bytes"] == (CNMC / truth["path"]).stat().st_size
-            assert (row["status"], row["reason"], row["dataset"]) == ("ok", None, "cnmc")
-    assert sum(row["label"] == "all" for row in from_folder) == 56
-    strip = [{k: v for k, v in row.items() if k != "discovered_at"} for row in from_folder]
-    assert strip == [
-        {k: v for k, v in row.items() if k != "discovered_at"} for row in from_manifest
-    ]
+            truth = expected[row.uri]
+            assert row.image_id == truth["sha256"]
+            assert row.label == truth["label"]
+            assert row.subject_id == truth["subject_id"]
+            assert (row.width, row.height) == (450, 450)
+            assert row.size_bytes == (CNMC / truth["path"]).stat().st_size
+            assert (row.status, row.reason, row.dataset) == ("ok", None, "cnmc")
+    assert sum(row.label == "all" for row in from_folder) == 56
+    strip = [replace(row, discovered_at=None) for row in from_folder]
+    assert strip == [replace(row, discovered_at=None) for row in from_manifest]
 
 
 def test_catalog_rows_round_trip_through_the_store(tmp_path: Path) -> None:
@@ -121,7 +127,12 @@ def test_catalog_rows_round_trip_through_the_store(tmp_path: Path) -> None:
     write_catalog(store, "cnmc", rows)
     table = read_catalog(store, "cnmc")
     assert table.num_rows == 103
-    assert table.column("uri").to_pylist() == [row["uri"] for row in rows]
+    assert table.column("uri").to_pylist() == [row.uri for row in rows]
+    # Read back typed: the same rows, with the vocabulary's enums for status and label.
+    again = read_catalog_rows(store, "cnmc")
+    assert again == list(rows)
+    assert {type(row.status) for row in again} == {ImageStatus}
+    assert {type(row.label) for row in again} == {Label}
 
 
 # -- a messy inbox ---------------------------------------------------------------------------
@@ -206,47 +217,47 @@ def test_messy_inbox_every_file_has_exactly_one_row(messy) -> None:
     root, expected = messy
     rows = build_catalog(str(root), "inbox")
     assert_accounted(rows)
-    uris = [row["uri"] for row in rows]
+    uris = [row.uri for row in rows]
     assert len(uris) == len(set(uris)) == len(expected)
     assert set(uris) == {str(root / name) for name in expected}
     for row in rows:
-        name = os.path.relpath(row["uri"], root)
+        name = os.path.relpath(row.uri, root)
         status, reason, label = expected[name]
-        assert (row["status"], row["label"]) == (status, label), name
+        assert (row.status, row.label) == (status, label), name
         if reason is not None and ("->" in reason or reason == "exif-transposed"):
-            assert row["reason"] == reason, name  # conversions are recorded verbatim
+            assert row.reason == reason, name  # conversions are recorded verbatim
         else:
-            assert code(row) == reason, (name, row["reason"])
-        assert row["dataset"] == "inbox"
+            assert code(row) == reason, (name, row.reason)
+        assert row.dataset == "inbox"
 
 
 def test_messy_inbox_row_details(messy) -> None:
     root, _ = messy
-    rows = {os.path.relpath(row["uri"], root): row for row in build_catalog(str(root), "inbox")}
+    rows = {os.path.relpath(row.uri, root): row for row in build_catalog(str(root), "inbox")}
     good = rows["all/good.bmp"]
-    assert good["image_id"] == hashlib.sha256((root / "all/good.bmp").read_bytes()).hexdigest()
-    assert (good["width"], good["height"], good["size_bytes"]) == (32, 32, len(cell(1)))
-    assert rows["all/UID_7_1_1_all.bmp"]["subject_id"] == "7"
-    assert rows["hem/UID_H3_2_1_hem.bmp"]["subject_id"] == "H3"
-    assert rows["other/rotated.JPEG"]["width"] == 20 and rows["other/rotated.JPEG"]["height"] == 40
+    assert good.image_id == hashlib.sha256((root / "all/good.bmp").read_bytes()).hexdigest()
+    assert (good.width, good.height, good.size_bytes) == (32, 32, len(cell(1)))
+    assert rows["all/UID_7_1_1_all.bmp"].subject_id == "7"
+    assert rows["hem/UID_H3_2_1_hem.bmp"].subject_id == "H3"
+    assert rows["other/rotated.JPEG"].width == 20 and rows["other/rotated.JPEG"].height == 40
 
     first = rows["all/same.bmp"]
     conflict = rows["hem/same_again.bmp"]
-    assert conflict["image_id"] == first["image_id"]
-    assert conflict["reason"] == f"label_conflict:duplicate_of:{first['image_id']} (all vs hem)"
-    assert (conflict["width"], conflict["height"]) == (32, 32)
-    assert rows["hem/copy_2.bmp"]["reason"] == f"duplicate_of:{rows['hem/copy_1.bmp']['image_id']}"
+    assert conflict.image_id == first.image_id
+    assert conflict.reason == f"label_conflict:duplicate_of:{first.image_id} (all vs hem)"
+    assert (conflict.width, conflict.height) == (32, 32)
+    assert rows["hem/copy_2.bmp"].reason == f"duplicate_of:{rows['hem/copy_1.bmp'].image_id}"
 
     for name in ("empty.bmp", "notes.bmp", "tiny.bmp", "bomb.png", "truncated.jpg"):
         row = rows[name]
-        assert row["width"] is None and row["height"] is None
-        assert SHA256.match(row["image_id"])  # read, so identified by content
-        assert ": " in row["reason"]  # code, then the detail
-    assert rows["fifo.bmp"]["reason"] == "unreadable: not a regular file (fifo)"
-    assert "No such file" in rows["dangling.bmp"]["reason"]
-    assert "symbolic links" in rows["loop_a.tif"]["reason"]
+        assert row.width is None and row.height is None
+        assert SHA256.match(row.image_id)  # read, so identified by content
+        assert ": " in row.reason  # code, then the detail
+    assert rows["fifo.bmp"].reason == "unreadable: not a regular file (fifo)"
+    assert "No such file" in rows["dangling.bmp"].reason
+    assert "symbolic links" in rows["loop_a.tif"].reason
     for name in ("fifo.bmp", "dangling.bmp", "loop_a.tif"):
-        assert rows[name]["image_id"].startswith("path:") and rows[name]["size_bytes"] is None
+        assert rows[name].image_id.startswith("path:") and rows[name].size_bytes is None
 
 
 def test_messy_inbox_counts(messy) -> None:
@@ -283,7 +294,7 @@ def test_permission_denied_is_unreadable(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
     rows = build_catalog(str(tmp_path), "x")
-    assert [(row["status"], row["reason"]) for row in rows] == [
+    assert [(row.status, row.reason) for row in rows] == [
         ("ok", None),
         ("quarantined", "unreadable: Permission denied"),
     ]
@@ -294,7 +305,7 @@ def test_copies_prefer_the_labelled_one(tmp_path: Path) -> None:
     put(tmp_path, "aaa_inbox.bmp", cell(1))
     put(tmp_path, "hem/x.bmp", cell(1))
     rows = build_catalog(str(tmp_path), "x")
-    assert [(row["label"], row["status"]) for row in rows] == [(None, "duplicate"), ("hem", "ok")]
+    assert [(row.label, row.status) for row in rows] == [(None, "duplicate"), ("hem", "ok")]
     assert code(rows[0]) == "duplicate_of"  # unlabelled vs labelled is no conflict
 
 
@@ -306,8 +317,8 @@ def test_cnmc_training_layout(tmp_path: Path) -> None:
     put(root, "fold_1/hem/UID_H9_1_1_hem.bmp", cell(1))
     rows = build_catalog(str(root), "syn")
     assert_accounted(rows)
-    assert len(rows) == 9 and all(row["status"] == "ok" for row in rows)
-    labels = {os.path.relpath(row["uri"], root): (row["label"], row["subject_id"]) for row in rows}
+    assert len(rows) == 9 and all(row.status == "ok" for row in rows)
+    labels = {os.path.relpath(row.uri, root): (row.label, row.subject_id) for row in rows}
     assert labels["fold_0/all/UID_1_1_1_all.bmp"] == ("all", "1")
     assert labels["fold_0/hem/UID_H4_1_2_hem.bmp"] == ("hem", "H4")
     assert labels["fold_1/hem/UID_H9_1_1_hem.bmp"] == ("hem", "H9")
@@ -318,7 +329,7 @@ def test_user_label_mapping_replaces_the_default(tmp_path: Path) -> None:
     put(tmp_path, "normal/b.bmp", cell(2))
     put(tmp_path, "all/c.bmp", cell(3))
     rows = build_catalog(str(tmp_path), "x", labels={"blast": "all", "normal": "hem"})
-    assert [row["label"] for row in rows] == ["all", None, "hem"]
+    assert [row.label for row in rows] == ["all", None, "hem"]
     assert DEFAULT_LABELS == {"all": "all", "hem": "hem"}
 
 
@@ -334,7 +345,7 @@ def test_suffixes_are_case_insensitive(tmp_path: Path) -> None:
     put(tmp_path, "x.TXT", b"a note, not an image")
     rows = build_catalog(str(tmp_path), "x")
     assert len(rows) == len(IMAGE_SUFFIXES)
-    assert all(row["status"] == "ok" for row in rows)
+    assert all(row.status == "ok" for row in rows)
     assert catalog_counts(rows)["ignored_files"] == [str(tmp_path / "x.TXT")]
 
 
@@ -369,19 +380,19 @@ def test_every_file_is_catalogued_or_ignored_never_dropped(tmp_path: Path) -> No
         put(tmp_path, name, data)
     rows = build_catalog(str(tmp_path), "x")
     assert_accounted(rows)
-    by_name = {os.path.relpath(row["uri"], tmp_path): row for row in rows}
+    by_name = {os.path.relpath(row.uri, tmp_path): row for row in rows}
     assert sorted(by_name) == sorted([
         "all/a.bmp", "all/b.webp", "all/c.gif", "hem/animated.gif", "hem/stack.tif",
         "hem/animated.webp", "hem/portable.ppm", "inbox/cell.dat", "inbox/no_suffix",
         "inbox/scan.jpg.part",
     ])  # fmt: skip
-    assert all(row["status"] == "ok" for row in rows), [r["reason"] for r in rows]
+    assert all(row.status == "ok" for row in rows), [r.reason for r in rows]
     # Multi-frame files: the first frame, said in the row.
-    assert by_name["hem/animated.gif"]["reason"].startswith("first_frame_of_3")
-    assert by_name["hem/stack.tif"]["reason"] == "first_frame_of_2"
-    assert by_name["hem/animated.webp"]["reason"].startswith("first_frame_of_4")
-    assert by_name["all/b.webp"]["reason"] is None and by_name["all/b.webp"]["label"] == "all"
-    assert by_name["inbox/cell.dat"]["image_id"] == hashlib.sha256(cell(5, fmt="PNG")).hexdigest()
+    assert by_name["hem/animated.gif"].reason.startswith("first_frame_of_3")
+    assert by_name["hem/stack.tif"].reason == "first_frame_of_2"
+    assert by_name["hem/animated.webp"].reason.startswith("first_frame_of_4")
+    assert by_name["all/b.webp"].reason is None and by_name["all/b.webp"].label == "all"
+    assert by_name["inbox/cell.dat"].image_id == hashlib.sha256(cell(5, fmt="PNG")).hexdigest()
     counts = catalog_counts(rows)
     assert counts["found"] == 10 and counts["ok"] == 10
     assert counts["ignored"] == len(not_images)
@@ -395,8 +406,8 @@ def test_an_unreadable_file_of_unknown_kind_is_quarantined_not_ignored(tmp_path:
     os.mkfifo(tmp_path / "pipe")  # cannot be probed without blocking: it may be an image
     os.symlink(tmp_path / "gone", tmp_path / "dangling")
     rows = build_catalog(str(tmp_path), "x")
-    by_name = {os.path.relpath(row["uri"], tmp_path): row for row in rows}
-    assert by_name["pipe"]["reason"] == "unreadable: not a regular file (fifo)"
+    by_name = {os.path.relpath(row.uri, tmp_path): row for row in rows}
+    assert by_name["pipe"].reason == "unreadable: not a regular file (fifo)"
     assert code(by_name["dangling"]) == "unreadable"
     assert catalog_counts(rows)["ignored"] == 0
 
@@ -446,19 +457,19 @@ def test_folder_walks_do_not_follow_links_out_of_the_root(tmp_path: Path, reads)
     os.symlink(root / "all" / "own.bmp", root / "own_link.bmp")  # in-root file link: read
     rows = build_catalog(str(root), "x")
     assert_accounted(rows)
-    by_name = {os.path.relpath(row["uri"], root): row for row in rows}
+    by_name = {os.path.relpath(row.uri, root): row for row in rows}
     escaping = ("all/file_link.bmp", "folder_link", "notes_link", "dangling_out.bmp")
     for name in escaping:
         row = by_name[name]
-        assert (row["status"], code(row)) == ("quarantined", "outside_root"), name
-        assert row["image_id"].startswith("path:") and row["size_bytes"] is None
-        assert str(outside) not in row["reason"]  # reasons reach reports: no paths in them
+        assert (row.status, code(row)) == ("quarantined", "outside_root"), name
+        assert row.image_id.startswith("path:") and row.size_bytes is None
+        assert str(outside) not in row.reason  # reasons reach reports: no paths in them
     assert not [path for path in reads if path.startswith(str(outside))]
     assert not [name for name in by_name if name.startswith("folder_link/")]  # never listed
-    assert by_name["hem/in_root.bmp"]["label"] == "hem"  # through the in-root folder link
-    assert by_name["hem/in_root.bmp"]["status"] == "ok"
+    assert by_name["hem/in_root.bmp"].label == "hem"  # through the in-root folder link
+    assert by_name["hem/in_root.bmp"].status == "ok"
     assert "shared/in_root.bmp" not in by_name  # one folder, reached twice, walked once
-    assert by_name["own_link.bmp"]["status"] == "duplicate"
+    assert by_name["own_link.bmp"].status == "duplicate"
     assert catalog_counts(rows)["reasons"]["outside_root"] == 4
 
 
@@ -479,7 +490,7 @@ def test_a_file_swapped_for_a_link_out_after_the_walk_is_not_read(
 
     monkeypatch.setattr(catalog, "_folder_entries", walk_then_swap)
     rows = build_catalog(str(root), "x")
-    assert [(row["status"], code(row)) for row in rows] == [
+    assert [(row.status, code(row)) for row in rows] == [
         ("ok", None),
         ("quarantined", "outside_root"),
     ]
@@ -491,7 +502,7 @@ def test_a_root_reached_through_a_link_is_still_its_own_root(tmp_path: Path) -> 
     os.symlink(tmp_path / "real", tmp_path / "alias")
     os.symlink(tmp_path / "real" / "all" / "a.bmp", tmp_path / "real" / "again.bmp")
     rows = build_catalog(str(tmp_path / "alias"), "x")
-    assert [(os.path.relpath(r["uri"], tmp_path), r["status"]) for r in rows] == [
+    assert [(os.path.relpath(r.uri, tmp_path), r.status) for r in rows] == [
         ("alias/again.bmp", "duplicate"),
         ("alias/all/a.bmp", "ok"),
     ]
@@ -514,12 +525,12 @@ def test_manifest_rows_through_links_out_of_the_folder_are_never_read(
     )
     rows = build_catalog(str(manifest), "m")
     assert_accounted(rows)
-    by_name = {os.path.relpath(row["uri"], data): row for row in rows}
+    by_name = {os.path.relpath(row.uri, data): row for row in rows}
     for name in ("link/x.bmp", "cells/file_link.bmp"):
         row = by_name[name]
-        assert (row["status"], code(row), row["label"]) == ("quarantined", "outside_root", "all")
-        assert row["image_id"] == "path:" + hashlib.sha256(str(data / name).encode()).hexdigest()
-    assert by_name["inside_link/a.bmp"]["status"] == "ok"  # a link that stays inside is fine
+        assert (row.status, code(row), row.label) == ("quarantined", "outside_root", "all")
+        assert row.image_id == "path:" + hashlib.sha256(str(data / name).encode()).hexdigest()
+    assert by_name["inside_link/a.bmp"].status == "ok"  # a link that stays inside is fine
     assert not [path for path in reads if path.startswith(str(outside))]
 
 
@@ -535,18 +546,18 @@ def test_several_sources_give_one_catalog(tmp_path: Path) -> None:
     put(second, "all/d.bmp", cell(4))
     rows = build_catalog([str(first), str(manifest), str(second)], "both")
     assert_accounted(rows)
-    by_uri = {row["uri"]: row for row in rows}
+    by_uri = {row.uri: row for row in rows}
     # A file named by two sources (the manifest and the folder) is one row.
     assert len(rows) == len(by_uri) == 5
-    assert by_uri[str(first / "all/a.bmp")]["status"] == "ok"
+    assert by_uri[str(first / "all/a.bmp")].status == "ok"
     copy = by_uri[str(second / "all/copy_of_a.bmp")]
-    assert copy["status"] == "duplicate"
-    assert copy["reason"] == f"duplicate_of:{by_uri[str(first / 'all/a.bmp')]['image_id']}"
-    assert by_uri[str(second / "all/d.bmp")]["label"] == "all"
+    assert copy.status == "duplicate"
+    assert copy.reason == f"duplicate_of:{by_uri[str(first / 'all/a.bmp')].image_id}"
+    assert by_uri[str(second / "all/d.bmp")].label == "all"
     counts = catalog_counts(rows)
     assert (counts["ok"], counts["duplicate"], counts["ignored"]) == (4, 1, 2)  # README, CSV
     # The single-string call is unchanged.
-    assert [r["uri"] for r in build_catalog(str(first), "one")] == [
+    assert [r.uri for r in build_catalog(str(first), "one")] == [
         str(first / "all/a.bmp"),
         str(first / "hem/b.bmp"),
     ]
@@ -557,7 +568,7 @@ def test_a_file_a_manifest_lists_is_a_row_not_ignored(tmp_path: Path) -> None:
     put(tmp_path, "all/notes.txt", b"not an image")
     manifest = put(tmp_path, "m.csv", b"path,label\nall/notes.txt,all\n")
     rows = build_catalog([str(tmp_path), str(manifest)], "x")
-    assert [(os.path.relpath(r["uri"], tmp_path), code(r)) for r in rows] == [
+    assert [(os.path.relpath(r.uri, tmp_path), code(r)) for r in rows] == [
         ("all/a.bmp", None),
         ("all/notes.txt", "not_an_image"),
     ]
@@ -569,8 +580,8 @@ def test_sources_that_label_one_file_differently_quarantine_it(tmp_path: Path) -
     manifest = put(tmp_path, "m.csv", b"path,label\nall/a.bmp,hem\n")
     rows = build_catalog([str(tmp_path), str(manifest)], "x")
     assert len(rows) == 1
-    assert (rows[0]["status"], code(rows[0])) == ("quarantined", "label_conflict")
-    assert "(all vs hem)" in rows[0]["reason"]
+    assert (rows[0].status, code(rows[0])) == ("quarantined", "label_conflict")
+    assert "(all vs hem)" in rows[0].reason
 
 
 def test_no_sources_is_a_usage_error() -> None:
@@ -620,22 +631,22 @@ def test_manifest_rows(tmp_path: Path) -> None:
     rows = build_catalog(str(manifest), "m", labels={"blast": "all", "normal": "hem"})
     assert_accounted(rows)
     assert len(rows) == 8
-    by_uri = {row["uri"]: row for row in rows}
+    by_uri = {row.uri: row for row in rows}
 
     parsed = by_uri[str(data / "cells/UID_4_1_1_all.bmp")]
-    assert (parsed["status"], parsed["label"], parsed["subject_id"]) == ("ok", "all", "4")
-    assert parsed["image_id"] == hashlib.sha256(cell(1)).hexdigest()
+    assert (parsed.status, parsed.label, parsed.subject_id) == ("ok", "all", "4")
+    assert parsed.image_id == hashlib.sha256(cell(1)).hexdigest()
     column = by_uri[str(data / "cells/b.bmp")]
-    assert (column["status"], column["label"], column["subject_id"]) == ("ok", "hem", "S-9")
+    assert (column.status, column.label, column.subject_id) == ("ok", "hem", "S-9")
     unlabelled = by_uri[str(data / "cells/c.bmp")]  # "cells/../cells" stays inside: allowed
-    assert (unlabelled["status"], unlabelled["label"]) == ("ok", None)
+    assert (unlabelled.status, unlabelled.label) == ("ok", None)
     assert code(by_uri[str(data / "cells/d.bmp")]) == "unknown_label"
     assert code(by_uri[str(data / "cells/missing.bmp")]) == "unreadable"
     for raw in ("../outside.bmp", str(tmp_path / "outside.bmp"), "cells/../../outside.bmp"):
         row = by_uri[raw]
-        assert (row["status"], code(row), row["label"]) == ("quarantined", "outside_root", "all")
-        assert row["image_id"] == "path:" + hashlib.sha256(raw.encode()).hexdigest()
-        assert row["size_bytes"] is None and row["width"] is None
+        assert (row.status, code(row), row.label) == ("quarantined", "outside_root", "all")
+        assert row.image_id == "path:" + hashlib.sha256(raw.encode()).hexdigest()
+        assert row.size_bytes is None and row.width is None
 
 
 def test_manifest_needs_path_and_label_columns(tmp_path: Path) -> None:
@@ -677,27 +688,27 @@ def test_names_that_are_not_utf8_are_quarantined_with_their_reason(tmp_path: Pat
     put_bytes(tmp_path, b"all/notes\xe9.txt", b"not an image, but unnamed: cannot be probed")
     rows = build_catalog(str(tmp_path), "inbox")
     assert_accounted(rows)
-    by_uri = {row["uri"]: row for row in rows}
+    by_uri = {row.uri: row for row in rows}
     assert set(by_uri) == {
         f"{tmp_path}/all/UID_1_1_1_all.bmp",
         f"{tmp_path}/all/UID_2_1_1_all\\xff.bmp",
         f"{tmp_path}/h\\xe9m/UID_H3_1_1_hem.bmp",
         f"{tmp_path}/all/notes\\xe9.txt",
     }
-    assert by_uri[f"{tmp_path}/all/UID_1_1_1_all.bmp"]["status"] == "ok"
+    assert by_uri[f"{tmp_path}/all/UID_1_1_1_all.bmp"].status == "ok"
     for uri, row in by_uri.items():
         if uri.endswith("UID_1_1_1_all.bmp"):
             continue
-        assert (row["status"], row["reason"]) == ("quarantined", NOT_UTF8), uri
-        assert row["image_id"].startswith("path:") and row["size_bytes"] is None  # not read
-    assert by_uri[f"{tmp_path}/all/UID_2_1_1_all\\xff.bmp"]["label"] == "all"
-    assert by_uri[f"{tmp_path}/h\\xe9m/UID_H3_1_1_hem.bmp"]["label"] is None  # not "hem"
+        assert (row.status, row.reason) == ("quarantined", NOT_UTF8), uri
+        assert row.image_id.startswith("path:") and row.size_bytes is None  # not read
+    assert by_uri[f"{tmp_path}/all/UID_2_1_1_all\\xff.bmp"].label == "all"
+    assert by_uri[f"{tmp_path}/h\\xe9m/UID_H3_1_1_hem.bmp"].label is None  # not "hem"
     counts = catalog_counts(rows)
     assert (counts["ok"], counts["quarantined"], counts["reasons"]) == (1, 3, {"unreadable": 3})
     store = open_location(str(tmp_path / "store"))
     write_catalog(store, "inbox", rows)
-    again = {row["uri"]: row["reason"] for row in read_catalog(store).to_pylist()}
-    assert again == {uri: row["reason"] for uri, row in by_uri.items()}
+    again = {row.uri: row.reason for row in read_catalog_rows(store)}
+    assert again == {uri: row.reason for uri, row in by_uri.items()}
 
 
 def test_a_manifest_naming_a_latin1_file_in_utf8_finds_no_such_file(tmp_path: Path) -> None:
@@ -706,9 +717,9 @@ def test_a_manifest_naming_a_latin1_file_in_utf8_finds_no_such_file(tmp_path: Pa
     put_bytes(tmp_path, b"all/caf\xe9.bmp", cell(1))
     manifest = put(tmp_path, "m.csv", "path,label\nall/café.bmp,all\n".encode())
     (row,) = build_catalog(str(manifest), "x")
-    assert row["uri"] == f"{tmp_path}/all/café.bmp"
-    assert (row["status"], code(row)) == ("quarantined", "unreadable")
-    assert "No such file" in row["reason"]
+    assert row.uri == f"{tmp_path}/all/café.bmp"
+    assert (row.status, code(row)) == ("quarantined", "unreadable")
+    assert "No such file" in row.reason
 
 
 def test_a_latin1_manifest_is_refused_in_one_clear_line(tmp_path: Path) -> None:
@@ -758,21 +769,21 @@ def test_remote_filesystem_goes_through_fsspec(monkeypatch) -> None:
             catalog, "open_location", lambda uri: Location(memory, uri.split("://", 1)[1])
         )
         rows = build_catalog("memory:///bucket/ds", "remote")
-        assert [(row["uri"], row["label"], row["status"]) for row in rows] == [
+        assert [(row.uri, row.label, row.status) for row in rows] == [
             ("memory:///bucket/ds/all/a.bmp", "all", "ok"),
             ("memory:///bucket/ds/hem/b.png", "hem", "ok"),
             ("memory:///bucket/ds/hem/broken.png", "hem", "quarantined"),
             ("memory:///bucket/ds/inbox/../../elsewhere/x.bmp", None, "quarantined"),
             ("memory:///bucket/ds/inbox/cell.dat", None, "ok"),
         ]
-        assert code(rows[3]) == "outside_root" and rows[3]["size_bytes"] is None
-        assert rows[0]["size_bytes"] == len(cell(1))
+        assert code(rows[3]) == "outside_root" and rows[3].size_bytes is None
+        assert rows[0].size_bytes == len(cell(1))
         assert catalog_counts(rows)["ignored_files"] == [
             "memory:///bucket/ds/MANIFEST.csv",
             "memory:///bucket/ds/notes.txt",
         ]
         via_manifest = build_catalog("memory:///bucket/ds/MANIFEST.csv", "remote")
-        assert [(row["uri"], row["status"]) for row in via_manifest] == [
+        assert [(row.uri, row.status) for row in via_manifest] == [
             ("memory:///bucket/ds/all/a.bmp", "ok")
         ]
     finally:

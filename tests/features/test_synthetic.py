@@ -108,9 +108,9 @@ def test_catalog_of_the_synthetic_dataset(tmp_path: Path) -> None:
     rows = build_catalog(str(root), "synthetic")
     counts = catalog_counts(rows)
     assert (counts["found"], counts["ok"]) == (20, 20)
-    assert {row["label"] for row in rows} == {"all", "hem"}
-    assert all(row["subject_id"] is not None for row in rows)
-    assert all((row["width"], row["height"]) == (128, 128) for row in rows)
+    assert {row.label for row in rows} == {"all", "hem"}
+    assert all(row.subject_id is not None for row in rows)
+    assert all((row.width, row.height) == (128, 128) for row in rows)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ from leukoflow.recipe import FeatureRecipe
 from leukoflow.scoring import score as sc
 from leukoflow.store.records import Accounting
 from leukoflow.store.storage import open_location
-from leukoflow.store.tables import RUN_SCHEMA, read_runs, write_run
+from leukoflow.store.tables import RUN_SCHEMA, CatalogRow, read_runs, write_run
+from leukoflow.vocabulary import ImageStatus
 
 STARTED = datetime(2026, 3, 14, 23, 30, tzinfo=UTC)
 
@@ -62,12 +63,9 @@ def test_matching_expectations_pass_and_the_model_width_is_checked():
 
 # -- selection and predictions ---------------------------------------------------------------
 def catalog_row(image_id, status="ok", subject="1"):
-    return {
-        "image_id": image_id,
-        "uri": f"/inbox/{image_id}.bmp",
-        "subject_id": subject,
-        "status": status,
-    }
+    return CatalogRow(
+        image_id, f"/inbox/{image_id}.bmp", "inbox", subject_id=subject, status=ImageStatus(status)
+    )
 
 
 def test_plan_selects_only_what_the_model_has_not_scored_and_accounts_for_all():
@@ -79,7 +77,7 @@ def test_plan_selects_only_what_the_model_has_not_scored_and_accounts_for_all():
         catalog_row("path:x", "quarantined"),
     ]
     plan = sc.plan_sweep(rows, scored_ids={"b", "zzz"})
-    assert [r["image_id"] for r in plan.new_rows] == ["a", "c"]
+    assert [r.image_id for r in plan.new_rows] == ["a", "c"]
     assert (plan.found, plan.already_scored, plan.duplicate, plan.quarantined) == (5, 1, 1, 1)
     new = len(plan.new_rows)
     assert plan.found == new + plan.already_scored + plan.duplicate + plan.quarantined
@@ -247,8 +245,8 @@ def test_unchanged_inbox_files_are_not_read_again_and_changed_ones_are(tmp_path)
         shutil.copy2(cell, inbox / cell.name)
     (inbox / "cut.bmp").write_bytes(cells[0].read_bytes()[:200])
     first = build_catalog(str(inbox), "inbox")
-    known = {row["uri"]: row for row in first}
-    assert all(row["modified_at"] is not None for row in first)
+    known = {row.uri: row for row in first}
+    assert all(row.modified_at is not None for row in first)
 
     # Same size and mtime but other bytes: only a reused row can still carry the old hash.
     kept = inbox / cells[0].name
@@ -258,16 +256,14 @@ def test_unchanged_inbox_files_are_not_read_again_and_changed_ones_are(tmp_path)
     touched = inbox / cells[1].name
     touched.write_bytes(cells[3].read_bytes())  # new bytes and a new mtime: read again
     shutil.copy2(cells[2], inbox / "copy.bmp")  # a new file with known bytes
-    second = {row["uri"]: row for row in build_catalog(str(inbox), "inbox", known_rows=known)}
+    second = {row.uri: row for row in build_catalog(str(inbox), "inbox", known_rows=known)}
 
-    assert second[str(kept)]["image_id"] == known[str(kept)]["image_id"]
-    assert second[str(kept)]["discovered_at"] == known[str(kept)]["discovered_at"]
-    assert second[str(touched)]["image_id"] != known[str(touched)]["image_id"]
-    assert second[str(inbox / "copy.bmp")]["status"] == "duplicate"
+    assert second[str(kept)].image_id == known[str(kept)].image_id
+    assert second[str(kept)].discovered_at == known[str(kept)].discovered_at
+    assert second[str(touched)].image_id != known[str(touched)].image_id
+    assert second[str(inbox / "copy.bmp")].status == "duplicate"
     cut = second[str(inbox / "cut.bmp")]
-    assert (
-        cut["status"] == "quarantined" and cut["reason"] == known[str(inbox / "cut.bmp")]["reason"]
-    )
+    assert cut.status == "quarantined" and cut.reason == known[str(inbox / "cut.bmp")].reason
 
 
 def test_an_empty_inbox_is_a_quiet_night_only_when_allowed(tmp_path):

@@ -3,11 +3,12 @@
 from datetime import UTC, datetime
 
 from leukoflow.store import records
-from leukoflow.store.tables import RUN_SCHEMA
+from leukoflow.store.tables import RUN_SCHEMA, CatalogRow
+from leukoflow.vocabulary import ImageStatus
 
 
-def row(image_id: str, status: str = "ok", uri: str | None = None) -> dict:
-    return {"image_id": image_id, "status": status, "uri": uri or f"/in/{image_id}.bmp"}
+def row(image_id: str, status: str = "ok", uri: str | None = None) -> CatalogRow:
+    return CatalogRow(image_id, uri or f"/in/{image_id}.bmp", "d", status=ImageStatus(status))
 
 
 ROWS = [row("a"), row("b"), row("c"), row("a", "duplicate", "/in/a-copy.bmp"),

@@ -11,8 +11,14 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.store import records
 from leukoflow.store.status import open_existing_store, store_status
 from leukoflow.store.storage import open_location
-from leukoflow.store.tables import write_catalog, write_features, write_predictions, write_run
-from leukoflow.vocabulary import short_id
+from leukoflow.store.tables import (
+    CatalogRow,
+    write_catalog,
+    write_features,
+    write_predictions,
+    write_run,
+)
+from leukoflow.vocabulary import ImageStatus, Label, short_id
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RECIPE = {"backbones": ["vgg16", "color_morphology"], "weights_ids": {"vgg16": "random-seed0",
@@ -23,12 +29,11 @@ def image_id(n: int) -> str:
     return f"{n:064x}"
 
 
-def catalog_row(n: int, status: str = "ok", dataset: str = "d") -> dict:
-    return {
-        "image_id": image_id(n), "uri": f"/cells/UID_{n}_1_1_all.bmp", "dataset": dataset,
-        "label": "all", "subject_id": f"MRN-{n:07d}-77", "status": status,
-        "reason": None if status == "ok" else "because", "discovered_at": T0,
-    }  # fmt: skip
+def catalog_row(n: int, status: str = "ok", dataset: str = "d") -> CatalogRow:
+    return CatalogRow(
+        image_id(n), f"/cells/UID_{n}_1_1_all.bmp", dataset, Label.ALL, f"MRN-{n:07d}-77",
+        status=ImageStatus(status), reason=None if status == "ok" else "because", discovered_at=T0,
+    )  # fmt: skip
 
 
 def featurise(store, ids, backbone="vgg16", weights_id="random-seed0", size=32):

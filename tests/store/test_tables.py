@@ -6,11 +6,14 @@ import pyarrow.parquet as pq
 
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import (
+    CATALOG_COLUMNS,
     CATALOG_SCHEMA,
     PREDICTION_SCHEMA,
+    CatalogRow,
     feature_schema,
     featurised_ids,
     read_catalog,
+    read_catalog_rows,
     read_features,
     read_predictions,
     scored_image_ids,
@@ -18,6 +21,7 @@ from leukoflow.store.tables import (
     write_features,
     write_predictions,
 )
+from leukoflow.vocabulary import ImageStatus, Label
 
 
 def test_features_round_trip_as_fixed_size_float32_lists(tmp_path):
@@ -59,12 +63,29 @@ def test_writes_leave_no_temporary_files(tmp_path):
 def test_catalog_round_trip_keeps_the_schema(tmp_path):
     store = open_location(str(tmp_path))
     assert read_catalog(store).num_rows == 0
-    row = {field.name: None for field in CATALOG_SCHEMA}
-    row.update(image_id="x", uri="/a.bmp", dataset="d", status="ok")
+    row = CatalogRow("x", "/a.bmp", "d", status=ImageStatus.OK)
     write_catalog(store, "d", [row])
     table = read_catalog(store, "d")
     assert table.schema.equals(CATALOG_SCHEMA)
     assert table.column("image_id").to_pylist() == ["x"]
+    assert read_catalog_rows(store, "d") == [row]
+
+
+def test_the_catalog_row_has_a_field_per_schema_column_in_order():
+    """One owner of a catalog row's shape: the typed row and the Parquet schema cannot drift."""
+    assert CATALOG_COLUMNS == tuple(CATALOG_SCHEMA.names)
+    stored = {
+        "image_id": "x",
+        "uri": "/a.bmp",
+        "dataset": "d",
+        "label": "hem",
+        "status": "duplicate",
+    }
+    row = CatalogRow.from_dict(stored)
+    assert (row.label, row.status) == (Label.HEM, ImageStatus.DUPLICATE) and not row.ok
+    assert row.to_dict() == {name: stored.get(name) for name in CATALOG_SCHEMA.names}
+    set_aside = CatalogRow("y", "/b.bmp", "d", status=ImageStatus.OK).quarantined("unreadable: x")
+    assert (set_aside.status, set_aside.reason) == (ImageStatus.QUARANTINED, "unreadable: x")
 
 
 # -- predictions: one row per (image, model), whatever the files hold ------------------------
