@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import backbones as bb
+
+if TYPE_CHECKING:  # the record module imports this one
+    from leukoflow.store.records import ModelRecord
 
 WEIGHTS_KINDS = ("imagenet", "none")
 PRECISIONS = ("fp32", "bf16")
@@ -119,11 +123,11 @@ class FeatureRecipe:
         }
 
 
-def recipe_from_record(record: dict, weights_dir: str | None = None) -> FeatureRecipe:
-    """The recipe a model was trained on, rebuilt here; refused when this code or these weights
-    cannot reproduce its vectors."""
-    model_id = record.get("model_id", "?")
-    raw = record.get("feature_recipe") or {}
+def recipe_from_record(record: ModelRecord, weights_dir: str | None = None) -> FeatureRecipe:
+    """The recipe a model was trained on (store/records.ModelRecord), rebuilt here; refused when
+    this code or these weights cannot reproduce its vectors."""
+    model_id = record.model_id
+    raw = record.feature_recipe or {}
     try:
         backbones = tuple(str(n) for n in raw["backbones"])
         dims = tuple(int(d) for d in raw["dims"])
@@ -131,7 +135,7 @@ def recipe_from_record(record: dict, weights_dir: str | None = None) -> FeatureR
         stored_ids = {str(k): str(v) for k, v in raw["weights_ids"].items()}
         image_size = int(raw["image_size"])
         # Models saved before the recipe carried them: the seed sat in the record, fp32 only.
-        seed = int(raw.get("seed", record.get("seed", 0)))
+        seed = int(raw.get("seed", record.seed or 0))
         precision = str(raw.get("precision", "fp32"))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise LeukoflowError(f"model {model_id} has no usable feature recipe ({error})") from error

@@ -19,15 +19,16 @@ from leukoflow.present.explain import (
     explanations_folder,
     pick_examples,
 )
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import Location, exists
 from leukoflow.store.tables import read_predictions
-from leukoflow.vocabulary import Label
+from leukoflow.vocabulary import Label, flagged
 
 
 @task(name="explain-examples", cache_policy=NO_CACHE)
 def explain_examples(
     model,
-    record: dict,
+    record: ModelRecord,
     test_ids: list[str],
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -39,19 +40,19 @@ def explain_examples(
     subject_keys: dict[str, str | None] | None = None,
 ) -> list[dict]:
     """Activation maps of up to `per_kind` true positives, false positives and false negatives of
-    the saved model (`scores` are its test scores, read against record["threshold"]), each
+    the saved model (`scores` are its test scores, read against record.threshold), each
     captioned with its subject's pseudonym (`subject_keys`), file name, score and threshold.
 
     `maps`: the run's backbone actors (tasks.actors.BackbonePool), so that no network is built
     again; without, each CNN is built once in this process.
     """
     logger = get_run_logger()
-    y_pred = (np.asarray(scores) >= float(record["threshold"])).astype(int)
+    y_pred = flagged(np.asarray(scores, dtype=np.float64), float(record.threshold)).astype(int)
     cases = pick_examples(test_ids, y_true, y_pred, scores, per_kind)
     if not cases:
         return []
     try:
-        cam.linear_model(model, record["feature_recipe"])
+        cam.linear_model(model, record.feature_recipe)
     except LeukoflowError as why:  # a non-linear classifier has no exact activation map
         logger.info("examples: none in the report (%s)", why)
         return []
@@ -64,7 +65,7 @@ def explain_examples(
             subject_key=(subject_keys or {}).get(image_id),
             file_name=PurePosixPath(uris[image_id]).name,
             score=score_of[image_id],
-            threshold=float(record["threshold"]),
+            threshold=float(record.threshold),
         )
     logger.info("examples: %s", ", ".join(f"{e['kind']} {e['image_id'][:12]}" for e in gallery))
     return gallery

@@ -19,6 +19,7 @@ from leukoflow.features.join import join_features
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.scoring import score as sc
 from leukoflow.store.lease import StoreLease
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import Location
 from leukoflow.store.tables import CatalogRow, write_predictions
 
@@ -27,7 +28,7 @@ from leukoflow.store.tables import CatalogRow, write_predictions
 def score_new_images(
     store: Location,
     model_id: str,
-    record: dict,
+    record: ModelRecord,
     recipe: FeatureRecipe,
     rows: list[CatalogRow],
     night: str,
@@ -50,14 +51,14 @@ def score_new_images(
         if not joined.image_ids:
             continue
         values, kind = train.decision_scores(model, joined.matrix)
-        if kind != record.get("score_kind"):
+        if kind != record.score_kind:
             raise LeukoflowError(
                 f"model {model_id} gives {kind} scores but its record says "
-                f"{record.get('score_kind')}: the model file and its record disagree"
+                f"{record.score_kind}: the model file and its record disagree"
             )
         predictions = sc.prediction_rows(
             [by_id[i] for i in joined.image_ids], values, model_id, kind,
-            float(record["threshold"]), run_id, datetime.now(UTC),
+            float(record.threshold), run_id, datetime.now(UTC),
         )  # fmt: skip
         lease.ensure_held()  # never write after another sweep may have taken over
         write_predictions(store, night, run_id, predictions, lease_token=lease.token)

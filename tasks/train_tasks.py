@@ -15,6 +15,7 @@ from leukoflow.learn import calibration
 from leukoflow.learn.fit import FittedModel, fit_and_measure
 from leukoflow.present.report import render_report
 from leukoflow.store import registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import Location
 
 
@@ -62,7 +63,7 @@ def save_model(
     store: Location,
     model_id: str,
     fitted: FittedModel,
-    record: dict,
+    record: ModelRecord,
     summary: dict,
     examples: list[dict] | None = None,
 ) -> dict[str, str]:

@@ -56,7 +56,7 @@ def models_show(model_id: ModelArgument, store: Store, as_json: AsJson = False) 
     record = registry.load_record(root, registry.resolve_model_id(root, model_id))
     current = registry.current_model_id(root)
     if as_json:
-        print_json({**registry.describe(record), "current": record["model_id"] == current})
+        print_json({**registry.describe(record), "current": record.model_id == current})
         return
     out = console()
     for title, items in registry.model_sections(record, current):

@@ -34,6 +34,7 @@ from leukoflow.features.join import concatenate
 from leukoflow.learn import train
 from leukoflow.present import cam
 from leukoflow.store import registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import Location, open_location, write_bytes_atomic
 from leukoflow.store.tables import read_catalog_rows, read_features
 from leukoflow.vocabulary import NON_CLINICAL_NOTICE, Label, flagged
@@ -156,14 +157,14 @@ class Explainer:
     def __init__(
         self,
         model,
-        record: dict,
+        record: ModelRecord,
         weights_dir: str | None = None,
         top_k: int = TOP_FEATURES,
         maps: FeatureMapSource | None = None,
     ):
         self.model = model
         self.record = record
-        self.recipe = record["feature_recipe"]
+        self.recipe = record.feature_recipe
         self.linear = cam.linear_model(model, self.recipe)
         self.top_k = top_k
         size = int(self.recipe["image_size"])
@@ -208,11 +209,11 @@ class Explainer:
         scores, score_kind = train.decision_scores(self.model, x[None].astype(np.float32))
         explanation = CellExplanation(
             image_id=image_id,
-            model_id=self.record["model_id"],
+            model_id=self.record.model_id,
             pixels=pixels,
             score=float(scores[0]),
             score_kind=score_kind,
-            threshold=float(self.record.get("threshold", 0.0)),
+            threshold=float(self.record.threshold or 0.0),
             decision=self.linear.decision(x),
             contributions=cam.block_contributions(self.linear, x),
             maps={
@@ -221,7 +222,7 @@ class Explainer:
                 )
                 for name, fmap in maps.items()
             },
-            non_clinical=bool(self.record.get("non_clinical")),
+            non_clinical=bool(self.record.non_clinical),
         )
         for block in self.linear.blocks:
             if block.backbone not in maps:  # the hand-crafted block (color_morphology)

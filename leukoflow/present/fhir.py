@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from leukoflow.errors import LeukoflowError
 from leukoflow.present import pages
 from leukoflow.store.pseudonym import subject_key, subject_salt
-from leukoflow.store.records import non_clinical_note
+from leukoflow.store.records import ModelRecord, non_clinical_note
 from leukoflow.store.storage import (
     Location,
     exists,
@@ -217,7 +217,7 @@ def night_subjects(
     return subjects, without_subject
 
 
-def night_rule(store: Location, night: str, model_id: str, record: dict):
+def night_rule(store: Location, night: str, model_id: str, record: ModelRecord):
     """The subject rule the night's last completed sweep of this model used (its run row), else
     the rule a sweep would use by default (the model's patient rule, else 5 cells / 50%)."""
     from leukoflow.scoring.score import SubjectRule, SweepSettings
@@ -252,15 +252,9 @@ def resource_id(role: str, key: str, night: str, model_id: str) -> str:
     return f"lf-{digest[:40]}"
 
 
-def is_non_clinical(record: dict) -> bool:
-    """Whether the model's vectors came from random weights (`--weights none`)."""
-    recipe = record.get("feature_recipe") or {}
-    return bool(record.get("non_clinical")) or recipe.get("weights") == "none"
-
-
-def recipe_text(record: dict) -> str:
+def recipe_text(record: ModelRecord) -> str:
     """The model's feature recipe in one line."""
-    recipe = record.get("feature_recipe") or {}
+    recipe = record.feature_recipe or {}
     parts = [
         "+".join(recipe.get("backbones") or []) or "?",
         f"weights {recipe.get('weights', '?')}",
@@ -271,10 +265,10 @@ def recipe_text(record: dict) -> str:
 
 
 def build_resources(
-    subjects: list[dict], night: str, model_id: str, record: dict, issued: datetime
+    subjects: list[dict], night: str, model_id: str, record: ModelRecord, issued: datetime
 ) -> dict[str, list[dict]]:
     """The night's resources by type: a DiagnosticReport and its Observations per subject."""
-    note = non_clinical_note(is_non_clinical(record))
+    note = non_clinical_note(record.is_non_clinical)
     stamp = issued.astimezone(UTC).isoformat(timespec="seconds")
     recipe = recipe_text(record)
     out: dict[str, list[dict]] = {name: [] for name in RESOURCE_TYPES}
@@ -491,7 +485,7 @@ def export_night(
     store: Location,
     night: str,
     model_id: str,
-    record: dict,
+    record: ModelRecord,
     *,
     rule=None,
     out: str | None = None,
@@ -522,7 +516,7 @@ def export_night(
         "subjects_flagged": sum(bool(s["subject_flagged"]) for s in subjects),
         "mapped": sum(s["patient_reference"] is not None for s in subjects),
         "cells_without_subject": without_subject,
-        "non_clinical": is_non_clinical(record),
+        "non_clinical": record.is_non_clinical,
         "status": "written",
         "reason": None,
         "resent": [],
@@ -592,7 +586,7 @@ def _write_status(folder: Location, summary: dict, url: str | None) -> None:
 
 
 def export_after_sweep(
-    store: Location, night: str, model_id: str, record: dict, rule, target: str
+    store: Location, night: str, model_id: str, record: ModelRecord, rule, target: str
 ) -> dict:
     """The sweep's export to `target` (a folder or a FHIR base URL; NDJSON kept in the store
     for a URL): what the run row records under details.fhir. Never raises: an export that fails

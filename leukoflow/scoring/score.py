@@ -22,7 +22,13 @@ from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.store.pseudonym import subject_key, subject_salt
-from leukoflow.store.records import Accounting, accounting_dict, non_clinical_note, run_row
+from leukoflow.store.records import (
+    Accounting,
+    ModelRecord,
+    accounting_dict,
+    non_clinical_note,
+    run_row,
+)
 from leukoflow.store.storage import Location
 from leukoflow.store.tables import CatalogRow, read_predictions
 from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged
@@ -222,9 +228,9 @@ class SweepSettings:
             self.feature_drift_threshold, self.score_drift_threshold, self.drift_min_cells
         )
 
-    def subject_rule(self, record: dict) -> SubjectRule:
+    def subject_rule(self, record: ModelRecord) -> SubjectRule:
         """The user's rule where given, else the model's patient rule, else the defaults."""
-        patient_rule = record.get("patient_rule") or {}
+        patient_rule = record.patient_rule or {}
         if self.min_flagged_cells is None and self.min_flagged_fraction is None:
             if patient_rule.get("threshold") is not None:
                 return SubjectRule(0, float(patient_rule["threshold"]), inclusive=True)
@@ -340,11 +346,11 @@ def drift_signal(
     n_cells: int,
     feature_mean: np.ndarray | None,
     scores: Sequence[float],
-    record: dict,
+    record: ModelRecord,
     thresholds: DriftThresholds,
 ) -> dict:
     """How far tonight's cells are from the model's reference, and whether that is a warning."""
-    reference = record.get("reference") or {}
+    reference = record.reference or {}
     signal: dict = {
         "cells": n_cells,
         "feature_shift": None,
@@ -361,7 +367,7 @@ def drift_signal(
             feature_shift(feature_mean, reference["feature_mean"], reference["feature_std"]), 4
         )
     score_ref = reference.get("scores")
-    if score_ref and score_ref.get("score_kind") == record.get("score_kind"):
+    if score_ref and score_ref.get("score_kind") == record.score_kind:
         signal["score_ks"] = round(score_ks(scores, score_ref["quantiles"]), 4)
     else:
         signal["reasons"].append("the model has no score reference of its score kind")
@@ -397,7 +403,7 @@ class Sweep:
     dataset: str
     night: str
     model_id: str
-    record: dict
+    record: ModelRecord
     rule: SubjectRule
     weights_id: str
     accounting: Accounting | None = None
@@ -441,7 +447,7 @@ class Sweep:
     def summary(self, outcome: str, finished: datetime) -> dict:
         """The JSON-ready summary the CLI prints and the artifacts show."""
         record = self.record
-        non_clinical = bool(record.get("non_clinical"))
+        non_clinical = bool(record.non_clinical)
         return {
             "run_id": self.run_id,
             "kind": RunKind.SCORE,
@@ -454,8 +460,8 @@ class Sweep:
             "model_id": self.model_id,
             "non_clinical": non_clinical,
             "note": non_clinical_note(non_clinical),
-            "score_kind": record.get("score_kind"),
-            "threshold": record.get("threshold"),
+            "score_kind": record.score_kind,
+            "threshold": record.threshold,
             "threshold_rule": THRESHOLD_RULE,
             "counts": self.counts(),
             "seconds": round(self.seconds(finished), 2),

@@ -8,7 +8,7 @@ import json
 import platform
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
@@ -217,6 +217,59 @@ def run_row(
 
 
 # -- model records ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRecord:
+    """model.json, typed: what the model is, how it was made, its operating point, its lineage.
+
+    Written by `model_record` at training and read back by store/registry (verified first).
+    Only `model_id` is required: a record of an older leukoflow lacks some fields (None here),
+    and keys of a newer one are kept in `extra`, so `to_dict` gives back what was stored.
+    """
+
+    model_id: str
+    created_at: str | None = None  # ISO 8601, as stored
+    dataset: str | None = None
+    feature_recipe: dict | None = None  # recipe.FeatureRecipe.to_record()
+    non_clinical: bool | None = None
+    classifier: str | None = None
+    classifier_params: dict | None = None  # the paper's settings; the model adds calibration
+    score_kind: str | None = None  # what the model's scores are (train.decision_scores)
+    threshold: float | None = None  # flag a cell when its score is at least this
+    target_sensitivity: float | None = None
+    calibration: dict | None = None
+    patient_rule: dict | None = None
+    split: str | None = None
+    seed: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    training_fingerprint: str | None = None
+    test_image_ids: list[str] | None = None
+    reference: dict | None = None  # the held-out distribution nightly drift compares against
+    metrics: dict | None = None
+    package_versions: dict | None = None
+    code_version: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_non_clinical(self) -> bool:
+        """Random-init weights: the model's outputs mean nothing clinically."""
+        return bool(self.non_clinical) or (self.feature_recipe or {}).get("weights") == "none"
+
+    def to_dict(self) -> dict:
+        """The JSON form (model.json)."""
+        stored = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**stored, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: object) -> ModelRecord:
+        """A stored record; ValueError when it is not one (not an object, or no model id)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model_id"), str):
+            raise ValueError("a model record is a JSON object with a model_id string")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
+
+
 def model_record(
     *,
     model_id: str,
@@ -233,43 +286,39 @@ def model_record(
     target_sensitivity: float,
     reference: dict,
     code_version: str,
-) -> dict:
-    """model.json: what the model is, how it was made, its operating point and its lineage.
-
-    `fitted` is a train.FittedModel; `reference` the held-out distribution that nightly drift
-    compares against.
-    """
-    return {
-        "model_id": model_id,
-        "created_at": created_at.isoformat(),
-        "dataset": dataset,
-        "feature_recipe": recipe.to_record(),
-        "non_clinical": recipe.non_clinical,
-        "classifier": classifier,
-        # The paper's classifier settings; the saved model wraps them in calibration.
-        "classifier_params": fitted.paper_params(),
-        "score_kind": fitted.score_kind,
-        "threshold": fitted.threshold,
-        "target_sensitivity": target_sensitivity,
-        "calibration": fitted.calibration,
-        "patient_rule": fitted.patient_rule,
-        "split": split,
-        "seed": seed,
-        "n_train": len(train_ids),
-        "n_test": len(test_ids),
-        "training_fingerprint": training_fingerprint,
-        "test_image_ids": list(test_ids),
-        "reference": reference,
-        "metrics": fitted.metrics,
-        "package_versions": package_versions(),
-        "code_version": code_version,
-    }
+) -> ModelRecord:
+    """A new model's record. `fitted` is a train.FittedModel; `reference` the held-out
+    distribution that nightly drift compares against."""
+    return ModelRecord(
+        model_id=model_id,
+        created_at=created_at.isoformat(),
+        dataset=dataset,
+        feature_recipe=recipe.to_record(),
+        non_clinical=recipe.non_clinical,
+        classifier=classifier,
+        classifier_params=fitted.paper_params(),
+        score_kind=fitted.score_kind,
+        threshold=fitted.threshold,
+        target_sensitivity=target_sensitivity,
+        calibration=fitted.calibration,
+        patient_rule=fitted.patient_rule,
+        split=split,
+        seed=seed,
+        n_train=len(train_ids),
+        n_test=len(test_ids),
+        training_fingerprint=training_fingerprint,
+        test_image_ids=list(test_ids),
+        reference=reference,
+        metrics=fitted.metrics,
+        package_versions=package_versions(),
+        code_version=code_version,
+    )
 
 
 def run_summary(
     *,
     run_id: str,
-    record: dict,
+    record: ModelRecord,
     store: str,
     fitted,
     counts: Accounting,
@@ -278,25 +327,25 @@ def run_summary(
     ignored: int,
 ) -> dict:
     """What `leukoflow run` returns (its --json line): the model, its numbers, the accounting."""
-    recipe = record["feature_recipe"]
+    recipe = record.feature_recipe
     return {
         "run_id": run_id,
-        "model_id": record["model_id"],
-        "dataset": record["dataset"],
+        "model_id": record.model_id,
+        "dataset": record.dataset,
         "store": store,
         "backbones": recipe["backbones"],
         "feature_dim": recipe["feature_dim"],
         "weights_id": ",".join(recipe["weights_ids"][n] for n in recipe["backbones"]),
         "precision": recipe["precision"],
-        "non_clinical": record["non_clinical"],
-        "note": non_clinical_note(record["non_clinical"]),
+        "non_clinical": record.non_clinical,
+        "note": non_clinical_note(record.non_clinical),
         "image_size": recipe["image_size"],
-        "classifier": record["classifier"],
-        "classifier_params": record["classifier_params"],
-        "split": record["split"],
-        "seed": record["seed"],
-        "n_train": record["n_train"],
-        "n_test": record["n_test"],
+        "classifier": record.classifier,
+        "classifier_params": record.classifier_params,
+        "split": record.split,
+        "seed": record.seed,
+        "n_train": record.n_train,
+        "n_test": record.n_test,
         "counts": {
             **accounting_dict(counts, "featurised"),
             "trained_and_tested": trained_and_tested,
@@ -309,7 +358,7 @@ def run_summary(
         "score_kind": fitted.score_kind,
         "threshold": fitted.threshold,
         "calibration": fitted.calibration,
-        "created_at": record["created_at"],
-        "code_version": record["code_version"],
-        "package_versions": record["package_versions"],
+        "created_at": record.created_at,
+        "code_version": record.code_version,
+        "package_versions": record.package_versions,
     }

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import (
     Location,
     create_if_absent,
@@ -95,7 +96,7 @@ def model_folder(store: Location, model_id: str) -> Location:
     return store.child("models", check_model_id(model_id))
 
 
-def save_model(store: Location, model_id: str, model: Pipeline, record: dict) -> Location:
+def save_model(store: Location, model_id: str, model: Pipeline, record: ModelRecord) -> Location:
     """Write the model file, its digests (signed when LEUKOFLOW_MODEL_KEY is set), then its record
     (the record's presence marks a complete model)."""
     folder = model_folder(store, model_id)
@@ -107,7 +108,7 @@ def save_model(store: Location, model_id: str, model: Pipeline, record: dict) ->
 
     key = _model_key()
     model_bytes = model_to_bytes(model)
-    record_bytes = _json_bytes(record)  # hashed as written, byte for byte
+    record_bytes = _json_bytes(record.to_dict())  # hashed as written, byte for byte
     files = {MODEL_FILE: _sha256(model_bytes), RECORD_FILE: _sha256(record_bytes)}
     integrity = {
         "model_id": model_id,
@@ -160,7 +161,7 @@ def promote(
         )
     if current == model_id:
         return json.loads(seen[0])  # already current: nothing to swap
-    if record.get("non_clinical") and not force and _is_clinical(store, current):
+    if record.non_clinical and not force and _is_clinical(store, current):
         raise LeukoflowError(
             f"model {model_id} is non-clinical (random weights) and would replace the clinical "
             f"model {current}; pass --force to promote it anyway"
@@ -233,7 +234,7 @@ def _is_clinical(store: Location, model_id: str | None) -> bool:
     loc = model_folder(store, model_id).child(RECORD_FILE)
     if not exists(loc):
         return False
-    return not read_json(loc).get("non_clinical")
+    return not _listed_record(loc, model_id).non_clinical
 
 
 def resolve_model_id(store: Location, model: str) -> str:
@@ -244,12 +245,12 @@ def resolve_model_id(store: Location, model: str) -> str:
     return model_id
 
 
-def load_record(store: Location, model_id: str) -> dict:
+def load_record(store: Location, model_id: str) -> ModelRecord:
     """The model's record, after verifying every model file (ModelRefused on any change)."""
     return _verified(store, model_id)[0]
 
 
-def load_model(store: Location, model_id: str) -> tuple[Pipeline, dict]:
+def load_model(store: Location, model_id: str) -> tuple[Pipeline, ModelRecord]:
     """The fitted pipeline and its record, both verified against the saved digests first."""
     record, model_bytes = _verified(store, model_id)
     from leukoflow.store.model_io import model_from_bytes
@@ -263,7 +264,7 @@ def verify_model(store: Location, model_id: str) -> dict:
     return read_json(model_folder(store, model_id).child(INTEGRITY_FILE))
 
 
-def _verified(store: Location, model_id: str) -> tuple[dict, bytes]:
+def _verified(store: Location, model_id: str) -> tuple[ModelRecord, bytes]:
     folder = model_folder(store, model_id)
     record_loc = folder.child(RECORD_FILE)
     if not exists(record_loc):
@@ -300,9 +301,12 @@ def _verified(store: Location, model_id: str) -> tuple[dict, bytes]:
             f"{refused}: {MODEL_FILE} is not the file that was saved (sha256 differs)"
             + _untrusted_note(model_bytes)
         )
-    record = json.loads(record_bytes.decode("utf-8"))
-    if record.get("model_id", model_id) != model_id:
-        raise ModelRefused(f"{refused}: its record names model {record.get('model_id')!r}")
+    try:
+        record = ModelRecord.from_dict(json.loads(record_bytes.decode("utf-8")))
+    except ValueError as error:  # signed and hashed, yet no record: saved that way
+        raise ModelRefused(f"{refused}: its {RECORD_FILE} is not a model record") from error
+    if record.model_id != model_id:
+        raise ModelRefused(f"{refused}: its record names model {record.model_id!r}")
     return record, model_bytes
 
 
@@ -364,7 +368,7 @@ def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
 
 
-def list_models(store: Location) -> list[dict]:
+def list_models(store: Location) -> list[ModelRecord]:
     """Every model's record, unverified (a listing; anything that uses a model verifies it)."""
     root = store.child("models")
     if not root.fs.exists(root.path):
@@ -375,8 +379,17 @@ def list_models(store: Location) -> list[dict]:
             continue  # CURRENT.json, guard and temporary files
         record_loc = Location(root.fs, path).child(RECORD_FILE)
         if record_loc.fs.exists(record_loc.path):
-            records.append(read_json(record_loc))
+            records.append(_listed_record(record_loc, path.rsplit("/", 1)[-1]))
     return records
+
+
+def _listed_record(record_loc: Location, model_id: str) -> ModelRecord:
+    """A record read for a listing: a damaged one is listed under its folder's name, saying so
+    (`models show` and every use verify it, and refuse it)."""
+    try:
+        return ModelRecord.from_dict(read_json(record_loc))
+    except ValueError as error:  # not JSON, or JSON that is no record
+        return ModelRecord(model_id, extra={"damaged": f"{RECORD_FILE} unreadable: {error}"})
 
 
 # -- lineage and listings --------------------------------------------------------------------
@@ -403,22 +416,22 @@ def _git(command: list[str]) -> str:
     ).stdout.strip()
 
 
-def model_row(record: dict, current: str | None = None) -> dict:
+def model_row(record: ModelRecord, current: str | None = None) -> dict:
     """The one-line view of a model record that `models list` shows."""
-    metrics = record.get("metrics") or {}
+    metrics = record.metrics or {}
     return {
-        "model_id": record.get("model_id"),
-        "current": record.get("model_id") == current,
-        "created_at": record.get("created_at"),
-        "dataset": record.get("dataset"),
-        "classifier": record.get("classifier"),
-        "backbones": "+".join((record.get("feature_recipe") or {}).get("backbones") or []),
-        "split": record.get("split"),
+        "model_id": record.model_id,
+        "current": record.model_id == current,
+        "created_at": record.created_at,
+        "dataset": record.dataset,
+        "classifier": record.classifier,
+        "backbones": "+".join((record.feature_recipe or {}).get("backbones") or []),
+        "split": record.split,
         "accuracy": metrics.get("accuracy"),
         "f1": metrics.get("f1"),
-        "score_kind": record.get("score_kind"),
-        "threshold": record.get("threshold"),
-        "non_clinical": record.get("non_clinical"),
+        "score_kind": record.score_kind,
+        "threshold": record.threshold,
+        "non_clinical": record.non_clinical,
     }
 
 
@@ -426,50 +439,52 @@ def model_row(record: dict, current: str | None = None) -> dict:
 _BULKY = ("reference", "test_image_ids")
 
 
-def describe(record: dict) -> dict:
+def describe(record: ModelRecord) -> dict:
     """The record `models show` prints: everything but the bulky arrays, which are counted."""
-    shown = {k: v for k, v in record.items() if k not in _BULKY}
-    if "test_image_ids" in record:
-        shown["test_image_ids"] = f"{len(record['test_image_ids'])} ids (in model.json)"
+    shown = {k: v for k, v in record.to_dict().items() if k not in _BULKY}
+    if record.test_image_ids is not None:
+        shown["test_image_ids"] = f"{len(record.test_image_ids)} ids (in model.json)"
     return shown
 
 
-def model_sections(record: dict, current: str | None = None) -> list[tuple[str, list[tuple]]]:
+def model_sections(
+    record: ModelRecord, current: str | None = None
+) -> list[tuple[str, list[tuple]]]:
     """What `models show` prints, as titled (name, value) lists: identity, lineage, metrics."""
-    metrics = record.get("metrics") or {}
-    calibration = record.get("calibration") or {}
+    metrics = record.metrics or {}
+    calibration = record.calibration or {}
     test, validation = calibration.get("test") or {}, calibration.get("validation") or {}
-    recipe = record.get("feature_recipe") or {}
+    recipe = record.feature_recipe or {}
     return [
         ("Model", [
-            ("model id", record.get("model_id")),
-            ("current", record.get("model_id") == current),
-            ("created at", record.get("created_at")),
-            ("dataset", record.get("dataset")),
-            ("classifier", record.get("classifier")),
-            ("classifier parameters", record.get("classifier_params")),
-            ("non-clinical (random weights)", record.get("non_clinical")),
+            ("model id", record.model_id),
+            ("current", record.model_id == current),
+            ("created at", record.created_at),
+            ("dataset", record.dataset),
+            ("classifier", record.classifier),
+            ("classifier parameters", record.classifier_params),
+            ("non-clinical (random weights)", record.non_clinical),
         ]),
         ("Lineage", [
             ("feature recipe", {k: recipe.get(k) for k in ("backbones", "dims", "weights_ids",
                                                            "image_size")}),
-            ("training images", record.get("n_train")),
-            ("training image set fingerprint", record.get("training_fingerprint")),
-            ("test images", record.get("n_test")),
-            ("split", record.get("split")),
-            ("seed", record.get("seed")),
-            ("code version", record.get("code_version")),
-            ("package versions", record.get("package_versions")),
+            ("training images", record.n_train),
+            ("training image set fingerprint", record.training_fingerprint),
+            ("test images", record.n_test),
+            ("split", record.split),
+            ("seed", record.seed),
+            ("code version", record.code_version),
+            ("package versions", record.package_versions),
         ]),
         ("Headline metrics (paper's classifier, test split)", [
             (key, metrics.get(key))
             for key in ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc")
         ]),
         ("Risk score and operating point", [
-            ("score kind", record.get("score_kind")),
-            ("threshold", record.get("threshold")),
+            ("score kind", record.score_kind),
+            ("threshold", record.threshold),
             ("rule", calibration.get("threshold_rule")),
-            ("target sensitivity", record.get("target_sensitivity")),
+            ("target sensitivity", record.target_sensitivity),
             ("calibration", f"{calibration.get('method')}, {calibration.get('folds')} "
                             f"{calibration.get('grouping')} folds" if calibration else None),
             ("validation sensitivity / specificity",

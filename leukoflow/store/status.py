@@ -113,7 +113,7 @@ def _run_recipe(store: Location, row: dict) -> dict | None:
         return details["feature_recipe"]
     if row["model_id"]:
         try:
-            return registry.load_record(store, row["model_id"]).get("feature_recipe")
+            return registry.load_record(store, row["model_id"]).feature_recipe
         except (LeukoflowError, OSError, ValueError):
             return None  # a model removed or refused: fall back to the backbones present
     return None
@@ -280,7 +280,7 @@ def store_status(store: Location) -> dict:
         "store": store.uri,
         "datasets": datasets,
         "features": vectors.counts(),
-        "models": [m["model_id"] for m in registry.list_models(store)],
+        "models": [m.model_id for m in registry.list_models(store)],
         "current_model": registry.current_model_id(store),
         "predictions": read_predictions(store, columns=["image_id"]).num_rows,
         "runs": runs.num_rows,

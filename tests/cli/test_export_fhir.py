@@ -18,6 +18,7 @@ from leukoflow.learn import calibration, train
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.store import registry
 from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import read_runs, write_predictions
 from leukoflow.vocabulary import NON_CLINICAL_NOTICE
@@ -133,17 +134,19 @@ def model_and_record() -> tuple:
     x = rng.normal(size=(30, 4))
     y = (x[:, 0] > 0).astype(int)
     model = calibration.fit_calibrated("linear-svm", x, y, train.kfold(y, [None] * 30, n_folds=3))
-    record = {
-        "model_id": MODEL,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "dataset": "synthetic",
-        "feature_recipe": recipe.to_record(),
-        "non_clinical": recipe.non_clinical,
-        "classifier": "linear-svm",
-        "score_kind": "probability",
-        "threshold": 0.5,
-        "metrics": {"accuracy": 0.9},
-    }
+    record = ModelRecord.from_dict(
+        {
+            "model_id": MODEL,
+            "created_at": "2026-01-01T00:00:00+00:00",
+            "dataset": "synthetic",
+            "feature_recipe": recipe.to_record(),
+            "non_clinical": recipe.non_clinical,
+            "classifier": "linear-svm",
+            "score_kind": "probability",
+            "threshold": 0.5,
+            "metrics": {"accuracy": 0.9},
+        }
+    )
     return model, record
 
 

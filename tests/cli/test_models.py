@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from leukoflow.errors import LeukoflowError
 from leukoflow.learn import calibration, train
 from leukoflow.store import registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import open_location
 
 from . import leukoflow_here
@@ -33,24 +35,26 @@ def fitted_record(model_id: str, accuracy: float, backbones=("vgg16",)) -> tuple
     y = (x[:, 0] > 0).astype(int)
     folds = train.kfold(y, [None] * 40, n_folds=3)
     model = calibration.fit_calibrated("linear-svm", x, y, folds)
-    record = {
-        "model_id": model_id,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "dataset": "synthetic",
-        "feature_recipe": {"backbones": list(backbones), "dims": [4], "image_size": 32},
-        "classifier": "linear-svm",
-        "score_kind": "probability",
-        "threshold": 0.42,
-        "target_sensitivity": 0.95,
-        "split": "subject",
-        "seed": 0,
-        "n_train": 40,
-        "training_fingerprint": train.fingerprint([str(i) for i in range(40)]),
-        "code_version": registry.code_version(),
-        "metrics": {"accuracy": accuracy, "f1": accuracy},
-        "reference": {"feature_mean": [0.0] * 4},
-        "test_image_ids": ["a", "b"],
-    }
+    record = ModelRecord.from_dict(
+        {
+            "model_id": model_id,
+            "created_at": "2026-01-01T00:00:00+00:00",
+            "dataset": "synthetic",
+            "feature_recipe": {"backbones": list(backbones), "dims": [4], "image_size": 32},
+            "classifier": "linear-svm",
+            "score_kind": "probability",
+            "threshold": 0.42,
+            "target_sensitivity": 0.95,
+            "split": "subject",
+            "seed": 0,
+            "n_train": 40,
+            "training_fingerprint": train.fingerprint([str(i) for i in range(40)]),
+            "code_version": registry.code_version(),
+            "metrics": {"accuracy": accuracy, "f1": accuracy},
+            "reference": {"feature_mean": [0.0] * 4},
+            "test_image_ids": ["a", "b"],
+        }
+    )
     return model, record
 
 
@@ -138,7 +142,7 @@ def test_model_folders_are_immutable(store):
     with pytest.raises(LeukoflowError, match="immutable"):
         registry.save_model(root, "m-new", *fitted_record("m-new", 0.5))
     _, record = registry.load_model(root, "m-new")
-    assert record["metrics"]["accuracy"] == 0.9
+    assert record.metrics["accuracy"] == 0.9
 
 
 def test_the_code_version_is_the_git_commit_or_else_the_package_version(monkeypatch):
@@ -154,7 +158,7 @@ def test_the_code_version_is_the_git_commit_or_else_the_package_version(monkeypa
 def test_a_non_clinical_model_replaces_a_clinical_one_only_with_force(store, cli):
     root = open_location(str(store))
     model, record = fitted_record("m-random", 0.5)
-    registry.save_model(root, "m-random", model, {**record, "non_clinical": True})
+    registry.save_model(root, "m-random", model, replace(record, non_clinical=True))
     refused = cli("models", "promote", "m-random", "--store", store)
     assert refused.returncode == 2 and "--force" in refused.stderr
     assert registry.current_model_id(root) == "m-old"

@@ -64,8 +64,8 @@ def test_a_bf16_run_records_bf16_and_stores_bf16_vectors(bf16_model):
     store, _, summary = bf16_model
     root = open_location(str(store))
     _, record = registry.load_model(root, summary["model_id"])
-    assert record["feature_recipe"]["precision"] == "bf16"
-    assert record["feature_recipe"]["weights_ids"] == {"vgg16": "random-seed0+bf16"}
+    assert record.feature_recipe["precision"] == "bf16"
+    assert record.feature_recipe["weights_ids"] == {"vgg16": "random-seed0+bf16"}
     assert summary["counts"]["featurised"] == 24
     trained_on = {row["image_id"] for row in read_catalog(root, "default").to_pylist()}
     assert len(trained_on) == 24

@@ -51,32 +51,32 @@ def test_a_run_on_the_same_images_reuses_the_features_and_saves_a_calibrated_mod
     )  # fmt: skip
     assert run["extraction"]["computed"] == {}  # the experiments stored every original vector
     model, record = registry.load_model(open_location(str(store)), run["model_id"])
-    assert record["score_kind"] == "probability" and 0 < record["threshold"] < 1
-    assert record["target_sensitivity"] == 0.95
-    assert record["calibration"]["grouping"] == "subject"
-    assert record["calibration"]["validation"]["sensitivity"] >= 0.95
-    assert record["classifier_params"]["loss"] == "hinge"  # the paper's classifier, calibrated
-    assert record["code_version"].startswith(("git:", "leukoflow=="))
+    assert record.score_kind == "probability" and 0 < record.threshold < 1
+    assert record.target_sensitivity == 0.95
+    assert record.calibration["grouping"] == "subject"
+    assert record.calibration["validation"]["sensitivity"] >= 0.95
+    assert record.classifier_params["loss"] == "hinge"  # the paper's classifier, calibrated
+    assert record.code_version.startswith(("git:", "leukoflow=="))
     folder = store / "models" / run["model_id"]
     metrics = json.loads((folder / "metrics.json").read_text())
     # The saved model, on the held-out cells' stored vectors (the experiments' own), at its
     # threshold: exactly the operating point metrics.json reports.
     root = open_location(str(store))
-    test_ids = record["test_image_ids"]
-    x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in test_ids])
+    test_ids = record.test_image_ids
+    x = np.stack([stored_vector(root, record.feature_recipe, i) for i in test_ids])
     assert x.shape == (len(test_ids), 512 + 1024)
     scores, kind = train.decision_scores(model, x)
     assert kind == "probability"
     labels = {r["image_id"]: r["label"] for r in read_catalog(root, "synthetic").to_pylist()}
     y = np.array([int(labels[i] == "all") for i in test_ids])
-    flagged = (scores >= record["threshold"]).astype(int)
+    flagged = (scores >= record.threshold).astype(int)
     confusion = [
         [int(((y == 0) & (flagged == 0)).sum()), int(((y == 0) & (flagged == 1)).sum())],
         [int(((y == 1) & (flagged == 0)).sum()), int(((y == 1) & (flagged == 1)).sum())],
     ]
     cells = metrics["operating_point"]["cells"]
     assert cells["confusion_matrix"]["matrix"] == confusion and cells["n"] == len(test_ids)
-    assert metrics["calibrated"]["threshold"] == record["threshold"]
+    assert metrics["calibrated"]["threshold"] == record.threshold
     # The headline is the paper's plain classifier on the same held-out cells.
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
     assert tn + fp + fn + tp == len(test_ids) and tp + fn == y.sum()

@@ -67,14 +67,14 @@ def test_the_joined_vector_is_3072_and_the_model_record_is_complete(first_run):
     root = open_location(str(store))
     assert registry.current_model_id(root) == summary["model_id"]
     model, record = registry.load_model(root, summary["model_id"])
-    recipe = record["feature_recipe"]
+    recipe = record.feature_recipe
     assert recipe["backbones"] == TRIO and recipe["dims"] == [512, 1024, 1536]
     assert recipe["weights_ids"] == {n: "random-seed0" for n in TRIO}
-    assert recipe["image_size"] == 75 and record["non_clinical"] is True
-    assert record["classifier"] == "linear-svm"
-    assert record["classifier_params"]["loss"] == "hinge" and record["classifier_params"]["C"] == 1
-    assert record["n_train"] + record["n_test"] == 24 and len(record["training_fingerprint"]) == 64
-    assert {"tensorflow", "keras", "scikit-learn"} <= set(record["package_versions"])
+    assert recipe["image_size"] == 75 and record.non_clinical is True
+    assert record.classifier == "linear-svm"
+    assert record.classifier_params["loss"] == "hinge" and record.classifier_params["C"] == 1
+    assert record.n_train + record.n_test == 24 and len(record.training_fingerprint) == 64
+    assert {"tensorflow", "keras", "scikit-learn"} <= set(record.package_versions)
     assert model.n_features_in_ == 3072
 
 

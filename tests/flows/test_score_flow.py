@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -326,9 +327,9 @@ def test_models_whose_recipe_cannot_be_reproduced_are_refused(own_world):
         "other-dims": {"dims": [256]},
     }
     for name, change in others.items():
-        recipe = {**record["feature_recipe"], **change}
-        registry.save_model(root, name, model, {**record, "model_id": name,
-                                                "feature_recipe": recipe})  # fmt: skip
+        recipe = {**record.feature_recipe, **change}
+        registry.save_model(root, name, model, replace(record, model_id=name,
+                                                       feature_recipe=recipe))  # fmt: skip
     with pytest.raises(LeukoflowError, match="random-seed7.*refusing to mis-score"):
         sweep(own_world, "2026-03-09", model="other-weights")
     with pytest.raises(LeukoflowError, match="sizes \\[256\\]"):
@@ -351,7 +352,7 @@ def test_a_night_of_very_different_cells_raises_a_drift_warning(own_world, night
 
 def test_without_a_rule_the_sweep_flags_subjects_by_the_models_patient_rule(own_world, nights):
     root = open_location(str(own_world["store"]))
-    recorded = registry.load_record(root, own_world["model_id"])["patient_rule"]
+    recorded = registry.load_record(root, own_world["model_id"]).patient_rule
     threshold = recorded["threshold"]
     assert threshold is not None, recorded  # 6 training subjects of both classes: a rule
     # No --min-flagged-cells / --min-flagged-fraction: the model's own rule decides.
@@ -388,7 +389,7 @@ def test_the_dashboard_shows_the_nights_and_an_interrupted_sweep(own_world, nigh
         """The row a sweep writes as it starts: what a sweep killed mid-way leaves behind."""
         started = datetime.now(UTC)
         state = sc.Sweep(
-            run_id, started, root.uri, str(nights["third"]), "inbox", date, record["model_id"],
+            run_id, started, root.uri, str(nights["third"]), "inbox", date, record.model_id,
             record, SubjectRule(**RULE), "random",
         )  # fmt: skip
         write_run(root, state.run_row("running", None))

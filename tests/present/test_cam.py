@@ -14,6 +14,7 @@ from leukoflow.features.extract import Featuriser
 from leukoflow.learn import train
 from leukoflow.present import cam
 from leukoflow.present.explain import Explainer
+from leukoflow.store.records import ModelRecord
 
 RECIPE = {"backbones": ["a", "b"], "dims": [3, 2]}
 
@@ -82,16 +83,18 @@ def test_the_map_of_a_real_cnn_is_exact(synthetic_images):
     gap = Featuriser(bb.BACKBONES["vgg16"], 64, choice)(pixels)  # the pipeline's own features
     y = np.array([int("_all" in f.name) for f in files])
     model = train.fit("linear-svm", gap, y)
-    record = {
-        "model_id": "m",
-        "threshold": 0.0,
-        "feature_recipe": {
-            "backbones": ["vgg16"],
-            "dims": [512],
-            "weights_ids": {"vgg16": "random-seed3"},
-            "image_size": 64,
-        },
-    }
+    record = ModelRecord.from_dict(
+        {
+            "model_id": "m",
+            "threshold": 0.0,
+            "feature_recipe": {
+                "backbones": ["vgg16"],
+                "dims": [512],
+                "weights_ids": {"vgg16": "random-seed3"},
+                "image_size": 64,
+            },
+        }
+    )
     explainer = Explainer(model, record)
     explanation = explainer.explain("cell", cells[0], stored=gap[0])
     heat = explanation.maps["vgg16"]
@@ -122,15 +125,17 @@ def test_features_of_other_weights_are_refused(synthetic_images):
     rng = np.random.default_rng(1)
     gap = rng.uniform(0, 1, size=(4, 512)).astype(np.float32)
     model = train.fit("linear-svm", gap, np.array([0, 1, 0, 1]))
-    record = {
-        "model_id": "m",
-        "feature_recipe": {
-            "backbones": ["vgg16"],
-            "dims": [512],
-            "weights_ids": {"vgg16": "random-seed0"},
-            "image_size": 32,
-        },
-    }
+    record = ModelRecord.from_dict(
+        {
+            "model_id": "m",
+            "feature_recipe": {
+                "backbones": ["vgg16"],
+                "dims": [512],
+                "weights_ids": {"vgg16": "random-seed0"},
+                "image_size": 32,
+            },
+        }
+    )
     with pytest.raises(LeukoflowError, match="differ from the stored"):
         Explainer(model, record).explain("cell", cells[0], stored=gap[0])
 

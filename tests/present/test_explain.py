@@ -3,6 +3,7 @@ random init, + color_morphology), and the report's example gallery."""
 
 import io
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from leukoflow.present.explain import (
 )
 from leukoflow.present.report import render_report
 from leukoflow.store import registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import read_catalog
 
@@ -51,7 +53,7 @@ def test_a_real_cells_explanation_adds_up_to_the_saved_models_score(real_cells_s
     model, record = registry.load_model(root, summary["model_id"])
     image_id, row = next(iter(sorted(_catalog(store).items())))
     _, pixels = read_cell(row["uri"], image_id)
-    stored = stored_vector(root, record["feature_recipe"], image_id)
+    stored = stored_vector(root, record.feature_recipe, image_id)
     assert stored is not None
     # explain() checks the recomputed features against the stored ones (raises if they differ).
     explanation = Explainer(model, record).explain(image_id, pixels, stored)
@@ -61,7 +63,7 @@ def test_a_real_cells_explanation_adds_up_to_the_saved_models_score(real_cells_s
     assert explanation.maps["vgg16"].shape == (1, 1)  # 32 px through VGG16's five poolings
     assert explanation.maps["vgg16"].mean() == pytest.approx(explanation.contributions["vgg16"])
     score, kind = train.decision_scores(model, stored[None])
-    assert kind == record["score_kind"]
+    assert kind == record.score_kind
     # The explanation scores its recomputed vectors: float round-off of the recomputation (another
     # process, another thread count) moves the probability by about 1e-4 of itself at most.
     assert explanation.score == pytest.approx(score[0], rel=1e-3, abs=1e-4)
@@ -78,12 +80,12 @@ def test_the_run_report_shows_the_saved_models_test_errors(real_cells_store):
     store, summary = real_cells_store
     root = open_location(str(store))
     model, record = registry.load_model(root, summary["model_id"])
-    test_ids = record["test_image_ids"]
+    test_ids = record.test_image_ids
     catalog = _catalog(store)
-    x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in test_ids])
+    x = np.stack([stored_vector(root, record.feature_recipe, i) for i in test_ids])
     scores, _ = train.decision_scores(model, x)
     y = np.array([int(catalog[i]["label"] == "all") for i in test_ids])
-    flagged = (scores >= record["threshold"]).astype(int)
+    flagged = (scores >= record.threshold).astype(int)
     # The held-out side holds ALL cells, so each is a TP or an FN: the gallery cannot be empty.
     assert y.sum() >= 1, "the test split of real_cells_store has no ALL cell"
     cases = pick_examples(test_ids, y, flagged, scores)
@@ -141,13 +143,13 @@ def test_the_nightly_sweep_explains_its_flagged_cells(real_cells_store, real_cel
     root = open_location(str(store))
     model_id = real_cells_store[1]["model_id"]
     model, record = registry.load_model(root, model_id)
-    x = np.stack([stored_vector(root, record["feature_recipe"], i) for i in _catalog(store)])
+    x = np.stack([stored_vector(root, record.feature_recipe, i) for i in _catalog(store)])
     # Twelve cells are too few for the calibrated threshold to flag any; save the same model
     # with its operating point at the median score (an edited model.json would be refused as
     # altered), so that the night has flagged cells to explain.
     threshold = float(np.median(train.decision_scores(model, x)[0]))
-    registry.save_model(root, "m-median", model, {**record, "model_id": "m-median",
-                                                  "threshold": threshold})  # fmt: skip
+    registry.save_model(root, "m-median", model, replace(record, model_id="m-median",
+                                                  threshold=threshold))  # fmt: skip
     registry.promote(root, "m-median")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -188,7 +190,7 @@ def test_explanations_reuse_the_running_backbone_actors(real_cells_store, tmp_pa
         actor_pid = pool.loaded["vgg16"]["pid"]
         builds_before = explain_module._cached_featuriser.cache_info().misses
         _, pixels = read_cell(catalog[ids[0]]["uri"], ids[0])
-        stored = stored_vector(root, record["feature_recipe"], ids[0])
+        stored = stored_vector(root, record.feature_recipe, ids[0])
         by_actor = Explainer(model, record, maps=pool).explain(ids[0], pixels, stored)
         pngs = explain_images(root, summary["model_id"], ids[1:], str(tmp_path / "png"), maps=pool)
         assert pool.loaded["vgg16"]["pid"] == actor_pid  # the extraction's actor, not a new one
@@ -208,13 +210,10 @@ def test_actors_of_another_recipe_are_refused():
 
     gap = np.random.default_rng(0).uniform(0, 1, size=(4, 512)).astype(np.float32)
     model = train.fit("linear-svm", gap, np.array([0, 1, 0, 1]))
-    record = {
-        "model_id": "m",
-        "feature_recipe": {
-            "backbones": ["vgg16"], "dims": [512], "weights_ids": {"vgg16": "random-seed0"},
-            "image_size": 32, "precision": "fp32",
-        },
-    }  # fmt: skip
+    record = ModelRecord("m", feature_recipe={
+        "backbones": ["vgg16"], "dims": [512], "weights_ids": {"vgg16": "random-seed0"},
+        "image_size": 32, "precision": "fp32",
+    })  # fmt: skip
     other = FeatureRecipe(("vgg16",), weights="none", image_size=32, precision="bf16")
     with pytest.raises(LeukoflowError, match="running vgg16 actor computes other features"):
         Explainer(model, record, maps=BackbonePool(other, Compute()))

@@ -16,6 +16,7 @@ from fhir.resources.R4B.observation import Observation
 from leukoflow.errors import LeukoflowError
 from leukoflow.present import fhir
 from leukoflow.store.pseudonym import subject_key, subject_salt
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import Location, open_location
 from leukoflow.store.tables import write_predictions, write_run
 from leukoflow.vocabulary import NON_CLINICAL_NOTICE
@@ -27,20 +28,22 @@ ISSUED = datetime(2026, 3, 3, 6, 0, tzinfo=UTC)
 MODELS = {"DiagnosticReport": DiagnosticReport, "Observation": Observation}
 
 
-def record_of(weights: str = "none", patient_rule: dict | None = None) -> dict:
-    return {
-        "model_id": MODEL,
-        "feature_recipe": {
-            "backbones": ["vgg16"],
-            "weights": weights,
-            "image_size": 32,
-            "precision": "fp32",
-        },  # fmt: skip
-        "non_clinical": weights == "none",
-        "score_kind": "probability",
-        "threshold": 0.5,
-        "patient_rule": patient_rule,
-    }
+def record_of(weights: str = "none", patient_rule: dict | None = None) -> ModelRecord:
+    return ModelRecord.from_dict(
+        {
+            "model_id": MODEL,
+            "feature_recipe": {
+                "backbones": ["vgg16"],
+                "weights": weights,
+                "image_size": 32,
+                "precision": "fp32",
+            },  # fmt: skip
+            "non_clinical": weights == "none",
+            "score_kind": "probability",
+            "threshold": 0.5,
+            "patient_rule": patient_rule,
+        }
+    )
 
 
 def night_rows(model_id: str = MODEL) -> list[dict]:

@@ -14,6 +14,7 @@ from test_dashboard import MRN, START, busy_row, sweep_row
 from leukoflow.learn import calibration, train
 from leukoflow.present import metrics
 from leukoflow.store import registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import write_run
 
@@ -34,7 +35,7 @@ def save_current_model(root, model_id: str) -> None:
     x = rng.normal(size=(30, 3))
     y = (x[:, 0] > 0).astype(int)
     model = calibration.fit_calibrated("linear-svm", x, y, train.kfold(y, [None] * 30, 3))
-    record = {"model_id": model_id, "feature_recipe": {"backbones": ["vgg16"]}, "threshold": 0.5}
+    record = ModelRecord(model_id, feature_recipe={"backbones": ["vgg16"]}, threshold=0.5)
     registry.save_model(root, model_id, model, record)
     registry.promote(root, model_id)
 

@@ -16,6 +16,7 @@ from cli import leukoflow_here
 
 from leukoflow.errors import LeukoflowError, StoreUnavailable
 from leukoflow.store import pseudonym, registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import S3FS_TRIES, check_store, open_location, write_json_atomic
 
 from .proxy import Request, StoppableEndpoint
@@ -70,9 +71,9 @@ def fitted():
     return calibration.fit_calibrated("linear-svm", x, y, train.kfold(y, [None] * 40, n_folds=3))
 
 
-def record_of(model_id: str) -> dict:
-    return {"model_id": model_id, "classifier": "linear-svm", "threshold": 0.42,
-            "score_kind": "probability", "non_clinical": False}  # fmt: skip
+def record_of(model_id: str) -> ModelRecord:
+    return ModelRecord(model_id, classifier="linear-svm", threshold=0.42,
+                       score_kind="probability", non_clinical=False)  # fmt: skip
 
 
 def put_of(name: str):

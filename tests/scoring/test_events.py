@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from leukoflow.scoring import events
 from leukoflow.scoring import score as sc
 from leukoflow.store.pseudonym import subject_key
+from leukoflow.store.records import ModelRecord
 from leukoflow.vocabulary import Label, Outcome
 
 SALT = b"s" * 32
@@ -28,7 +29,7 @@ def night_summary(flagged_cells: dict[str, int], cells: int = 10) -> dict:
     started = datetime(2030, 1, 2, 2, 0, tzinfo=UTC)
     state = sc.Sweep(
         "run-1", started, "/stores/ward", "/inbox", "inbox", "2030-01-02", "model-a",
-        {"score_kind": "decision", "threshold": 0.0}, rule, "weights-a",
+        ModelRecord("model-a", score_kind="decision", threshold=0.0), rule, "weights-a",
     )  # fmt: skip
     state.subjects = subjects
     state.drift = {"cells": len(scores), "feature_shift": 0.2, "score_ks": 0.4, "warning": True,

@@ -4,6 +4,7 @@ and the catalog's reuse of unchanged inbox files."""
 import json
 import os
 import shutil
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -15,7 +16,7 @@ from leukoflow.features.synthetic import make_synthetic_dataset
 from leukoflow.learn.reference import SCORE_QUANTILES, score_reference
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.scoring import score as sc
-from leukoflow.store.records import Accounting
+from leukoflow.store.records import Accounting, ModelRecord
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import RUN_SCHEMA, CatalogRow, read_runs, write_run
 from leukoflow.vocabulary import ImageStatus
@@ -26,7 +27,7 @@ STARTED = datetime(2026, 3, 14, 23, 30, tzinfo=UTC)
 # The recipe of a small two-CNN model, as scoring rebuilds it from the model's record
 # (tests/vocabulary/test_recipe.py covers that rebuilding).
 RECIPE = FeatureRecipe(("vgg16", "densenet121"), weights="none", image_size=32)
-MODEL = {"model_id": "m1", "feature_recipe": RECIPE.to_record(), "seed": 0}
+MODEL = ModelRecord("m1", feature_recipe=RECIPE.to_record(), seed=0)
 
 
 # -- dates and recipes -----------------------------------------------------------------------
@@ -169,14 +170,15 @@ def test_score_ks_is_small_for_the_reference_distribution_and_one_when_disjoint(
 
 def test_drift_warns_only_past_a_threshold_with_enough_cells():
     rng = np.random.default_rng(2)
-    model = {
-        "score_kind": "probability",
-        "reference": {
+    model = ModelRecord(
+        "m1",
+        score_kind="probability",
+        reference={
             "feature_mean": [0.0, 0.0],
             "feature_std": [1.0, 1.0],
             "scores": score_reference(rng.uniform(0, 0.5, 200), "probability", "held-out test"),
         },
-    }
+    )
     limits = sc.DriftThresholds(feature_shift=1.0, score_ks=0.5, min_cells=20)
     calm = sc.drift_signal(30, np.array([0.1, -0.1]), rng.uniform(0, 0.5, 30), model, limits)
     assert calm["warning"] is False and calm["feature_shift"] == pytest.approx(0.1)
@@ -185,7 +187,7 @@ def test_drift_warns_only_past_a_threshold_with_enough_cells():
     assert any("feature shift 2.5" in r for r in shifted["reasons"])
     few = sc.drift_signal(5, np.array([3.0, 2.0]), rng.uniform(0.6, 1, 5), model, limits)
     assert few["warning"] is False and "only 5 cells" in few["reasons"][0]
-    old_model = {"score_kind": "probability", "reference": model["reference"] | {"scores": None}}
+    old_model = replace(model, reference=model.reference | {"scores": None})
     partial = sc.drift_signal(30, np.array([0.0, 0.0]), [0.5] * 30, old_model, limits)
     assert partial["score_ks"] is None and partial["feature_shift"] == 0.0
     assert sc.drift_signal(0, None, [], model, limits)["reasons"] == ["no cells scored"]
@@ -202,7 +204,7 @@ def test_a_sweep_row_fits_the_runs_table_and_accounts_for_every_image(tmp_path):
         "inbox",
         "2026-03-14",
         "m1",
-        MODEL | {"threshold": 0.4, "non_clinical": True},
+        replace(MODEL, threshold=0.4, non_clinical=True),
         rule,
         "random-seed0",
         # 10 files: 6 scored now, 1 earlier, 2 quarantined, 1 duplicate, nothing missing.

@@ -16,6 +16,7 @@ import pytest
 from leukoflow.errors import LeukoflowError
 from leukoflow.learn import calibration, train
 from leukoflow.store import model_io, registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.registry import ModelRefused
 from leukoflow.store.storage import Location, open_location
 
@@ -30,16 +31,16 @@ def fitted():
     return calibration.fit_calibrated("linear-svm", x, y, train.kfold(y, [None] * 40, n_folds=3))
 
 
-def record_of(model_id: str, non_clinical: bool = False, threshold: float = 0.42) -> dict:
-    return {
-        "model_id": model_id,
-        "classifier": "linear-svm",
-        "feature_recipe": {"backbones": ["vgg16"], "dims": [4], "image_size": 32},
-        "score_kind": "probability",
-        "threshold": threshold,
-        "non_clinical": non_clinical,
-        "metrics": {"accuracy": 0.9},
-    }
+def record_of(model_id: str, non_clinical: bool = False, threshold: float = 0.42) -> ModelRecord:
+    return ModelRecord(
+        model_id,
+        classifier="linear-svm",
+        feature_recipe={"backbones": ["vgg16"], "dims": [4], "image_size": 32},
+        score_kind="probability",
+        threshold=threshold,
+        non_clinical=non_clinical,
+        metrics={"accuracy": 0.9},
+    )
 
 
 @pytest.fixture
@@ -119,7 +120,7 @@ def test_a_model_without_integrity_record_or_with_anothers_is_refused(store, fit
 def test_listing_does_not_verify_but_every_use_does(store, fitted) -> None:
     folder = save(store, fitted, "m-1")
     (folder / "model.skops").write_bytes(b"garbage")
-    assert [r["model_id"] for r in registry.list_models(store)] == ["m-1"]
+    assert [r.model_id for r in registry.list_models(store)] == ["m-1"]
     with pytest.raises(ModelRefused):
         registry.load_model(store, "m-1")
 
@@ -130,7 +131,7 @@ def test_signed_models_verify_only_under_their_key(store, fitted, monkeypatch) -
     folder = save(store, fitted, "m-signed")
     integrity = json.loads((folder / "integrity.json").read_text())
     assert integrity["signature"].startswith("hmac-sha256:")
-    assert registry.load_record(store, "m-signed")["model_id"] == "m-signed"
+    assert registry.load_record(store, "m-signed").model_id == "m-signed"
 
     # Someone who can write the store, but lacks the key, changes the threshold and re-hashes.
     record = json.loads((folder / "model.json").read_text())
@@ -156,7 +157,7 @@ def test_key_rules(store, fitted, monkeypatch) -> None:
     monkeypatch.delenv(registry.KEY_ENV)
     with pytest.raises(ModelRefused, match="is signed, but LEUKOFLOW_MODEL_KEY is not set"):
         registry.load_model(store, "m-signed")
-    assert registry.load_record(store, "m-unsigned")["model_id"] == "m-unsigned"
+    assert registry.load_record(store, "m-unsigned").model_id == "m-unsigned"
     monkeypatch.setenv(registry.KEY_ENV, "short")
     with pytest.raises(LeukoflowError, match="at least 16 characters"):
         registry.load_record(store, "m-unsigned")
@@ -220,7 +221,32 @@ def test_list_models_skips_what_is_not_a_model_folder(store, fitted) -> None:
     save(store, fitted, "m-2")
     registry.promote(store, "m-1")
     registry.promote(store, "m-2")
-    assert [r["model_id"] for r in registry.list_models(store)] == ["m-1", "m-2"]
+    assert [r.model_id for r in registry.list_models(store)] == ["m-1", "m-2"]
+
+
+def test_the_record_is_read_back_typed_and_round_trips(store, fitted) -> None:
+    """model.json is read back as a ModelRecord: what was saved, field by field, and keys of a
+    newer leukoflow are kept rather than dropped."""
+    saved = record_of("m-1", threshold=0.37)
+    save(store, fitted, "m-1")  # threshold 0.42
+    loaded = registry.load_record(store, "m-1")
+    assert isinstance(loaded, ModelRecord) and loaded == record_of("m-1")
+    assert (loaded.threshold, loaded.score_kind, loaded.seed) == (0.42, "probability", None)
+    newer = {**saved.to_dict(), "conformal_alpha": 0.1}
+    again = ModelRecord.from_dict(newer)
+    assert again.extra == {"conformal_alpha": 0.1} and again.to_dict() == newer
+    for not_a_record in ([1, 2], {"threshold": 0.5}, {"model_id": 7}):
+        with pytest.raises(ValueError, match="model_id"):
+            ModelRecord.from_dict(not_a_record)
+
+
+def test_a_damaged_record_is_listed_by_its_folder_and_refused_on_use(store, fitted) -> None:
+    folder = save(store, fitted, "m-1")
+    (folder / "model.json").write_text("[1, 2]")
+    (listed,) = registry.list_models(store)
+    assert listed.model_id == "m-1" and "model.json unreadable" in listed.extra["damaged"]
+    with pytest.raises(ModelRefused):
+        registry.load_record(store, "m-1")
 
 
 # -- promotion: compare-and-swap, clinical before non-clinical --------------------------------

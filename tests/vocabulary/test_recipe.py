@@ -9,9 +9,10 @@ from pydantic import TypeAdapter
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.recipe import Compute, FeatureRecipe, recipe_from_record
+from leukoflow.store.records import ModelRecord
 
 
-def record(**changes) -> dict:
+def record(**changes) -> ModelRecord:
     recipe = {
         "backbones": ["vgg16", "densenet121"],
         "dims": [512, 1024],
@@ -21,7 +22,7 @@ def record(**changes) -> dict:
         "image_size": 32,
     }
     recipe.update(changes)
-    return {"model_id": "m1", "feature_recipe": recipe, "seed": 0, "score_kind": "probability"}
+    return ModelRecord("m1", feature_recipe=recipe, seed=0, score_kind="probability")
 
 
 def test_a_recipe_normalises_user_input_and_keys_vectors_by_each_backbones_size():
@@ -97,7 +98,7 @@ def test_unschedulable_compute_settings_are_refused(kwargs, words):
 
 def test_a_models_recipe_round_trips_through_its_record():
     recipe = FeatureRecipe(("vgg16", "densenet121"), weights="none", image_size=32)
-    again = recipe_from_record({"model_id": "m", "feature_recipe": recipe.to_record()})
+    again = recipe_from_record(ModelRecord("m", feature_recipe=recipe.to_record()))
     assert again == recipe and again.weights_ids == recipe.weights_ids
 
 
@@ -127,4 +128,4 @@ def test_a_recipe_this_code_cannot_reproduce_is_refused(changes, words):
 
 def test_no_recipe_at_all_is_refused():
     with pytest.raises(LeukoflowError, match="no usable feature recipe"):
-        recipe_from_record({"model_id": "old"})
+        recipe_from_record(ModelRecord("old"))
