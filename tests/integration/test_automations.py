@@ -27,6 +27,7 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.scoring import events
 from leukoflow.scoring import score as sc
 from leukoflow.store.pseudonym import subject_key
+from leukoflow.store.records import ModelRecord
 from leukoflow.vocabulary import Label, Outcome
 
 pytestmark = pytest.mark.integration
@@ -49,7 +50,7 @@ def night_summary(run_id: str) -> dict:
     started = datetime.now(UTC)
     state = sc.Sweep(
         run_id, started, "/stores/ward", "/inbox", "inbox", "2030-01-02", "model-a",
-        {"score_kind": "decision", "threshold": 0.0}, rule, "weights-a",
+        ModelRecord("model-a", score_kind="decision", threshold=0.0), rule, "weights-a",
     )  # fmt: skip
     state.subjects = sc.summarise_subjects(subject_ids, scores, labels, rule)
     state.drift = {"cells": 20, "feature_shift": 0.1, "score_ks": 0.2, "warning": False,
