@@ -15,7 +15,6 @@ pseudonyms (store/pseudonym), never the ids the runs table holds.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -36,8 +35,8 @@ from leukoflow.scoring.score import short
 from leukoflow.store.lease import SWEEP_LEASE, lease_location, read_lease
 from leukoflow.store.pseudonym import subject_key, subject_salt
 from leukoflow.store.storage import Location, write_text_atomic
-from leukoflow.store.tables import read_runs
-from leukoflow.vocabulary import Outcome
+from leukoflow.store.tables import RunRow, read_run_rows
+from leukoflow.vocabulary import Outcome, RunKind
 
 TITLE = "leukoflow nightly sweeps"
 RECENT_RUNS = 20
@@ -60,61 +59,55 @@ SERIES_KEYS = (
 
 
 # -- reading ---------------------------------------------------------------------------------
-def load_sweeps(store: Location) -> list[dict]:
-    """Every sweep's run row, oldest first, with `details` parsed."""
-    runs = read_runs(store).to_pylist()
-    sweeps = [
-        dict(r, details=json.loads(r["details"] or "{}")) for r in runs if r["kind"] == "score"
-    ]
-    return sorted(sweeps, key=lambda r: r["started_at"])
+def load_sweeps(store: Location) -> list[RunRow]:
+    """Every sweep's run row, oldest first."""
+    return [row for row in read_run_rows(store) if row.kind == RunKind.SCORE]
 
 
-def run_state(run: dict, live_run_id: str | None) -> str:
+def run_state(run: RunRow, live_run_id: str | None) -> str:
     """completed | failed | busy | timed_out (as the row says) | running (holds the lease now) |
     interrupted (its row says running, but it no longer holds the lease: killed mid-sweep)."""
-    if run["outcome"] != Outcome.RUNNING:
-        return run["outcome"]
-    return "running" if run["run_id"] == live_run_id else "interrupted"
+    if run.outcome != Outcome.RUNNING:
+        return run.outcome
+    return "running" if run.run_id == live_run_id else "interrupted"
 
 
-def night_of(run: dict) -> str:
+def night_of(run: RunRow) -> str:
     """The night a sweep scored for: its `date`, else the UTC day it started (a busy sweep's row
     may carry no date)."""
-    return run["details"].get("date") or run["started_at"].astimezone(UTC).date().isoformat()
+    return run.details.get("date") or run.started_at.astimezone(UTC).date().isoformat()
 
 
 # -- nights ----------------------------------------------------------------------------------
-def nightly_series(sweeps: Sequence[dict], limit: int) -> list[dict]:
+def nightly_series(sweeps: Sequence[RunRow], limit: int) -> list[dict]:
     """One point per night with sweeps: its totals (from its last completed sweep) and its runs'
     signals; `completed` says whether any sweep of that night completed."""
-    by_night: dict[str, list[dict]] = {}
+    by_night: dict[str, list[RunRow]] = {}
     for run in sweeps:
         by_night.setdefault(night_of(run), []).append(run)
     nights = []
     for night in sorted(by_night)[-limit:] if limit > 0 else []:
         runs = by_night[night]
-        done = [r for r in runs if r["outcome"] == Outcome.COMPLETED]
-        totals = done[-1]["details"].get("night", {}) if done else {}
-        scoring = [r for r in done if r["images_scored"]]
-        seconds = sum(r["details"].get("seconds") or 0 for r in scoring)
-        drifts = [r["details"]["drift"] for r in scoring if r["details"].get("drift")]
+        done = [r for r in runs if r.outcome == Outcome.COMPLETED]
+        totals = done[-1].details.get("night", {}) if done else {}
+        scoring = [r for r in done if r.images_scored]
+        seconds = sum(r.details.get("seconds") or 0 for r in scoring)
+        drifts = [r.details["drift"] for r in scoring if r.details.get("drift")]
         nights.append(
             {
                 "date": night,
                 "runs": len(runs),
                 "completed": bool(done),
-                "outcomes": sorted({r["outcome"] for r in runs}),
+                "outcomes": sorted({r.outcome for r in runs}),
                 "cells_scored": totals.get("cells_scored", 0),
                 "cells_flagged": totals.get("cells_flagged", 0),
                 "subjects": totals.get("subjects", 0),
                 "subjects_flagged": totals.get("subjects_flagged", 0),
                 "quarantined_new": sum(
-                    r["details"].get("counts", {}).get("quarantined_new", 0) for r in done
+                    r.details.get("counts", {}).get("quarantined_new", 0) for r in done
                 ),
                 "images_per_second": (
-                    round(sum(r["images_scored"] for r in scoring) / seconds, 3)
-                    if seconds
-                    else None
+                    round(sum(r.images_scored for r in scoring) / seconds, 3) if seconds else None
                 ),
                 "feature_shift": _max(d.get("feature_shift") for d in drifts),
                 "score_ks": _max(d.get("score_ks") for d in drifts),
@@ -335,7 +328,7 @@ class LatestNight:
 
 
 @dataclass(frozen=True)
-class RunRow:
+class RecentRun:
     """One sweep in the recent-runs table; `healthy` is false for busy, timed-out, failed and
     interrupted sweeps."""
 
@@ -361,18 +354,18 @@ class DashboardView:
     stale: str | None
     plots: tuple[Plot, ...]
     latest: LatestNight | None
-    runs: tuple[RunRow, ...]
+    runs: tuple[RecentRun, ...]
     recent_runs: int
 
 
 def stale_notice(
-    sweeps: Sequence[dict], now: datetime, stale_after_hours: float = STALE_AFTER_HOURS
+    sweeps: Sequence[RunRow], now: datetime, stale_after_hours: float = STALE_AFTER_HOURS
 ) -> str | None:
     """The banner text when the last completed sweep is older than `stale_after_hours`
     (or none ever completed); None when the sweeps are current or there are none at all."""
     if not sweeps:
         return None
-    done = [r for r in sweeps if r["outcome"] == Outcome.COMPLETED]
+    done = [r for r in sweeps if r.outcome == Outcome.COMPLETED]
     if not done:
         return (
             f"No sweep has completed: {len(sweeps)} sweep(s) ran, none completed. Check the "
@@ -390,12 +383,12 @@ def stale_notice(
     )
 
 
-def _finished(run: dict) -> datetime:
-    return run["finished_at"] or run["started_at"]
+def _finished(run: RunRow) -> datetime:
+    return run.finished_at or run.started_at
 
 
-def _latest_night(run: dict, pseudonym: Callable[[str | None], str | None]) -> LatestNight:
-    details = run["details"]
+def _latest_night(run: RunRow, pseudonym: Callable[[str | None], str | None]) -> LatestNight:
+    details = run.details
     night, rule = details.get("night", {}), details.get("subject_rule", {})
     rows = tuple(
         SubjectRow(
@@ -418,7 +411,7 @@ def _latest_night(run: dict, pseudonym: Callable[[str | None], str | None]) -> L
         rule=str(rule.get("text", "")),
         score_kind=str(details.get("score_kind")),
         threshold=short(details.get("threshold")),
-        model_id=str(run["model_id"]),
+        model_id=str(run.model_id),
         rows=rows,
     )
 
@@ -431,21 +424,21 @@ def _shown_subject(subject_id: str | None, pseudonym: Callable[[str | None], str
     return pseudonym(subject_id) or NO_SUBJECT
 
 
-def _run_row(run: dict, live_run_id: str | None) -> RunRow:
-    drift = run["details"].get("drift") or {}
-    counts = run["details"].get("counts") or {}
+def _recent_run(run: RunRow, live_run_id: str | None) -> RecentRun:
+    drift = run.details.get("drift") or {}
+    counts = run.details.get("counts") or {}
     state = run_state(run, live_run_id)
-    return RunRow(
-        started=run["started_at"].strftime("%Y-%m-%d %H:%M:%S"),
+    return RecentRun(
+        started=run.started_at.strftime("%Y-%m-%d %H:%M:%S"),
         night=night_of(run),
         state=state,
-        found=run["images_found"],
-        new=run["images_new"],
-        scored=run["images_scored"],
-        quarantined=run["images_quarantined"],
+        found=run.images_found,
+        new=run.images_new,
+        scored=run.images_scored,
+        quarantined=run.images_quarantined,
         # Null in rows written before the column existed; the details may still hold it.
-        missing=_first(run.get("images_missing"), counts.get("missing")),
-        images_per_second=run["images_per_second"],
+        missing=_first(run.images_missing, counts.get("missing")),
+        images_per_second=run.images_per_second,
         drift="WARNING" if drift.get("warning") else ("ok" if drift.get("cells") else ""),
         healthy=state in ("completed", "running"),
     )
@@ -453,7 +446,7 @@ def _run_row(run: dict, live_run_id: str | None) -> RunRow:
 
 def dashboard_view(
     nights: Sequence[dict],
-    sweeps: Sequence[dict],
+    sweeps: Sequence[RunRow],
     live_run_id: str | None,
     store_uri: str,
     generated_at: datetime,
@@ -462,16 +455,16 @@ def dashboard_view(
     stale_after_hours: float = STALE_AFTER_HOURS,
 ) -> DashboardView:
     """What the page shows; `pseudonym` maps a subject id to its key, `generated_at` is "now"."""
-    latest = next((r for r in reversed(sweeps) if r["outcome"] == Outcome.COMPLETED), None)
+    latest = next((r for r in reversed(sweeps) if r.outcome == Outcome.COMPLETED), None)
     return DashboardView(
         title=TITLE,
         store_uri=store_uri,
         generated_at=generated_at.strftime("%Y-%m-%d %H:%M UTC"),
-        non_clinical=bool(latest and latest["details"].get("non_clinical")),
+        non_clinical=bool(latest and latest.details.get("non_clinical")),
         stale=stale_notice(sweeps, generated_at, stale_after_hours),
         plots=_plots(nights) if nights else (),
         latest=_latest_night(latest, pseudonym) if latest else None,
-        runs=tuple(_run_row(r, live_run_id) for r in list(reversed(sweeps))[:RECENT_RUNS]),
+        runs=tuple(_recent_run(r, live_run_id) for r in list(reversed(sweeps))[:RECENT_RUNS]),
         recent_runs=RECENT_RUNS,
     )
 
@@ -479,7 +472,7 @@ def dashboard_view(
 # -- the page --------------------------------------------------------------------------------
 def render_dashboard(
     nights: Sequence[dict],
-    sweeps: Sequence[dict],
+    sweeps: Sequence[RunRow],
     live_run_id: str | None,
     store_uri: str,
     generated_at: datetime,

@@ -50,6 +50,7 @@ from leukoflow.store.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from leukoflow.vocabulary import Outcome, RunKind
 
 TOKEN_ENV = "LEUKOFLOW_FHIR_TOKEN"
 EXPORT_PATH = ("exports", "fhir")
@@ -221,21 +222,15 @@ def night_rule(store: Location, night: str, model_id: str, record: ModelRecord):
     """The subject rule the night's last completed sweep of this model used (its run row), else
     the rule a sweep would use by default (the model's patient rule, else 5 cells / 50%)."""
     from leukoflow.scoring.score import SubjectRule, SweepSettings
-    from leukoflow.store.tables import read_runs
+    from leukoflow.store.tables import read_run_rows
 
-    best = None
-    for row in read_runs(store).to_pylist():
-        if row["kind"] != "score" or row["model_id"] != model_id or row["outcome"] != "completed":
+    rule = None
+    for row in read_run_rows(store):  # oldest first: the last match is the latest
+        if (row.kind, row.model_id, row.outcome) != (RunKind.SCORE, model_id, Outcome.COMPLETED):
             continue
-        try:
-            details = json.loads(row["details"] or "{}")
-        except ValueError:
-            continue
-        if details.get("date") == night and details.get("subject_rule"):
-            if best is None or row["started_at"] > best[0]:
-                best = (row["started_at"], details["subject_rule"])
-    if best is not None:
-        rule = best[1]
+        if row.details.get("date") == night and row.details.get("subject_rule"):
+            rule = row.details["subject_rule"]
+    if rule is not None:
         return SubjectRule(
             int(rule["min_flagged_cells"]),
             float(rule["min_flagged_fraction"]),

@@ -43,11 +43,11 @@ class StoreNights:
 def read_store_nights(store: Location, limit: int = NIGHTS_SHOWN) -> StoreNights:
     """The store's sweeps, their nights and the current model."""
     sweeps = load_sweeps(store)
-    done = [s for s in sweeps if s["outcome"] == Outcome.COMPLETED]
-    last = max((s["finished_at"] for s in done if s["finished_at"]), default=None)
+    done = [s for s in sweeps if s.outcome == Outcome.COMPLETED]
+    last = max((s.finished_at for s in done if s.finished_at), default=None)
     return StoreNights(
         nights=nightly_series(sweeps, limit),
-        outcomes=dict(Counter(str(s["outcome"]) for s in sweeps)),
+        outcomes=dict(Counter(str(s.outcome) for s in sweeps)),
         last_completed_at=last,
         model_id=registry.current_model_id(store),
     )

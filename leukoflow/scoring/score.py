@@ -30,7 +30,7 @@ from leukoflow.store.records import (
     run_row,
 )
 from leukoflow.store.storage import Location
-from leukoflow.store.tables import CatalogRow, read_predictions
+from leukoflow.store.tables import CatalogRow, RunRow, read_predictions
 from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged
 
 # tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
@@ -492,7 +492,7 @@ class Sweep:
             details={key: summary[key] for key in DETAIL_KEYS if key in summary},
         )  # fmt: skip
 
-    def run_row(self, outcome: str, finished: datetime | None) -> dict:
+    def run_row(self, outcome: str, finished: datetime | None) -> RunRow:
         """The RUN_SCHEMA row the recorder writes for this state."""
         return run_row(self.run_id, RunKind.SCORE, self.dataset, self.started, finished, outcome,
                        **self.run_columns(outcome, finished))  # fmt: skip

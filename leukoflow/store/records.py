@@ -4,7 +4,6 @@ records. Plain functions: the flows call them and write what they return.
 
 from __future__ import annotations
 
-import json
 import platform
 import uuid
 from collections.abc import Iterable, Sequence
@@ -14,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.store.storage import Location
-from leukoflow.store.tables import CatalogRow, write_run
+from leukoflow.store.tables import CatalogRow, RunRow, write_run
 from leukoflow.vocabulary import NON_CLINICAL_NOTICE, ImageStatus, Outcome, RunKind, short_id
 
 PACKAGES = ("leukoflow", "keras", "scikit-learn", "numpy", "pyarrow", "ray", "prefect", "skops")
@@ -149,7 +148,7 @@ class RunRecorder:
     def __post_init__(self) -> None:
         self.run_id = self.run_id or new_run_id(self.started)
 
-    def record(self, outcome: Outcome, **columns) -> dict:
+    def record(self, outcome: Outcome, **columns) -> RunRow:
         """Write the row (run_row's keyword columns); `finished_at` is now unless running."""
         finished = None if outcome == Outcome.RUNNING else datetime.now(UTC)
         row = run_row(self.run_id, self.kind, self.dataset, self.started, finished, outcome,
@@ -174,11 +173,11 @@ class RunRecorder:
 
 def run_row(
     run_id: str,
-    kind: str,
+    kind: RunKind,
     dataset: str,
     started: datetime,
     finished: datetime | None,
-    outcome: str,
+    outcome: Outcome,
     *,
     found: int = 0,
     new: int = 0,
@@ -192,28 +191,28 @@ def run_row(
     model_id: str | None = None,
     weights_id: str | None = None,
     details: dict | None = None,
-) -> dict:
-    """One RUN_SCHEMA row (tables.write_run): the same columns for every kind of run."""
-    return {
-        "run_id": run_id,
-        "kind": kind,
-        "dataset": dataset,
-        "started_at": started,
-        "finished_at": finished,
-        "outcome": outcome,
-        "images_found": found,
-        "images_new": new,
-        "images_featurised": featurised,
-        "images_quarantined": quarantined,
-        "images_duplicate": duplicate,
-        "images_scored": scored,
-        "images_skipped": skipped,
-        "images_missing": missing,
-        "images_per_second": images_per_second,
-        "model_id": model_id,
-        "weights_id": weights_id,
-        "details": json.dumps(details or {}, default=str),
-    }
+) -> RunRow:
+    """One run's row (tables.write_run): the same columns for every kind of run."""
+    return RunRow(
+        run_id=run_id,
+        kind=kind,
+        dataset=dataset,
+        started_at=started,
+        finished_at=finished,
+        outcome=outcome,
+        images_found=found,
+        images_new=new,
+        images_featurised=featurised,
+        images_quarantined=quarantined,
+        images_duplicate=duplicate,
+        images_scored=scored,
+        images_skipped=skipped,
+        images_missing=missing,
+        images_per_second=images_per_second,
+        model_id=model_id,
+        weights_id=weights_id,
+        details=dict(details or {}),
+    )
 
 
 # -- model records ---------------------------------------------------------------------------

@@ -11,23 +11,22 @@ their short content ids (never by subject id or file name, which can carry one).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import backbones as bb
 from leukoflow.store import registry
 from leukoflow.store.storage import Location, open_location
 from leukoflow.store.tables import (
+    RunRow,
     feature_backbones,
     feature_keys,
     read_catalog,
     read_predictions,
-    read_runs,
+    read_run_rows,
 )
 from leukoflow.vocabulary import ImageStatus, Outcome, RunKind
 
@@ -103,42 +102,38 @@ def recipe_keys(recipe: dict | None) -> list[VectorKey] | None:
         return None
 
 
-def _run_recipe(store: Location, row: dict) -> dict | None:
+def _run_recipe(store: Location, row: RunRow) -> dict | None:
     """The feature recipe a run row records, else the one of the model it trained or used."""
-    try:
-        details = json.loads(row["details"] or "{}")
-    except ValueError:
-        details = {}
-    if isinstance(details, dict) and details.get("feature_recipe"):
-        return details["feature_recipe"]
-    if row["model_id"]:
+    if row.details.get("feature_recipe"):
+        return row.details["feature_recipe"]
+    if row.model_id:
         try:
-            return registry.load_record(store, row["model_id"]).feature_recipe
+            return registry.load_record(store, row.model_id).feature_recipe
         except (LeukoflowError, OSError, ValueError):
             return None  # a model removed or refused: fall back to the backbones present
     return None
 
 
-def dataset_recipes(store: Location, runs: pa.Table) -> dict[str, tuple[str, list[VectorKey]]]:
+def dataset_recipes(store: Location, runs: list[RunRow]) -> dict[str, tuple[str, list[VectorKey]]]:
     """dataset -> (run id, vector keys) of its latest completed extracting run with a recipe."""
     chosen: dict[str, tuple[str, list[VectorKey]]] = {}
-    for row in sorted(runs.to_pylist(), key=lambda r: r["started_at"]):
-        if row["kind"] not in EXTRACTING_KINDS or row["outcome"] != Outcome.COMPLETED:
+    for row in runs:  # oldest first
+        if row.kind not in EXTRACTING_KINDS or row.outcome != Outcome.COMPLETED:
             continue
         keys = recipe_keys(_run_recipe(store, row))
         if keys:
-            chosen[row["dataset"]] = (row["run_id"], keys)
+            chosen[row.dataset] = (row.run_id, keys)
     return chosen
 
 
-def dataset_sweeps(store: Location, runs: pa.Table) -> dict[str, tuple[str, set[str]]]:
+def dataset_sweeps(store: Location, runs: list[RunRow]) -> dict[str, tuple[str, set[str]]]:
     """dataset -> (model id, images that model has a prediction for) for every dataset whose
     latest completed run is a nightly sweep: its images must be scored, not only featurised."""
-    latest: dict[str, dict] = {}
-    for row in sorted(runs.to_pylist(), key=lambda r: r["started_at"]):
-        if row["outcome"] == Outcome.COMPLETED:
-            latest[row["dataset"]] = row
-    models = {r["model_id"] for r in latest.values() if r["kind"] == "score" and r["model_id"]}
+    latest: dict[str, RunRow] = {}
+    for row in runs:  # oldest first
+        if row.outcome == Outcome.COMPLETED:
+            latest[row.dataset] = row
+    models = {r.model_id for r in latest.values() if r.kind == RunKind.SCORE and r.model_id}
     if not models:
         return {}
     predictions = read_predictions(store, columns=["image_id", "model_id"])
@@ -151,9 +146,9 @@ def dataset_sweeps(store: Location, runs: pa.Table) -> dict[str, tuple[str, set[
         if model_id in scored:
             scored[model_id].add(image_id)
     return {
-        dataset: (row["model_id"], scored[row["model_id"]])
+        dataset: (row.model_id, scored[row.model_id])
         for dataset, row in latest.items()
-        if row["kind"] == "score" and row["model_id"]
+        if row.kind == RunKind.SCORE and row.model_id
     }
 
 
@@ -220,32 +215,32 @@ def dataset_accounting(
     return accounting
 
 
-def runs_accounting(runs: pa.Table) -> list[dict]:
+def runs_accounting(runs: list[RunRow]) -> list[dict]:
     """The latest run of each kind and dataset, with the invariant its own row states.
 
     A sweep: found = new + skipped + quarantined + duplicate + missing; any other run: found =
     featurised + quarantined + duplicate + missing. Only completed runs are checked (a failed or
     busy run's counts are partial by nature); `accounted` is None for the others.
     """
-    latest: dict[tuple[str, str], dict] = {}
-    for row in sorted(runs.to_pylist(), key=lambda r: r["started_at"]):
-        latest[(row["kind"], row["dataset"])] = row
+    latest: dict[tuple[str, str], RunRow] = {}
+    for row in runs:  # oldest first
+        latest[(row.kind, row.dataset)] = row
     shown = []
     for row in latest.values():
-        count = {k: row[f"images_{k}"] or 0 for k in RUN_COUNTS}
-        if row["kind"] == "score":
+        count = {k: getattr(row, f"images_{k}") or 0 for k in RUN_COUNTS}
+        if row.kind == RunKind.SCORE:
             done = count["new"] + count["skipped"]
         else:
             done = count["featurised"]
         missing = count["missing"]
         total = done + count["quarantined"] + count["duplicate"] + missing
-        checked = row["outcome"] == Outcome.COMPLETED
+        checked = row.outcome == Outcome.COMPLETED
         shown.append(
             {
-                "run_id": row["run_id"],
-                "kind": row["kind"],
-                "dataset": row["dataset"],
-                "outcome": row["outcome"],
+                "run_id": row.run_id,
+                "kind": row.kind,
+                "dataset": row.dataset,
+                "outcome": row.outcome,
                 **count,
                 "accounted": None if not checked else total == count["found"] and not missing,
             }
@@ -265,17 +260,17 @@ def store_status(store: Location) -> dict:
         )
         entry["found"] += 1
         entry[status] = entry.get(status, 0) + 1
-    runs = read_runs(store)
+    runs = read_run_rows(store)
     vectors = StoredVectors.read(store)
     by_dataset = dataset_accounting(
         catalog, vectors, dataset_recipes(store, runs), dataset_sweeps(store, runs)
     )
     by_run = runs_accounting(runs)
     last_run = None
-    if runs.num_rows:
-        latest = pc.max(runs.column("started_at")).as_py()
-        row = runs.filter(pc.equal(runs.column("started_at"), latest)).slice(0, 1).to_pylist()[0]
-        last_run = {k: row[k] for k in ("run_id", "kind", "outcome", "started_at", "model_id")}
+    if runs:
+        latest = max(runs, key=lambda row: row.started_at)  # the first of any tie
+        last_run = {k: getattr(latest, k) for k in ("run_id", "kind", "outcome", "started_at",
+                                                    "model_id")}  # fmt: skip
     return {
         "store": store.uri,
         "datasets": datasets,
@@ -283,7 +278,7 @@ def store_status(store: Location) -> dict:
         "models": [m.model_id for m in registry.list_models(store)],
         "current_model": registry.current_model_id(store),
         "predictions": read_predictions(store, columns=["image_id"]).num_rows,
-        "runs": runs.num_rows,
+        "runs": len(runs),
         "last_run": last_run,
         "accounting": {"datasets": by_dataset, "runs": by_run},
         "accounted": all(d["accounted"] for d in by_dataset.values())

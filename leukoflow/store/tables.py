@@ -20,7 +20,7 @@ import logging
 import posixpath
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import TypeVar
 
@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from leukoflow.store.storage import Location, write_parquet_atomic
-from leukoflow.vocabulary import ImageStatus, Label
+from leukoflow.vocabulary import ImageStatus, Label, Outcome, RunKind
 
 log = logging.getLogger("leukoflow.tables")
 
@@ -530,11 +530,11 @@ def prediction_dates(store: Location) -> list[str]:
 RUN_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
-        ("kind", pa.string()),  # run | score | backfill | experiments
+        ("kind", pa.string()),  # vocabulary.RunKind
         ("dataset", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("outcome", pa.string()),  # running | completed | failed | busy | timed_out
+        ("outcome", pa.string()),  # vocabulary.Outcome
         ("images_found", pa.int64()),
         ("images_new", pa.int64()),
         ("images_featurised", pa.int64()),
@@ -553,10 +553,82 @@ RUN_SCHEMA = pa.schema(
 )
 
 
-def write_run(store: Location, row: dict) -> Location:
-    loc = store.child("runs", f"run-{row['run_id']}.parquet")
-    write_parquet_atomic(loc, pa.Table.from_pylist([row], schema=RUN_SCHEMA))
+@dataclass(frozen=True)
+class RunRow:
+    """One run of any kind, as the runs table holds it: a field per RUN_SCHEMA column, same
+    order, with `details` parsed. Built by store/records.run_row, read back by read_run_rows.
+
+    `kind` and `outcome` are the vocabulary's enums when they are one of its members (a row of
+    a newer leukoflow keeps its plain string).
+    """
+
+    run_id: str
+    kind: RunKind | str
+    dataset: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: Outcome | str
+    images_found: int | None = 0
+    images_new: int | None = 0
+    images_featurised: int | None = 0
+    images_quarantined: int | None = 0
+    images_duplicate: int | None = 0
+    images_scored: int | None = 0
+    images_skipped: int | None = 0
+    # Found and ok, yet neither featurised/scored nor quarantined. None in older rows.
+    images_missing: int | None = 0
+    images_per_second: float | None = None
+    model_id: str | None = None
+    weights_id: str | None = None
+    details: dict = field(default_factory=dict)  # metrics, drift, paths: JSON in the table
+
+    def to_dict(self) -> dict:
+        """The row as the table stores it (`details` as JSON text)."""
+        row = {name: getattr(self, name) for name in RUN_COLUMNS}
+        return {**row, "details": json.dumps(self.details, default=str)}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> RunRow:
+        """A row read back from the table."""
+        return cls(
+            **{
+                **row,
+                "kind": _member(RunKind, row["kind"]),
+                "outcome": _member(Outcome, row["outcome"]),
+                "details": _details(row.get("details")),
+            }
+        )
+
+
+RUN_COLUMNS = tuple(f.name for f in fields(RunRow))
+
+
+def _member(enum: type[RunKind] | type[Outcome], value: str) -> RunKind | Outcome | str:
+    try:
+        return enum(value)
+    except ValueError:
+        return value
+
+
+def _details(text: str | None) -> dict:
+    """A row's details; a text that is not a JSON object is kept under "unreadable", not lost."""
+    try:
+        details = json.loads(text or "{}")
+    except ValueError:
+        return {"unreadable": text}
+    return details if isinstance(details, dict) else {"unreadable": text}
+
+
+def write_run(store: Location, row: RunRow) -> Location:
+    loc = store.child("runs", f"run-{row.run_id}.parquet")
+    write_parquet_atomic(loc, pa.Table.from_pylist([row.to_dict()], schema=RUN_SCHEMA))
     return loc
+
+
+def read_run_rows(store: Location) -> list[RunRow]:
+    """Every run's row, typed, oldest first."""
+    rows = [RunRow.from_dict(row) for row in read_runs(store).to_pylist()]
+    return sorted(rows, key=lambda row: row.started_at)
 
 
 def read_runs(store: Location) -> pa.Table:

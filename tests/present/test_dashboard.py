@@ -168,7 +168,7 @@ def test_text_is_escaped(tmp_path):
         "2026-03-01", START, "run-0", 3, model_id="<script>alert(1)</script>",
         rule_text="<b>rule</b> & more",
     )  # fmt: skip
-    sweeps = [dict(row, details=json.loads(row["details"]))]
+    sweeps = [row]
     page = render_dashboard(
         nightly_series(sweeps, 60), sweeps, None, "/store?<x>", START, pseudonym=lambda s: s
     )

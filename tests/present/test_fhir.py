@@ -18,8 +18,8 @@ from leukoflow.present import fhir
 from leukoflow.store.pseudonym import subject_key, subject_salt
 from leukoflow.store.records import ModelRecord
 from leukoflow.store.storage import Location, open_location
-from leukoflow.store.tables import write_predictions, write_run
-from leukoflow.vocabulary import NON_CLINICAL_NOTICE
+from leukoflow.store.tables import RunRow, write_predictions, write_run
+from leukoflow.vocabulary import NON_CLINICAL_NOTICE, Outcome, RunKind
 
 NIGHT = "2026-03-02"
 MODEL = "m-test"
@@ -223,9 +223,19 @@ def test_the_subject_rule_is_the_models_or_the_nights_sweeps(store) -> None:
     # A sweep that ran with --min-flagged-cells 7 --min-flagged-fraction 1 wrote its rule in its
     # run row: the export follows the night's sweep (6 flagged cells: not flagged).
     rule = {"min_flagged_cells": 7, "min_flagged_fraction": 1.0, "inclusive": False}
-    write_run(store, {"run_id": "r-1", "kind": "score", "outcome": "completed", "model_id": MODEL,
-                      "started_at": ISSUED,
-                      "details": json.dumps({"date": NIGHT, "subject_rule": rule})})  # fmt: skip
+    write_run(
+        store,
+        RunRow(
+            "r-1",
+            RunKind.SCORE,
+            "inbox",
+            ISSUED,
+            ISSUED,
+            Outcome.COMPLETED,
+            model_id=MODEL,
+            details={"date": NIGHT, "subject_rule": rule},
+        ),
+    )
     done = fhir.export_night(store, NIGHT, MODEL, record_of())
     assert done["subjects_flagged"] == 0
 

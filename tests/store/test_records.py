@@ -1,10 +1,15 @@
 """Accounting by measurement, run rows and model records: plain functions on small inputs."""
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from leukoflow.store import records
-from leukoflow.store.tables import RUN_SCHEMA, CatalogRow
-from leukoflow.vocabulary import ImageStatus
+from leukoflow.store.storage import open_location
+from leukoflow.store.tables import RUN_SCHEMA, CatalogRow, RunRow, read_run_rows, write_run
+from leukoflow.vocabulary import ImageStatus, Outcome, RunKind
 
 
 def row(image_id: str, status: str = "ok", uri: str | None = None) -> CatalogRow:
@@ -47,5 +52,22 @@ def test_a_run_row_has_every_column_of_the_runs_table():
     started = datetime(2026, 1, 1, tzinfo=UTC)
     built = records.run_row("r", "backfill", "d", started, started, "busy", missing=2,
                             details={"x": 1})  # fmt: skip
-    assert list(built) == RUN_SCHEMA.names
-    assert built["images_missing"] == 2 and built["details"] == '{"x": 1}'
+    assert list(built.to_dict()) == RUN_SCHEMA.names
+    assert built.images_missing == 2 and built.to_dict()["details"] == '{"x": 1}'
+    assert RunRow.from_dict(built.to_dict()) == built  # read back typed, details parsed
+
+
+def test_a_run_row_reads_back_typed_and_keeps_what_it_cannot_parse(tmp_path):
+    """The runs table read back: kinds and outcomes as the vocabulary's enums, details parsed;
+    a kind of a newer leukoflow stays a string and damaged details are kept, not dropped."""
+    store = open_location(str(tmp_path))
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    write_run(store, records.run_row("a", RunKind.SCORE, "d", started, None, Outcome.RUNNING))
+    newer = records.run_row("b", "relabel", "d", started.replace(hour=1), started, "completed")
+    write_run(store, replace(newer, details={}))
+    table = pa.Table.from_pylist([{**newer.to_dict(), "details": "{not json"}], schema=RUN_SCHEMA)
+    pq.write_table(table, f"{tmp_path}/runs/run-b.parquet")
+    first, second = read_run_rows(store)
+    assert (type(first.kind), type(first.outcome), first.details) == (RunKind, Outcome, {})
+    assert (second.kind, second.outcome) == ("relabel", Outcome.COMPLETED)
+    assert second.details == {"unreadable": "{not json"}
