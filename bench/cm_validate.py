@@ -2,8 +2,8 @@
 
 The protocol of docs/color_morphology.md ("Developing cm-2", rounds 1-4): the pool's cells (one
 or more manifests with path, label, subject_id), the product's subject-grouped folds and
-classifiers through the product's one fold runner (`tasks.validate.cross_validate` over
-`tasks.folds`), at cell level and at patient level (learn/patient.py's rule, the threshold chosen
+classifiers through the product's one fold runner (`learn/validate.cross_validate` over
+`learn/folds`), at cell level and at patient level (learn/patient.py's rule, the threshold chosen
 on the training folds only, from inner subject-grouped folds). A development
 tool, not part of the wheel. Features are cached under --cache (never in the repository): re-runs
 only refit.

@@ -6,8 +6,8 @@ numbers, each in this one child process:
 
 - single core: read + sha256 + decode + resize, one image after another, pinned to one core (the
   rate per CPU second, so other work on the core does not count against it);
-- decode threads: `tasks.extract.load_pixels` over the same files, all cores;
-- pipeline: `tasks.actors.extract_features` on a local Ray with one actor running `pixel_mean`
+- decode threads: `features/extract.load_pixels` over the same files, all cores;
+- pipeline: `engine/actors.extract_features` on a local Ray with one actor running `pixel_mean`
   (the per-image mean of the pixels) instead of a CNN: images -> Parquet, as `leukoflow run`
   extracts, timed from the loaded actor to the last file written (and compacted).
 

@@ -60,7 +60,7 @@ def run_experiments(
     rows = stored_catalog(root, dataset)
     labelled = _labelled(rows)
     # Too few images or subjects for the folds: say so before hours of extraction.
-    ex.plan_evaluations(*ex.targets(labelled), evaluation_names, folds, seed)
+    ex.plan_evaluations(*evaluate.targets(labelled), evaluation_names, folds, seed)
     copies = ex.augmented_rows(labelled, seed) if augment else []
 
     with ray_session(compute.ray_address):  # one session for extraction and the grid
@@ -70,7 +70,7 @@ def run_experiments(
         )  # fmt: skip
         joined, features = prepared.joined, prepared.extraction
         by_id = {r.image_id: r for r in prepared.rows}
-        y, subjects = ex.targets([by_id[i] for i in joined.image_ids])
+        y, subjects = evaluate.targets([by_id[i] for i in joined.image_ids])
         evaluations = ex.plan_evaluations(y, subjects, evaluation_names, folds, seed)
         augmented = None
         if augment:

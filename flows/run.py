@@ -70,11 +70,11 @@ def run_pipeline(
         )  # fmt: skip
         joined, extraction = prepared.joined, prepared.extraction
         by_id = {r.image_id: r for r in prepared.rows}
-        y = evaluate.labels_to_int([by_id[i].label for i in joined.image_ids])
+        y, raw_subjects = evaluate.targets([by_id[i] for i in joined.image_ids])
         # Subjects only group cells (splits, folds, patients): their keyed pseudonyms group the
         # same, and nothing fitted, reported or printed can then carry a raw subject id.
         salt = subject_salt(root)
-        subjects = [subject_key(by_id[i].subject_id, salt) for i in joined.image_ids]
+        subjects = [subject_key(subject, salt) for subject in raw_subjects]
         fitted = fit_model(joined.matrix, y, subjects, classifier, split, seed, target_sensitivity)
 
         train_ids = [joined.image_ids[i] for i in fitted.split.train]

@@ -54,8 +54,7 @@ def run_validation(
     )  # fmt: skip
     catalog, joined, features = prepared.catalog, prepared.joined, prepared.extraction
     by_id = {row.image_id: row for row in prepared.rows}
-    y = evaluate.labels_to_int([by_id[i].label for i in joined.image_ids])
-    subjects = [by_id[i].subject_id for i in joined.image_ids]
+    y, subjects = evaluate.targets([by_id[i] for i in joined.image_ids])
     result = cross_validate(joined.matrix, y, subjects, classifier, folds, seed, n_boot)
 
     # Raw subject ids stay in the store's tables; what this flow returns is printed.

@@ -1,4 +1,6 @@
-"""The names users choose from: classifiers, splits, the paper's backbones.
+"""The names users choose from (classifiers, splits, the paper's backbones) and the defaults of
+every setting the command line and the flows share (target sensitivity, folds, bootstrap, seed,
+the sweep's chunk size, subject rule and drift thresholds).
 
 One owner, imported by the stages that accept these names (learn/train.py,
 learn/experiments.py) and by the command line, whose `--help` lists them as choices. It imports

@@ -1,6 +1,6 @@
 """The experiments flow's engine side: Prefect tasks, and the Ray tasks that run grid cells.
 
-The grid logic is in tasks.experiments (plain functions); here each cell becomes one Ray task
+The grid logic is in learn/experiments (plain functions); here each cell becomes one Ray task
 over a single shared copy of the feature matrices (ray.put once, read by every task), and the
 results are written to the store as CSV, Markdown, HTML and JSON.
 """

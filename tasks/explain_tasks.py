@@ -43,7 +43,7 @@ def explain_examples(
     the saved model (`scores` are its test scores, read against record.threshold), each
     captioned with its subject's pseudonym (`subject_keys`), file name, score and threshold.
 
-    `maps`: the run's backbone actors (tasks.actors.BackbonePool), so that no network is built
+    `maps`: the run's backbone actors (engine/actors.BackbonePool), so that no network is built
     again; without, each CNN is built once in this process.
     """
     logger = get_run_logger()

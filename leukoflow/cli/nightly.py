@@ -78,7 +78,7 @@ def _sweep_settings(
         ),
     ] = None,
 ):
-    """How the sweep works (tasks.score.SweepSettings), validated before Prefect starts."""
+    """How the sweep works (scoring/score.SweepSettings), validated before Prefect starts."""
     from leukoflow.scoring.score import SweepSettings
 
     return SweepSettings(

@@ -5,7 +5,7 @@ reads the same copy. At most `max_batches_in_flight` batches are outstanding, so
 bounded however large the dataset; vectors are written to Parquet batch by batch as they arrive.
 Actors restart and retry a batch if their process dies; the driver writes a batch only once its
 vectors are back, so a retry never duplicates rows. At the end, each backbone's per-batch files
-are merged into larger ones (tasks.tables.compact_features).
+are merged into larger ones (store/tables.compact_features).
 """
 
 from __future__ import annotations

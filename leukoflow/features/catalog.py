@@ -60,7 +60,7 @@ IMAGE_SUFFIXES = (
 LABELS = tuple(label.value for label in Label)  # leukemic blast (positive), normal
 DEFAULT_LABELS = {label: label for label in LABELS}  # class folders named after the labels
 
-# Catalog reason codes (the image reason codes live in tasks.images).
+# Catalog reason codes (the image reason codes live in features/images).
 OUTSIDE_ROOT = "outside_root"
 UNKNOWN_LABEL = "unknown_label"
 MISSING_PATH = "missing_path"

@@ -2,7 +2,7 @@
 
 `Featuriser` holds one loaded backbone; `load_pixels` decodes and resizes a batch of images the
 backbones share (each then applies its own preprocessing). Ray actors host Featurisers
-(tasks.actors); tests use them directly.
+(engine/actors); tests use them directly.
 """
 
 from __future__ import annotations

@@ -49,6 +49,12 @@ def labels_to_int(labels: Sequence[str]) -> np.ndarray:
     return out
 
 
+def targets(rows: Sequence[CatalogRow]) -> tuple[np.ndarray, list[str | None]]:
+    """What a classifier learns from catalog rows: labels as 1 ALL / 0 normal, and the
+    subject id of each row (what splits, folds and patient figures group by)."""
+    return labels_to_int([r.label for r in rows]), [r.subject_id for r in rows]
+
+
 def _as_binary(y: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(y).ravel()
     if arr.size and not np.isin(arr, (0, 1)).all():

@@ -23,7 +23,7 @@ from leukoflow.errors import LeukoflowError
 from leukoflow.features import augment
 from leukoflow.features import backbones as bb
 from leukoflow.features.join import join_features
-from leukoflow.learn import evaluate, folds, train
+from leukoflow.learn import folds, train
 from leukoflow.learn.folds import Augmented
 from leukoflow.recipe import FeatureRecipe
 from leukoflow.store.storage import Location
@@ -203,11 +203,6 @@ def evaluate_cell(
         ],
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def targets(rows: Sequence[CatalogRow]) -> tuple[np.ndarray, list[str | None]]:
-    """Labels (1 ALL, 0 normal) and subject ids of catalog rows."""
-    return evaluate.labels_to_int([r.label for r in rows]), [r.subject_id for r in rows]
 
 
 def augmented_rows(labelled: list[CatalogRow], seed: int) -> list[CatalogRow]:

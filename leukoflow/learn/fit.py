@@ -64,8 +64,7 @@ def plan_split(rows: Sequence[CatalogRow], split: str | None, seed: int) -> str:
     random), checked before any extraction: one class, or too few subjects for the split or
     its calibration folds, is a usage error now rather than after hours of work."""
     trainable = trainable_rows(rows)
-    y = evaluate.labels_to_int([r.label for r in trainable])
-    subjects = [r.subject_id for r in trainable]
+    y, subjects = evaluate.targets(trainable)
     split = train.choose_split(split, y, subjects)
     planned = train.split_rows(y, subjects, split, seed=seed)
     train.kfold(

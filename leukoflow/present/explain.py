@@ -4,7 +4,7 @@ the features that moved the score for `color_morphology`, rendered as one PNG.
 The maps are exact for the saved linear model (present/cam): each backbone's last feature map (the
 input of its GAP layer), from the weights and precision recorded with the model, weighted by the
 model's weights. The maps come from the run's backbone actors, which already hold the networks
-(tasks.actors.BackbonePool), or from networks built once per process (LocalFeatureMaps).
+(engine/actors.BackbonePool), or from networks built once per process (LocalFeatureMaps).
 Where the store holds the cell's features, the recomputed ones are checked against them, so a
 map never claims to explain features the model did not see. Figures are matplotlib `Figure`
 objects (never pyplot), so rendering touches no global state.
@@ -119,7 +119,7 @@ def weights_for(
 
 class FeatureMapSource(Protocol):
     """Something holding the CNNs that gives their last feature maps: the run's backbone actors
-    (tasks.actors.BackbonePool) or, in a process of its own, LocalFeatureMaps."""
+    (engine/actors.BackbonePool) or, in a process of its own, LocalFeatureMaps."""
 
     def feature_maps(self, names: list[str], pixels: np.ndarray) -> dict[str, np.ndarray]:
         """name -> (N, h, w, C) maps of resized pixels (N, S, S, 3) in 0..255."""
@@ -444,7 +444,7 @@ def explain_images(
 ) -> list[str]:
     """One PNG per catalogued image id under `out_folder` (local or s3://); returns their uris.
 
-    `maps`: the running backbone actors (tasks.actors.BackbonePool); without, the CNNs are built
+    `maps`: the running backbone actors (engine/actors.BackbonePool); without, the CNNs are built
     once in this process.
     """
     root = open_location(store) if isinstance(store, str) else store

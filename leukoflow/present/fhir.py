@@ -185,7 +185,7 @@ def night_subjects(
     rule,
     subject_map: Mapping[str, str] | None = None,
 ) -> tuple[list[dict], int]:
-    """The night's subjects as the sweep summarises them (tasks.score.summarise_subjects and
+    """The night's subjects as the sweep summarises them (scoring/score.summarise_subjects and
     its SubjectRule), keyed by pseudonym, with a patient reference where the map has one; and
     the number of cells without a subject id (no report can name whom they belong to)."""
     from leukoflow.scoring.score import summarise_subjects

@@ -33,10 +33,6 @@ from leukoflow.store.storage import Location
 from leukoflow.store.tables import CatalogRow, RunRow, read_predictions
 from leukoflow.vocabulary import THRESHOLD_RULE, ImageStatus, Label, RunKind, flagged
 
-# tasks.evaluate's POSITIVE/NEGATIVE_LABEL (not imported: it loads scikit-learn, seconds at start).
-# A cell is flagged when its score reaches the model's threshold (the rule tasks.calibration
-# records with calibrated models; for an SVM's decision value the threshold is 0).
-
 
 def night_of(text: str | None, started: datetime) -> str:
     """The predictions partition of a sweep: --date, else the UTC date it started."""

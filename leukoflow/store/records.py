@@ -1,5 +1,6 @@
-"""The records a run leaves behind, each built in one place: image accounting, run rows, model
-records. Plain functions: the flows call them and write what they return.
+"""The records a run leaves behind, each built in one place: image accounting (`account`), run
+rows (`run_row`, written by `RunRecorder` once per run, whatever its outcome) and model records
+(`ModelRecord`, built by `model_record`). Plain code: the flows call it and write what it returns.
 """
 
 from __future__ import annotations

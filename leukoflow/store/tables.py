@@ -7,7 +7,7 @@ Layout under the store root:
     models/<model_id>/...                        see store/registry (model files)
     predictions/date=YYYY-MM-DD/part-<id>.parquet    one chunk of a sweep, with its lease token
     runs/run-<run_id>.parquet                    one row per run
-Every writer goes through tasks.storage's atomic writes; readers skip hidden temporary files.
+Every writer goes through store/storage's atomic writes; readers skip hidden temporary files.
 Readers return one row per key whatever the files hold: one vector per (image, weights, size)
 and one prediction per (image, model), so counts are counts of distinct images.
 """

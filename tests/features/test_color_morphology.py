@@ -254,7 +254,7 @@ def test_unknown_blocks_are_refused():
         feature_blocks(np.zeros((8, 8, 3), np.uint8), False, ("base", "cnn"))
 
 
-# cm-1 on one real cell, stored in tests/tasks/cm1_reference.json. Floats differ in their last
+# cm-1 on one real cell, stored in tests/features/cm1_reference.json. Floats differ in their last
 # bits between CPUs (numpy's and scikit-image's SIMD paths, libm): a float32 vector is
 # reproducible on one machine, not bit for bit across machines. Measured: the same cell with
 # numpy's AVX-512 and AVX2 kernels switched off (NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4
