@@ -158,7 +158,7 @@ def operating_point(
         "split": split,
         "n": int(y.size),
         "n_all": int(y.sum()),
-        "n_normal": int((1 - y).sum()),
+        "n_hem": int((1 - y).sum()),
         "confusion_matrix": evaluate.compute_metrics(y, flagged, probabilities)["confusion_matrix"],
         **_rate_with_interval("sensitivity", y, flagged, groups, n_boot, seed),
         **_rate_with_interval("specificity", 1 - y, 1 - flagged, groups, n_boot, seed),

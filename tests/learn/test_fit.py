@@ -28,7 +28,7 @@ def test_the_saved_model_is_measured_at_its_operating_point_on_unseen_subjects(c
     test = {subjects[i] for i in fitted.split.test}
     assert not train & test  # no patient on both sides
     cells = fitted.operating_point["cells"]
-    assert cells["n"] == len(fitted.split.test) == cells["n_all"] + cells["n_normal"]
+    assert cells["n"] == len(fitted.split.test) == cells["n_all"] + cells["n_hem"]
     assert cells["sensitivity_n"] == cells["n_all"] and 0 <= cells["sensitivity"] <= 1
     low, high = cells["sensitivity_ci"]
     assert low <= cells["sensitivity"] <= high
