@@ -2,11 +2,12 @@
 
 Three automations send through one notification block the user names (webhook, Slack, Teams,
 email: any block with the `notify` capability): a night that flagged a subject, a nightly sweep
-flow run that failed or crashed, and no completed sweep within a window (26 h by default, a
-proactive trigger evaluated by the server). The triggers key on the events of scoring/events.
-Their messages carry counts and run ids only: a notification leaves the store, and subject ids
-may identify patients (not even their pseudonyms are sent; the dashboard shows those).
-Prefect's automation engine runs in the server's services, so nothing here needs a worker.
+flow run that failed or crashed, and no completed sweep of the deployed store within a window
+(26 h by default, a proactive trigger evaluated by the server; one per store, named after it).
+The triggers key on the events of scoring/events. Their messages carry counts, run ids and the
+store only: a notification leaves the store, and subject ids may identify patients (not even
+their pseudonyms are sent; the dashboard shows those). Prefect's automation engine runs in the
+server's services, so nothing here needs a worker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from leukoflow.errors import LeukoflowError
-from leukoflow.scoring.events import NIGHT_COMPLETED, NIGHT_FLAGGED, NIGHT_RESOURCE_PREFIX
+from leukoflow.scoring.events import (
+    NIGHT_COMPLETED,
+    NIGHT_FLAGGED,
+    NIGHT_RESOURCE_PREFIX,
+    STORE_LABEL,
+)
 
 if TYPE_CHECKING:
     from prefect.events.schemas.automations import AutomationCore
@@ -40,7 +46,7 @@ FAILED_BODY = (
     "say why; the next sweep scores what is left."
 )
 MISSED_BODY = (
-    "leukoflow: no nightly sweep completed in the last {window}. Check the worker "
+    "leukoflow: no nightly sweep of {store} completed in the last {window}. Check the worker "
     "(prefect worker start --pool leukoflow) and the nightly deployment's schedule."
 )
 
@@ -89,10 +95,17 @@ def _window_text(window: timedelta) -> str:
     return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
+def missed_name(store: str) -> str:
+    """The name of one store's missed-night automation: one per store, so that the nights of
+    another store (another ward's sweeps on the same server) cannot hide a store gone silent."""
+    return f"{MISSED_NAME}: {store}"
+
+
 def alert_automations(
-    block_document_id: UUID, missed_after: timedelta = MISSED_AFTER
+    block_document_id: UUID, store: str, missed_after: timedelta = MISSED_AFTER
 ) -> list[AutomationCore]:
-    """The three alerting automations, notifying through `block_document_id`.
+    """The three alerting automations, notifying through `block_document_id`: a flagged night
+    and a failed sweep of any store, and no night of `store` (its Location.uri) completed.
 
     missed_after: how long without a completed sweep before the missed-night alert (Prefect
     wants at least 10 s for a proactive trigger).
@@ -104,6 +117,7 @@ def alert_automations(
         return SendNotification(block_document_id=block_document_id, subject=subject, body=body)
 
     night = {"prefect.resource.id": f"{NIGHT_RESOURCE_PREFIX}*"}
+    window = _window_text(missed_after)
     return [
         AutomationCore(
             name=FLAGGED_NAME,
@@ -134,21 +148,16 @@ def alert_automations(
             actions=[notify(FAILED_NAME, FAILED_BODY)],
         ),
         AutomationCore(
-            name=MISSED_NAME,
-            description=f"No {NIGHT_COMPLETED} event within {_window_text(missed_after)}.",
+            name=missed_name(store),
+            description=f"No {NIGHT_COMPLETED} event of {store} within {window}.",
             trigger=EventTrigger(
-                match=night,
+                match={**night, STORE_LABEL: store},
                 expect={NIGHT_COMPLETED},
                 posture=Posture.Proactive,
                 threshold=1,
                 within=missed_after,
             ),  # fmt: skip
-            actions=[
-                notify(
-                    MISSED_NAME,
-                    MISSED_BODY.format(window=_window_text(missed_after)),
-                )
-            ],
+            actions=[notify(MISSED_NAME, MISSED_BODY.format(store=store, window=window))],
         ),
     ]
 
@@ -174,6 +183,8 @@ def apply_automations(automations: list[AutomationCore]) -> list[dict]:
     return done
 
 
-def deploy_alerts(block: str, missed_after: timedelta = MISSED_AFTER) -> list[dict]:
-    """Resolve the notification block and create or update the three alerting automations."""
-    return apply_automations(alert_automations(resolve_notification_block(block), missed_after))
+def deploy_alerts(block: str, store: str, missed_after: timedelta = MISSED_AFTER) -> list[dict]:
+    """Resolve the notification block and create or update the three alerting automations of
+    `store` (its Location.uri)."""
+    block_id = resolve_notification_block(block)
+    return apply_automations(alert_automations(block_id, store, missed_after))

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from leukoflow.errors import LeukoflowError
+from leukoflow.store.storage import open_location
 
 WORK_POOL = "leukoflow"
 # deployment name in deployments/prefect.yaml -> name of the flow it runs
@@ -182,7 +183,8 @@ def deploy(
     alerts = None
     if block_id is not None:
         window = missed_within or automations.MISSED_AFTER
-        built = automations.alert_automations(block_id, window)
+        # The sweeps name their store by its Location.uri (their events' leukoflow.store label).
+        built = automations.alert_automations(block_id, open_location(store).uri, window)
         alerts = {"notify": notify, "automations": automations.apply_automations(built)}
     return {
         "api": api,

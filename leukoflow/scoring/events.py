@@ -16,6 +16,8 @@ NIGHT_COMPLETED = "leukoflow.night.completed"
 NIGHT_FLAGGED = "leukoflow.night.flagged"
 # Every night event concerns a resource named like this, so one automation can match them all.
 NIGHT_RESOURCE_PREFIX = "leukoflow.night."
+# The resource label naming the store a night belongs to (its Location.uri, as the sweep opened it).
+STORE_LABEL = "leukoflow.store"
 # The counts of a sweep summary an alert is worth reading (the rest stays in the run row).
 EVENT_COUNTS = ("found", "scored", "skipped", "quarantined", "duplicate", "missing")
 DRIFT_KEYS = ("warning", "feature_shift", "score_ks", "cells", "reasons")
@@ -58,7 +60,7 @@ def night_resource(summary: Mapping) -> dict[str, str]:
     return {
         "prefect.resource.id": f"{NIGHT_RESOURCE_PREFIX}{date}",
         "prefect.resource.name": f"leukoflow night {date}",
-        "leukoflow.store": str(summary.get("store")),
+        STORE_LABEL: str(summary.get("store")),
         "leukoflow.run-id": str(summary.get("run_id")),
     }
 

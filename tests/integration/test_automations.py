@@ -33,6 +33,11 @@ from leukoflow.vocabulary import Label, Outcome
 pytestmark = pytest.mark.integration
 
 MISSED_WINDOW = timedelta(seconds=10)  # Prefect's floor for a proactive trigger
+# The store this module's automations watch. A missed-night automation watches one store: the
+# nights of other stores (here night_summary's, and the other test worker's sweeps on the shared
+# server) must not keep it quiet.
+WATCHED_STORE = f"/stores/alerts-{uuid.uuid4().hex[:8]}"
+MISSED_TEXT = f"no nightly sweep of {WATCHED_STORE} completed in the last 10 s"
 SALT = b"t" * 32
 RAW_IDS = ("MRN-0042-771", "MRN-0043-771")  # medical-record-like ids: never in an event
 
@@ -120,8 +125,8 @@ def alerting(prefect_server):
     ).save(name)  # fmt: skip
     block = f"custom-webhook/{name}"
     block_id = automations.resolve_notification_block(block)
-    first = automations.deploy_alerts(block, missed_after=MISSED_WINDOW)
-    second = automations.deploy_alerts(block, missed_after=MISSED_WINDOW)
+    first = automations.deploy_alerts(block, WATCHED_STORE, missed_after=MISSED_WINDOW)
+    second = automations.deploy_alerts(block, WATCHED_STORE, missed_after=MISSED_WINDOW)
     yield receiver, block_id, first, second
     with get_client(sync_client=True) as client:
         for item in second:
@@ -167,7 +172,8 @@ def test_deploy_notify_keeps_one_of_each_automation(alerting):
 
     _, block_id, first, second = alerting
     names = [a["name"] for a in second]
-    assert names == [automations.FLAGGED_NAME, automations.FAILED_NAME, automations.MISSED_NAME]
+    missed_name = automations.missed_name(WATCHED_STORE)
+    assert names == [automations.FLAGGED_NAME, automations.FAILED_NAME, missed_name]
     assert {a["action"] for a in second} == {"updated"}
     assert [a["id"] for a in first] == [a["id"] for a in second]
     from prefect.client.orchestration import get_client
@@ -175,8 +181,9 @@ def test_deploy_notify_keeps_one_of_each_automation(alerting):
     with get_client(sync_client=True) as client:
         for name in names:
             assert len(client.read_automations_by_name(name)) == 1
-    missed = Automation.read(name=automations.MISSED_NAME)
+    missed = Automation.read(name=missed_name)
     assert missed.trigger.posture == "Proactive" and missed.trigger.within == MISSED_WINDOW
+    assert missed.trigger.match.get(events.STORE_LABEL) in (WATCHED_STORE, [WATCHED_STORE])
     failed = Automation.read(name=automations.FAILED_NAME)
     assert failed.trigger.match_related.get("prefect.resource.name") in (
         "leukoflow-score", ["leukoflow-score"],
@@ -205,12 +212,20 @@ def test_flagged_failed_and_missed_nights_each_send_a_message(alerting, prefect_
     from leukoflow.tasks.event_tasks import emit_night_events
 
     receiver = alerting[0]
-    # The missed night: no completed night within the window since the automation started.
-    missed = poll(
-        lambda: receiver.matching("no nightly sweep completed in the last 10 s"), 60,
-        "the missed-night message",
-    )  # fmt: skip
-    assert "no nightly sweep completed in the last 10 s" in missed[0]["body"]
+    # The missed night: no completed night of the watched store within the window since the
+    # automation started, while another store completes a night every 2 s (less than the window).
+    sent_at = [0.0]
+
+    def missed_while_another_store_sweeps():
+        if time.monotonic() - sent_at[0] >= 2:
+            other = night_summary(f"run-{uuid.uuid4().hex[:8]}")
+            assert other["store"] != WATCHED_STORE and emit_night_events(other)
+            EventsWorker.drain_all(timeout=10)
+            sent_at[0] = time.monotonic()
+        return receiver.matching(MISSED_TEXT)
+
+    missed = poll(missed_while_another_store_sweeps, 60, "the missed-night message")
+    assert MISSED_TEXT in missed[0]["body"]
 
     run_id = f"run-{uuid.uuid4().hex[:8]}"
     summary = night_summary(run_id)
