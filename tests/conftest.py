@@ -43,42 +43,37 @@ SHARED_SESSION_FIXTURES = {
 }
 _UNIT_OF_FILE = {f: name for name, files in SHARED_SESSION_FIXTURES.items() for f in files}
 # The longest units first, so that no worker is left with a two-minute file at the end while the
-# other idles (longest-processing-time-first): each unit's seconds summed from `pytest -n 2
-# --durations=0` on 2 cores (2026-12-05), down to 5 s. Only the suite's speed depends on this
-# list; a file not in it runs after these.
+# other idles (longest-processing-time-first), by wall seconds on one worker of `make test` on 2
+# cores (docs/testing.md). Only the suite's speed depends on this list; a file not in it runs
+# after these.
 LONGEST_FIRST = (
-    "tests/flows/test_score_limits_cli.py",  # 93 s
-    "messy_runs",  # 84 s
-    "tests/reliability/test_patient_ids.py",  # 81 s
-    "ray_cluster",  # 80 s
-    "tests/bench/test_bench_smoke.py",  # 58 s
-    "tests/reliability/test_faults_kill.py",  # 53 s
-    "tests/integration/test_prefect_deployments.py",  # 53 s
-    "tests/reliability/test_s3_failures.py",  # 52 s
-    "tests/flows/test_score_nights_cli.py",  # 48 s
-    "tests/reliability/test_faults_s3_outage.py",  # 46 s
-    "tests/store/test_lease.py",  # 43 s
-    "real_cells_store",  # 42 s
-    "tests/flows/test_backfill_flow.py",  # 41 s
-    "tests/flows/test_experiments_flow.py",  # 40 s
-    "tests/integration/test_s3_store.py",  # 38 s
-    "tests/integration/test_automations.py",  # 37 s
-    "tests/cli/test_training.py",  # 33 s
-    "tests/flows/test_score_flow.py",  # 32 s
-    "tests/flows/test_run_flow.py",  # 29 s
-    "tests/flows/test_bf16.py",  # 27 s
-    "tests/cli/test_demo.py",  # 23 s
-    "tests/cli/test_signed_models.py",  # 12 s
-    "tests/bench/test_cm_validate.py",  # 10 s
-    "tests/store/test_compaction.py",  # 9 s
-    "tests/flows/test_validate_flow.py",  # 9 s
-    "tests/cli/test_export_fhir.py",  # 8 s
-    "tests/reliability/test_faults_disk.py",  # 6 s
-    "tests/present/test_dashboard.py",  # 6 s
-    "tests/store/test_storage.py",  # 6 s
-    "tests/present/test_cam.py",  # 6 s
-    "tests/learn/test_calibration.py",  # 6 s
-    "tests/engine/test_actor_threads.py",  # 5 s
+    "messy_runs",
+    "tests/cli/test_training.py",
+    "tests/reliability/test_patient_ids.py",
+    "tests/flows/test_run_flow.py",
+    "tests/flows/test_score_limits_cli.py",
+    "tests/bench/test_bench_smoke.py",
+    "tests/reliability/test_faults_kill.py",
+    "tests/reliability/test_faults_s3_outage.py",
+    "ray_cluster",
+    "tests/integration/test_prefect_deployments.py",
+    "tests/flows/test_score_nights_cli.py",
+    "real_cells_store",
+    "tests/reliability/test_s3_failures.py",
+    "tests/flows/test_score_flow.py",
+    "tests/integration/test_s3_store.py",
+    "tests/flows/test_bf16.py",
+    "tests/cli/test_demo.py",
+    "tests/flows/test_experiments_flow.py",
+    "tests/flows/test_backfill_flow.py",
+    "tests/integration/test_automations.py",
+    "tests/flows/test_validate_flow.py",
+    "tests/cli/test_signed_models.py",
+    "tests/engine/test_actor_threads.py",
+    "tests/reliability/test_faults_disk.py",
+    "tests/present/test_dashboard.py",
+    "tests/bench/test_cm_validate.py",
+    "tests/cli/test_export_fhir.py",
 )
 
 
