@@ -162,13 +162,24 @@ def alert_automations(
     ]
 
 
+# Automations an earlier leukoflow deployed and this one replaces: the server-wide missed-night
+# automation, before there was one per store (it would go on firing only when every store is
+# silent).
+RETIRED_NAMES = (MISSED_NAME,)
+
+
 def apply_automations(automations: list[AutomationCore]) -> list[dict]:
     """Create each automation, or replace the one of the same name (extra copies of a name are
-    deleted), so running `deploy --notify` twice leaves one of each; what was done per name."""
+    deleted), so running `deploy --notify` twice leaves one of each; and delete the retired ones.
+    What was done per name."""
     from prefect.client.orchestration import get_client
 
     done = []
     with get_client(sync_client=True) as client:
+        for name in RETIRED_NAMES:
+            for retired in client.read_automations_by_name(name):
+                client.delete_automation(retired.id)
+                done.append({"name": name, "id": str(retired.id), "action": "deleted"})
         for automation in automations:
             existing = client.read_automations_by_name(automation.name)
             if existing:

@@ -46,5 +46,6 @@ def deploy(
         schedules = ", ".join(f"{s['cron']} {s['timezone']}" for s in item["schedules"])
         print(f"  {item['name']}: {item['entrypoint']} [{schedules or 'on demand'}]")
     for alert in (report.get("alerts") or {}).get("automations", []):
-        print(f"  automation {alert['name']!r}: {alert['action']} (notifies {notify})")
+        sends = "" if alert["action"] == "deleted" else f" (notifies {notify})"
+        print(f"  automation {alert['name']!r}: {alert['action']}{sends}")
     print("Start a worker: prefect worker start --pool leukoflow")

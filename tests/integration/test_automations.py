@@ -125,6 +125,12 @@ def alerting(prefect_server):
     ).save(name)  # fmt: skip
     block = f"custom-webhook/{name}"
     block_id = automations.resolve_notification_block(block)
+    # What an earlier leukoflow deployed: one server-wide missed-night automation (disabled here).
+    old = automations.alert_automations(block_id, WATCHED_STORE, MISSED_WINDOW)[2]
+    with get_client(sync_client=True) as client:
+        client.create_automation(
+            old.model_copy(update={"name": automations.MISSED_NAME, "enabled": False})
+        )
     first = automations.deploy_alerts(block, WATCHED_STORE, missed_after=MISSED_WINDOW)
     second = automations.deploy_alerts(block, WATCHED_STORE, missed_after=MISSED_WINDOW)
     yield receiver, block_id, first, second
@@ -175,12 +181,16 @@ def test_deploy_notify_keeps_one_of_each_automation(alerting):
     missed_name = automations.missed_name(WATCHED_STORE)
     assert names == [automations.FLAGGED_NAME, automations.FAILED_NAME, missed_name]
     assert {a["action"] for a in second} == {"updated"}
-    assert [a["id"] for a in first] == [a["id"] for a in second]
+    # The first deploy deleted the server-wide missed-night automation of an earlier leukoflow.
+    retired, *made = first
+    assert (retired["name"], retired["action"]) == (automations.MISSED_NAME, "deleted")
+    assert [a["id"] for a in made] == [a["id"] for a in second]
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         for name in names:
             assert len(client.read_automations_by_name(name)) == 1
+        assert client.read_automations_by_name(automations.MISSED_NAME) == []
     missed = Automation.read(name=missed_name)
     assert missed.trigger.posture == "Proactive" and missed.trigger.within == MISSED_WINDOW
     assert missed.trigger.match.get(events.STORE_LABEL) in (WATCHED_STORE, [WATCHED_STORE])
