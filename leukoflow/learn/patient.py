@@ -34,6 +34,7 @@ import numpy as np
 
 from leukoflow.errors import LeukoflowError
 from leukoflow.learn import evaluate
+from leukoflow.vocabulary import flagged
 
 PATIENT_METRICS = ("sensitivity", "specificity", "balanced_accuracy")
 DEFAULT_MIN_CELLS = 1
@@ -166,7 +167,7 @@ def decide(
             p.n_cells,
             p.n_flagged,
             float(threshold),
-            bool(p.score >= threshold),
+            bool(flagged(p.score, threshold)),
             p.n_cells < min_cells,
         )  # fmt: skip
         for subject, p in scores.items()

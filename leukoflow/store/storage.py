@@ -6,10 +6,11 @@ single PUT is atomic by itself. Readers (pyarrow datasets) skip names starting w
 they never see a half-written file.
 
 Conditional writes, the one compare-and-swap of the code base (the current-model pointer, the
-subject salt, the sweep lease in store/lease.py): `read_versioned` gives an object's bytes and
-version; `create_versioned` / `create_if_absent` write only where nothing is,
-`replace_versioned` / `replace_if_unchanged` and `delete_if_unchanged` act only on the version
-read. On S3 they are single requests conditional on If-None-Match: * or If-Match: <ETag>.
+subject salt, the sweep lease in store/lease.py, compaction's merged feature files):
+`read_versioned` gives an object's bytes and version; `create_versioned` / `create_if_absent`
+write only where nothing is, `replace_versioned` / `replace_if_unchanged` and
+`delete_if_unchanged` act only on the version read. On S3 they are single requests conditional
+on If-None-Match: * or If-Match: <ETag>.
 Locally create-if-absent hard-links a fully written temporary file (the link fails if the name
 exists, and readers never see a partial file); replace and delete compare the bytes and rename
 or remove while holding an fcntl lock on a hidden guard file beside the object (the kernel drops
@@ -190,11 +191,16 @@ def read_json(loc: Location) -> dict:
         return json.loads(handle.read().decode("utf-8"))
 
 
-def write_parquet_atomic(loc: Location, table: pa.Table) -> None:
-    """Serialise a table in memory and write it as one atomic object."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table serialised in memory as one Parquet object (zstd), ready for one write."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    write_bytes_atomic(loc, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_parquet_atomic(loc: Location, table: pa.Table) -> None:
+    """Serialise a table in memory and write it as one atomic object."""
+    write_bytes_atomic(loc, parquet_bytes(table))
 
 
 def exists(loc: Location) -> bool:
@@ -206,9 +212,10 @@ def exists(loc: Location) -> bool:
         raise StoreUnavailable(f"cannot read {loc.uri}: {first_line(error)}") from error
 
 
-# -- conditional writes (compare-and-swap on one small object) -------------------------------
-# The one compare-and-swap of the code base: the registry's CURRENT.json, the subject salt and
-# the sweep lease (store/lease.py) all go through these functions. A version is opaque to
+# -- conditional writes (compare-and-swap) ------------------------------------------------------
+# The one compare-and-swap of the code base: the registry's CURRENT.json, the subject salt,
+# the sweep lease (store/lease.py) and compaction's merged files (store/tables.py) all go
+# through these functions. A version is opaque to
 # callers; on both backends it stands for the object's bytes (locally the bytes themselves, on
 # S3 the ETag, an MD5 of them for a single PUT), so rewriting identical bytes does not count as
 # a change: callers write unique content where that matters (a lease token, a timestamp).

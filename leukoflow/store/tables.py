@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from leukoflow.store.storage import Location, write_parquet_atomic
+from leukoflow.store.storage import Location, create_if_absent, parquet_bytes, write_parquet_atomic
 from leukoflow.vocabulary import ImageStatus, Label, Outcome, RunKind
 
 log = logging.getLogger("leukoflow.tables")
@@ -178,6 +178,10 @@ def write_features(
 # that finds a file gone mid-merge looks again, and two merged files that replace some of the
 # same files are merged once more by whichever wrote last (it sees the other's file), so each
 # key ends up in exactly one live file.
+# Every file here is written once and never changed: batch files have a fresh name, and a merged
+# file is named after what it merges and written with the store's create-if-absent
+# (store/storage), so of two compactions merging the same files one writes it and the other
+# keeps it. A reader never has a file rewritten under it, and the deletes need no condition.
 COMPACT_PREFIX = "compact-"
 COMPACT_MIN_FILES = 8
 COMPACT_TARGET_BYTES = 64 * 1024 * 1024
@@ -333,12 +337,13 @@ def _merge_files(root: Location, listing: _Listing, paths: list[str]) -> None:
     present = listing.names()
     inherited = set().union(*(listing.replaces.get(n, frozenset()) for n in names)) & present
     replaces = sorted(set(names) | inherited)
-    # Named after what it merges: two compactions of the same files write the same object.
+    # Named after what it merges: two compactions of the same files write the same rows there,
+    # and whichever comes second keeps the first one's file (it may be being read).
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:32]
     target = root.child(f"{COMPACT_PREFIX}{digest}.parquet")
-    write_parquet_atomic(
-        target, table.replace_schema_metadata({_REPLACES_KEY: json.dumps(replaces)})
-    )
+    merged = table.replace_schema_metadata({_REPLACES_KEY: json.dumps(replaces)})
+    if not create_if_absent(target, parquet_bytes(merged)):
+        log.debug("%s was merged by another compaction first", target.uri)
     folder = posixpath.dirname(target.path)
     _remove_files(root, [*paths, *(posixpath.join(folder, n) for n in sorted(inherited))])
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from leukoflow.store import tables
+from leukoflow.store import storage, tables
 from leukoflow.store.status import store_status
 from leukoflow.store.storage import Location, open_location
 from leukoflow.store.tables import compact_features, featurised_ids, read_features, write_features
@@ -158,18 +158,47 @@ def test_a_file_merged_away_mid_merge_sends_the_compaction_back_to_its_listing(s
     assert len(_files(store)) == 1
 
 
-def test_two_compactions_of_overlapping_groups_leave_each_key_in_one_file(store, monkeypatch):
-    ids = _write_batches(store, 10)
+def _slow_merged_write(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Hold the thread named "slow" just before it writes a merged file, until `other_done`."""
     about_to_write, other_done = threading.Event(), threading.Event()
-    write = tables.write_parquet_atomic
+    create = tables.create_if_absent
 
-    def slow_write(loc, table):
+    def slow_create(loc, data):
         if threading.current_thread().name == "slow" and not other_done.is_set():
             about_to_write.set()
             assert other_done.wait(timeout=60)
-        write(loc, table)
+        return create(loc, data)
 
-    monkeypatch.setattr(tables, "write_parquet_atomic", slow_write)
+    monkeypatch.setattr(tables, "create_if_absent", slow_create)
+    return about_to_write, other_done
+
+
+def test_a_merged_file_another_compaction_wrote_first_is_kept_not_rewritten(store, monkeypatch):
+    # Two compactions merge the same ten files into the same name. The second must not write
+    # over the first's file: a reader may be reading it (on S3, a ranged read across a rewrite).
+    ids = _write_batches(store, 10)
+    about_to_write, other_done = _slow_merged_write(monkeypatch)
+    thread, slow = _in_thread("slow", lambda: compact_features(store, "vgg16"))
+    assert about_to_write.wait(timeout=60)
+    assert compact_features(store, "vgg16") == 10
+    (merged,) = _files(store)
+    # Mark the first one's file, as a reader would see it, with a key no compaction writes.
+    table = _read(store, merged)
+    marked = table.replace_schema_metadata({**table.schema.metadata, b"test.first": b"yes"})
+    folder = _folder(store)
+    folder.fs.pipe_file(folder.child(merged).path, storage.parquet_bytes(marked))
+    other_done.set()
+    thread.join(timeout=60)
+
+    assert slow == {"result": 10}  # it merged the same ten files, and kept what it found
+    assert _files(store) == [merged]
+    assert _read(store, merged).schema.metadata[b"test.first"] == b"yes"
+    assert _live_key_counts(store) == _expected_keys(ids)
+
+
+def test_two_compactions_of_overlapping_groups_leave_each_key_in_one_file(store, monkeypatch):
+    ids = _write_batches(store, 10)
+    about_to_write, other_done = _slow_merged_write(monkeypatch)
     # The slow compaction has read the 10 files; a new batch lands; the other merges all 11.
     thread, slow = _in_thread("slow", lambda: compact_features(store, "vgg16"))
     assert about_to_write.wait(timeout=60)
