@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
+from leukoflow import choices
 from leukoflow.present.fhir import export_after_sweep
 from leukoflow.recipe import Compute, FeatureRecipe, recipe_from_record
 from leukoflow.redact import install_secret_masking
@@ -45,12 +46,12 @@ def score_inbox(
     compute: Compute = Compute(),
     sweep: sc.SweepSettings = sc.SweepSettings(),
     date: str | None = None,
-    dataset: str = "inbox",
+    dataset: str = choices.INBOX_DATASET,
     weights_dir: str | None = None,
     expected_recipe: dict | None = None,
     precision: str | None = None,
     explain_flagged: bool = False,
-    explain_limit: int = 100,
+    explain_limit: int = choices.EXPLAIN_LIMIT,
     export_fhir: str | None = None,
 ) -> dict:
     """One sweep of INBOX; its summary (outcome "busy": another sweep holds the lease).

@@ -1,6 +1,7 @@
 """The names users choose from (classifiers, splits, the paper's backbones) and the defaults of
 every setting the command line and the flows share (target sensitivity, folds, bootstrap, seed,
-the sweep's chunk size, subject rule and drift thresholds).
+the sweep's chunk size, subject rule, drift thresholds and outputs, the dashboard, FHIR sending).
+The feature recipe's own defaults (weights, image size, precision, batch size) are in recipe.py.
 
 One owner, imported by the stages that accept these names (learn/train.py,
 learn/experiments.py) and by the command line, whose `--help` lists them as choices. It imports
@@ -36,6 +37,16 @@ MIN_FLAGGED_FRACTION = 0.5  # ... or with more than this fraction of its cells f
 FEATURE_DRIFT_THRESHOLD = 1.0  # mean |z| of tonight's feature means against training
 SCORE_DRIFT_THRESHOLD = 0.5  # KS distance of tonight's scores against the held-out reference
 DRIFT_MIN_CELLS = 20  # fewer new cells: drift is shown, never a warning
+INBOX_DATASET = "inbox"  # the catalog name of what a sweep scores
+EXPLAIN_LIMIT = 100  # activation-map PNGs per sweep at most, with --explain-flagged
+
+# What ops look at (present/dashboard.py, present/fhir.py).
+DASHBOARD_NIGHTS = 60  # recent nights the dashboard's plots show
+STALE_AFTER_HOURS = 36.0  # the dashboard's banner: no completed sweep for this long
+# Sending FHIR: a transaction is all-or-nothing on the server, so a retry after a lost answer is
+# safe; bounded, because a night's sweep must not hang on a FHIR server.
+FHIR_SEND_TIMEOUT_S = 30.0  # per request
+FHIR_SEND_ATTEMPTS = 3
 
 # The paper's six backbones (Tables 2-3).
 PAPER_BACKBONES = (

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import backbones as bb
 
@@ -25,6 +26,11 @@ if TYPE_CHECKING:  # the record module imports this one
 WEIGHTS_KINDS = ("imagenet", "none")
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = (*PRECISIONS, "auto")
+# The recipe's and the compute's defaults, which the command line shows and uses.
+DEFAULT_WEIGHTS = "imagenet"
+DEFAULT_IMAGE_SIZE = 224  # the backbones' native input
+DEFAULT_PRECISION = "fp32"
+DEFAULT_BATCH_SIZE = 32  # images per extraction batch
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,10 @@ class FeatureRecipe:
     """
 
     backbones: tuple[str, ...] = bb.DEFAULT_BACKBONES
-    weights: str = "imagenet"
-    image_size: int = 224
-    seed: int = 0
-    precision: str = "fp32"
+    weights: str = DEFAULT_WEIGHTS
+    image_size: int = DEFAULT_IMAGE_SIZE
+    seed: int = choices.DEFAULT_SEED
+    precision: str = DEFAULT_PRECISION
     weights_dir: str | None = field(default=None, compare=False)  # where, not what
 
     def __post_init__(self) -> None:
@@ -177,7 +183,7 @@ class Compute:
     """
 
     ray_address: str | None = None
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     gpu_share: float | None = None
     actor_cpus: float | None = None
     batch_timeout_s: float | None = None

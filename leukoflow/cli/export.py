@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from leukoflow import choices
 from leukoflow.cli.options import AsJson, Store
 from leukoflow.cli.output import print_json
 from leukoflow.errors import LeukoflowError
@@ -52,13 +53,13 @@ def export_fhir(
     ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the FHIR server per attempt")
-    ] = 30.0,
+    ] = choices.FHIR_SEND_TIMEOUT_S,
     attempts: Annotated[
         int,
         typer.Option(
             "--attempts", help="Tries of the POST (timeouts, lost connections, 408/429/5xx)"
         ),
-    ] = 3,
+    ] = choices.FHIR_SEND_ATTEMPTS,
     as_json: AsJson = False,
 ) -> None:
     """Write the night's DiagnosticReports and Observations as FHIR NDJSON, and send them."""

@@ -29,7 +29,7 @@ from leukoflow.cli.options import (
 )
 from leukoflow.cli.output import console, print_json
 from leukoflow.errors import LeukoflowError
-from leukoflow.recipe import Compute, FeatureRecipe
+from leukoflow.recipe import WEIGHTS_KINDS, Compute, FeatureRecipe
 
 
 def _sweep_settings(
@@ -101,7 +101,9 @@ def score(
     date: Annotated[
         str | None, typer.Option(help="Night YYYY-MM-DD of the predictions (default: today, UTC)")
     ] = None,
-    dataset: Annotated[str, typer.Option("--dataset", help="Catalog name of the inbox")] = "inbox",
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="Catalog name of the inbox")
+    ] = choices.INBOX_DATASET,
     sweep=SWEEP,
     backbones: Annotated[
         str | None, typer.Option(help="Expected backbones, in order: refuse a model with others")
@@ -110,7 +112,7 @@ def score(
         int | None, typer.Option("--image-size", help="Expected image size: refuse others")
     ] = None,
     weights: Annotated[
-        Literal["imagenet", "none"] | None,
+        Literal[WEIGHTS_KINDS] | None,
         typer.Option(help="Expected weights kind: refuse a model with others"),
     ] = None,
     weights_dir: WeightsDir = None,
@@ -124,7 +126,7 @@ def score(
     ] = False,
     explain_limit: Annotated[
         int, typer.Option("--explain-limit", help="At most this many PNGs per sweep")
-    ] = 100,
+    ] = choices.EXPLAIN_LIMIT,
     export_fhir: Annotated[
         str | None,
         typer.Option(
@@ -272,11 +274,13 @@ def backfill(
 def dashboard(
     store: Store,
     out: Annotated[str, typer.Option(help="The HTML file to write (self-contained, offline)")],
-    nights: Annotated[int, typer.Option(help="How many recent nights the plots show")] = 60,
+    nights: Annotated[
+        int, typer.Option(help="How many recent nights the plots show")
+    ] = choices.DASHBOARD_NIGHTS,
     stale_after_hours: Annotated[
         float,
         typer.Option(help="Banner when the last completed sweep is older than this many hours"),
-    ] = 36.0,
+    ] = choices.STALE_AFTER_HOURS,
     as_json: AsJson = False,
 ) -> None:
     """One offline HTML page of the nightly sweeps: plots over nights, the last subject table."""

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from leukoflow import choices
+from leukoflow import recipe as rc
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import backbones as bb
 from leukoflow.recipe import PRECISION_CHOICES, Compute, FeatureRecipe
@@ -56,7 +57,8 @@ Precision = Annotated[
     ),
 ]
 Classifier = Annotated[
-    Literal[choices.CLASSIFIERS], typer.Option(help="Classifier (linear-svm is the paper's)")
+    Literal[choices.CLASSIFIERS],
+    typer.Option(help=f"Classifier ({choices.DEFAULT_CLASSIFIER} is the paper's)"),
 ]
 Split = Annotated[
     Literal[choices.SPLITS] | None,
@@ -155,18 +157,20 @@ def _feature_recipe(
     ] = DEFAULT_BACKBONES,
     weights: Annotated[
         str, typer.Option(help="imagenet, none (random init: non-clinical) or DIR")
-    ] = "imagenet",
+    ] = rc.DEFAULT_WEIGHTS,
     weights_dir: WeightsDir = None,
     image_size: Annotated[
         int, typer.Option("--image-size", help="Square input size in pixels")
-    ] = 224,
-    seed: Annotated[int, typer.Option(help="Seed for splits, random init and classifiers")] = 0,
-    precision: Precision = "fp32",
+    ] = rc.DEFAULT_IMAGE_SIZE,
+    seed: Annotated[
+        int, typer.Option(help="Seed for splits, random init and classifiers")
+    ] = choices.DEFAULT_SEED,
+    precision: Precision = rc.DEFAULT_PRECISION,
 ) -> FeatureRecipe:
     """The feature recipe, checked whole before any engine starts (names, sizes, weights)."""
     recipe = FeatureRecipe(
-        tuple(bb.parse_backbones(backbones)), weights, image_size, seed, precision or "fp32",
-        weights_dir,
+        tuple(bb.parse_backbones(backbones)), weights, image_size, seed,
+        precision or rc.DEFAULT_PRECISION, weights_dir,
     )  # fmt: skip
     recipe.weights_ids  # noqa: B018 - finds and MD5-checks the weights files now, in one line
     return recipe
@@ -181,7 +185,7 @@ def _compute(
     ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Images per extraction batch")
-    ] = 32,
+    ] = rc.DEFAULT_BATCH_SIZE,
     gpu_share: Annotated[
         float | None,
         typer.Option(

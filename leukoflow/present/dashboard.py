@@ -28,6 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from leukoflow import choices
 from leukoflow.present import pages
 from leukoflow.present.pages import Plot
 from leukoflow.present.report import figure_to_data_uri
@@ -40,7 +41,6 @@ from leukoflow.vocabulary import Outcome, RunKind
 
 TITLE = "leukoflow nightly sweeps"
 RECENT_RUNS = 20
-STALE_AFTER_HOURS = 36.0
 NO_SUBJECT = "(no subject id)"
 # store/pseudonym's key. Sweeps now write their subject rows keyed already; rows written before
 # that hold the raw id, which the page keys itself (keying a key again would change it).
@@ -359,7 +359,7 @@ class DashboardView:
 
 
 def stale_notice(
-    sweeps: Sequence[RunRow], now: datetime, stale_after_hours: float = STALE_AFTER_HOURS
+    sweeps: Sequence[RunRow], now: datetime, stale_after_hours: float = choices.STALE_AFTER_HOURS
 ) -> str | None:
     """The banner text when the last completed sweep is older than `stale_after_hours`
     (or none ever completed); None when the sweeps are current or there are none at all."""
@@ -452,7 +452,7 @@ def dashboard_view(
     generated_at: datetime,
     *,
     pseudonym: Callable[[str | None], str | None],
-    stale_after_hours: float = STALE_AFTER_HOURS,
+    stale_after_hours: float = choices.STALE_AFTER_HOURS,
 ) -> DashboardView:
     """What the page shows; `pseudonym` maps a subject id to its key, `generated_at` is "now"."""
     latest = next((r for r in reversed(sweeps) if r.outcome == Outcome.COMPLETED), None)
@@ -478,7 +478,7 @@ def render_dashboard(
     generated_at: datetime,
     *,
     pseudonym: Callable[[str | None], str | None],
-    stale_after_hours: float = STALE_AFTER_HOURS,
+    stale_after_hours: float = choices.STALE_AFTER_HOURS,
 ) -> str:
     """The whole page as one HTML string (no network: data URIs only)."""
     view = dashboard_view(
@@ -496,9 +496,9 @@ def render_dashboard(
 def write_dashboard(
     store: Location,
     out: Location,
-    limit: int = 60,
+    limit: int = choices.DASHBOARD_NIGHTS,
     *,
-    stale_after_hours: float = STALE_AFTER_HOURS,
+    stale_after_hours: float = choices.STALE_AFTER_HOURS,
     now: datetime | None = None,
 ) -> dict:
     """Read the store's sweeps, write the page to `out`; returns what it shows."""

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.present import pages
 from leukoflow.store.pseudonym import subject_key, subject_salt
@@ -85,9 +86,8 @@ MEASURES = (
 _REFERENCE = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}|https?://\S+/[A-Z][A-Za-z]+/\S+")
 
 # Sending: a transaction is all-or-nothing on the server, so a retry after a lost answer is safe
-# (the PUTs are idempotent). Bounded: a night's sweep must not hang on a FHIR server.
-SEND_TIMEOUT_S = 30.0
-SEND_ATTEMPTS = 3
+# (the PUTs are idempotent). Bounded (the defaults are in choices.py): a night's sweep must not
+# hang on a FHIR server.
 SEND_BACKOFF_S = 1.0
 _RETRIED_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -100,8 +100,8 @@ class FhirSendFailed(RuntimeError):
 class SendSettings:
     """How a Bundle is sent: the per-request timeout, attempts and the first backoff."""
 
-    timeout_s: float = SEND_TIMEOUT_S
-    attempts: int = SEND_ATTEMPTS
+    timeout_s: float = choices.FHIR_SEND_TIMEOUT_S
+    attempts: int = choices.FHIR_SEND_ATTEMPTS
     backoff_s: float = SEND_BACKOFF_S
 
     def __post_init__(self) -> None:

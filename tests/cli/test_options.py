@@ -1,6 +1,7 @@
 """The shared options: defined once, stacked by every command that needs them, and built into
 one FeatureRecipe and one Compute before any engine starts."""
 
+import inspect
 import re
 
 import pytest
@@ -99,6 +100,53 @@ def test_the_options_build_one_recipe_and_one_compute_setting():
     assert result.exit_code == 0, result.output
     assert built["recipe"] == FeatureRecipe(("vgg16", "color_morphology"), "none", 64, 3, "bf16")
     assert built["compute"] == Compute("ray://head:10001", 8, 0.5, 2.0, 60.0)
+
+
+def test_without_options_the_recipe_and_compute_are_their_owners_defaults():
+    built = {}
+    probe = typer.Typer()
+
+    @probe.command()
+    @shared_options
+    def go(recipe: FeatureRecipe = RECIPE, compute: Compute = COMPUTE) -> None:
+        built.update(recipe=recipe, compute=compute)
+
+    # The default weights (imagenet) need their files, which this machine has not got.
+    result = CliRunner().invoke(probe, ["--weights", "none"])
+    assert result.exit_code == 0, result.output
+    assert built == {"recipe": FeatureRecipe(weights="none"), "compute": Compute()}
+    weights = next(p for p in typer.main.get_command(probe).params if p.name == "weights")
+    assert weights.default == FeatureRecipe().weights
+
+
+def option_defaults(*path: str) -> dict[str, object]:
+    """Each option's default as click holds it, by its first name."""
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return {param.opts[0]: param.default for param in command.params}
+
+
+def test_the_sweep_dashboard_and_fhir_defaults_are_their_owners():
+    from flows.score import score_inbox
+    from leukoflow.present import dashboard, fhir
+
+    flow_defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(score_inbox.fn).parameters.items()
+    }
+    score = option_defaults("score")
+    assert score["--dataset"] == flow_defaults["dataset"]
+    assert score["--explain-limit"] == flow_defaults["explain_limit"]
+    page = inspect.signature(dashboard.write_dashboard).parameters
+    shown = option_defaults("dashboard")
+    assert shown["--nights"] == page["limit"].default
+    assert shown["--stale-after-hours"] == page["stale_after_hours"].default
+    sent = option_defaults("export", "fhir")
+    assert (sent["--timeout"], sent["--attempts"]) == (
+        fhir.SendSettings().timeout_s,
+        fhir.SendSettings().attempts,
+    )
 
 
 def test_a_command_can_change_a_groups_defaults(capsys):
