@@ -32,7 +32,7 @@ from leukoflow import choices
 from leukoflow.present import pages
 from leukoflow.present.pages import Plot
 from leukoflow.present.report import figure_to_data_uri
-from leukoflow.scoring.score import short
+from leukoflow.scoring.score import SweepDetails, short
 from leukoflow.store.lease import SWEEP_LEASE, lease_location, read_lease
 from leukoflow.store.pseudonym import subject_key, subject_salt
 from leukoflow.store.storage import Location, write_text_atomic
@@ -75,7 +75,7 @@ def run_state(run: RunRow, live_run_id: str | None) -> str:
 def night_of(run: RunRow) -> str:
     """The night a sweep scored for: its `date`, else the UTC day it started (a busy sweep's row
     may carry no date)."""
-    return run.details.get("date") or run.started_at.astimezone(UTC).date().isoformat()
+    return SweepDetails.of(run).date or run.started_at.astimezone(UTC).date().isoformat()
 
 
 # -- nights ----------------------------------------------------------------------------------
@@ -89,10 +89,11 @@ def nightly_series(sweeps: Sequence[RunRow], limit: int) -> list[dict]:
     for night in sorted(by_night)[-limit:] if limit > 0 else []:
         runs = by_night[night]
         done = [r for r in runs if r.outcome == Outcome.COMPLETED]
-        totals = done[-1].details.get("night", {}) if done else {}
+        totals = SweepDetails.of(done[-1]).night if done else {}
         scoring = [r for r in done if r.images_scored]
-        seconds = sum(r.details.get("seconds") or 0 for r in scoring)
-        drifts = [r.details["drift"] for r in scoring if r.details.get("drift")]
+        details = [SweepDetails.of(r) for r in scoring]
+        seconds = sum(d.seconds or 0 for d in details)
+        drifts = [d.drift for d in details if d.drift]
         nights.append(
             {
                 "date": night,
@@ -104,7 +105,7 @@ def nightly_series(sweeps: Sequence[RunRow], limit: int) -> list[dict]:
                 "subjects": totals.get("subjects", 0),
                 "subjects_flagged": totals.get("subjects_flagged", 0),
                 "quarantined_new": sum(
-                    r.details.get("counts", {}).get("quarantined_new", 0) for r in done
+                    SweepDetails.of(r).counts.get("quarantined_new", 0) for r in done
                 ),
                 "images_per_second": (
                     round(sum(r.images_scored for r in scoring) / seconds, 3) if seconds else None
@@ -388,8 +389,8 @@ def _finished(run: RunRow) -> datetime:
 
 
 def _latest_night(run: RunRow, pseudonym: Callable[[str | None], str | None]) -> LatestNight:
-    details = run.details
-    night, rule = details.get("night", {}), details.get("subject_rule", {})
+    details = SweepDetails.of(run)
+    night = details.night
     rows = tuple(
         SubjectRow(
             subject=_shown_subject(s.get("subject_id"), pseudonym),
@@ -400,17 +401,17 @@ def _latest_night(run: RunRow, pseudonym: Callable[[str | None], str | None]) ->
             mean_score=f"{s['mean_score']:.4f}",
             is_flagged=bool(s["subject_flagged"]),
         )
-        for s in details.get("subjects", [])
+        for s in details.subjects
     )
     return LatestNight(
-        date=str(details.get("date")),
+        date=str(details.date),
         subjects=night.get("subjects", 0),
         subjects_flagged=night.get("subjects_flagged", 0),
         cells_scored=night.get("cells_scored", 0),
         cells_flagged=night.get("cells_flagged", 0),
-        rule=str(rule.get("text", "")),
-        score_kind=str(details.get("score_kind")),
-        threshold=short(details.get("threshold")),
+        rule=details.rule_text,
+        score_kind=str(details.score_kind),
+        threshold=short(details.threshold),
         model_id=str(run.model_id),
         rows=rows,
     )
@@ -425,8 +426,8 @@ def _shown_subject(subject_id: str | None, pseudonym: Callable[[str | None], str
 
 
 def _recent_run(run: RunRow, live_run_id: str | None) -> RecentRun:
-    drift = run.details.get("drift") or {}
-    counts = run.details.get("counts") or {}
+    details = SweepDetails.of(run)
+    drift, counts = details.drift, details.counts
     state = run_state(run, live_run_id)
     return RecentRun(
         started=run.started_at.strftime("%Y-%m-%d %H:%M:%S"),
@@ -460,7 +461,7 @@ def dashboard_view(
         title=TITLE,
         store_uri=store_uri,
         generated_at=generated_at.strftime("%Y-%m-%d %H:%M UTC"),
-        non_clinical=bool(latest and latest.details.get("non_clinical")),
+        non_clinical=bool(latest and SweepDetails.of(latest).non_clinical),
         stale=stale_notice(sweeps, generated_at, stale_after_hours),
         plots=_plots(nights) if nights else (),
         latest=_latest_night(latest, pseudonym) if latest else None,

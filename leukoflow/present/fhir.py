@@ -221,22 +221,17 @@ def night_subjects(
 def night_rule(store: Location, night: str, model_id: str, record: ModelRecord):
     """The subject rule the night's last completed sweep of this model used (its run row), else
     the rule a sweep would use by default (the model's patient rule, else 5 cells / 50%)."""
-    from leukoflow.scoring.score import SubjectRule, SweepSettings
+    from leukoflow.scoring.score import SweepDetails, SweepSettings
     from leukoflow.store.tables import read_run_rows
 
     rule = None
     for row in read_run_rows(store):  # oldest first: the last match is the latest
         if (row.kind, row.model_id, row.outcome) != (RunKind.SCORE, model_id, Outcome.COMPLETED):
             continue
-        if row.details.get("date") == night and row.details.get("subject_rule"):
-            rule = row.details["subject_rule"]
-    if rule is not None:
-        return SubjectRule(
-            int(rule["min_flagged_cells"]),
-            float(rule["min_flagged_fraction"]),
-            inclusive=bool(rule.get("inclusive")),
-        )
-    return SweepSettings().subject_rule(record)
+        details = SweepDetails.of(row)
+        if details.date == night and details.subject_rule:
+            rule = details.subject_rule
+    return rule or SweepSettings().subject_rule(record)
 
 
 # -- resources --------------------------------------------------------------------------------

@@ -192,6 +192,15 @@ class SubjectRule:
             "text": self.describe(),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> SubjectRule:
+        """The rule `as_dict` wrote (rows before `inclusive` existed lack it: False)."""
+        return cls(
+            int(data["min_flagged_cells"]),
+            float(data["min_flagged_fraction"]),
+            inclusive=bool(data.get("inclusive")),
+        )
+
 
 @dataclass(frozen=True)
 class SweepSettings:
@@ -494,10 +503,45 @@ class Sweep:
                        **self.run_columns(outcome, finished))  # fmt: skip
 
 
-DETAIL_KEYS = (
-    "date", "inbox", "score_kind", "threshold", "non_clinical", "counts", "seconds", "extraction",
-    "drift", "subject_rule", "night", "subjects", "lease", "message", "fhir",
-)  # fmt: skip
+@dataclass(frozen=True)
+class SweepDetails:
+    """What a sweep's run row keeps of its summary in `details` (Sweep.run_columns), read back
+    typed by the dashboard and the FHIR export. A row written by an older leukoflow may lack any
+    of them: it reads back empty (None, {}, []), never as an error."""
+
+    date: str | None = None  # the night
+    inbox: str | None = None
+    score_kind: str | None = None
+    threshold: float | None = None
+    non_clinical: bool = False
+    counts: dict[str, int] = field(default_factory=dict)  # Sweep.counts
+    seconds: float | None = None
+    extraction: dict = field(default_factory=dict)
+    drift: dict = field(default_factory=dict)  # scoring/drift's summary; {}: none measured
+    subject_rule: SubjectRule | None = None
+    rule_text: str = ""  # the subject rule in the words the sweep wrote (its "text")
+    night: dict[str, int] = field(default_factory=dict)  # night_totals
+    subjects: list[dict] = field(default_factory=list)  # the subject rows
+    lease: str | None = None
+    message: str | None = None
+    fhir: dict | None = None
+
+    @classmethod
+    def of(cls, row: RunRow) -> SweepDetails:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in row.details.items() if k in known and v is not None}
+        values.pop("rule_text", None)
+        rule = values.pop("subject_rule", None)
+        try:
+            subject_rule = SubjectRule.from_dict(rule) if rule else None
+        except (AttributeError, KeyError, TypeError, ValueError, LeukoflowError):
+            subject_rule = None  # a damaged rule: shown as none, the rest of the row still read
+        text = rule.get("text") if isinstance(rule, dict) else None
+        return cls(**values, subject_rule=subject_rule, rule_text=str(text or ""))
+
+
+# The summary's keys a sweep's run row keeps (SweepDetails less what is read out of them).
+DETAIL_KEYS = tuple(f.name for f in dataclasses.fields(SweepDetails) if f.name != "rule_text")
 
 
 # -- what people read ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from leukoflow.recipe import FeatureRecipe
 from leukoflow.scoring import score as sc
 from leukoflow.store.records import Accounting, ModelRecord
 from leukoflow.store.storage import open_location
-from leukoflow.store.tables import RUN_SCHEMA, CatalogRow, read_runs, write_run
+from leukoflow.store.tables import RUN_SCHEMA, CatalogRow, read_run_rows, read_runs, write_run
 from leukoflow.vocabulary import ImageStatus
 
 STARTED = datetime(2026, 3, 14, 23, 30, tzinfo=UTC)
@@ -233,6 +233,30 @@ def test_a_sweep_row_fits_the_runs_table_and_accounts_for_every_image(tmp_path):
     assert summary["fhir"] == sweep.fhir and "NOT CLINICALLY" in summary["note"]
     markdown = sc.sweep_markdown(summary)
     assert "Subjects flagged: 1 of 1" in markdown and "| 7 | YES | 6 | 6 | 100.0 |" in markdown
+
+    # Read back typed, as the dashboard and the FHIR export read it.
+    (typed,) = read_run_rows(store)
+    details = sc.SweepDetails.of(typed)
+    assert (details.date, details.threshold, details.non_clinical) == ("2026-03-14", 0.4, True)
+    assert details.subject_rule == rule and details.rule_text == rule.describe()
+    assert details.night["subjects_flagged"] == 1
+    assert details.counts["quarantined_new"] == 1 and details.subjects == sweep.subjects
+
+
+def test_sweep_details_of_an_older_or_damaged_row_read_back_empty_not_as_an_error():
+    def row(details: dict):
+        return replace(sc.Sweep("r", STARTED, "/s", "/i", "inbox", "2026-03-14", "m1", MODEL,
+                                sc.SubjectRule(), "w").run_row("completed", STARTED),
+                       details=details)  # fmt: skip
+
+    older = sc.SweepDetails.of(row({"date": "2026-01-02", "drift": None, "new_key": 1}))
+    assert older == sc.SweepDetails(date="2026-01-02")  # what it lacks is empty; unknowns ignored
+    assert older.drift == {} and older.subject_rule is None and older.subjects == []
+    rule = {"min_flagged_cells": 3, "min_flagged_fraction": 0.25}  # before `inclusive` existed
+    assert sc.SweepDetails.of(row({"subject_rule": rule})).subject_rule == sc.SubjectRule(3, 0.25)
+    damaged = sc.SweepDetails.of(row({"date": "2026-01-03", "subject_rule": {"text": "?"}}))
+    assert damaged.subject_rule is None and damaged.date == "2026-01-03"
+    assert sc.SweepDetails.of(row({"unreadable": "{oops"})) == sc.SweepDetails()
 
 
 # -- the catalog's reuse of unchanged inbox files --------------------------------------------
