@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from leukoflow import choices
 from leukoflow.features import color_morphology as cm
 from leukoflow.learn import evaluate, folds, patient, train, validate
 
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument(
         "--classifiers",
-        default=train.DEFAULT_CLASSIFIER,
+        default=choices.DEFAULT_CLASSIFIER,
         help=f"comma-separated, of {', '.join(train.CLASSIFIERS)} and {train.TUNED}; each "
         "variant is fitted with each",
     )

@@ -98,12 +98,13 @@ def featurise(name, precision, pixels, image_size, choice, batch_size, cache: Pa
 def unchanged_decisions(x32, x16, y, subjects, folds: int, seed: int) -> dict:
     """Paper's linear SVM trained on fp32 vectors per subject-grouped fold; every held-out cell
     scored with its fp32 and its bf16 vector."""
+    from leukoflow import choices
     from leukoflow.learn import train
 
     split = train.kfold(y, subjects, folds, seed)
     same, flipped_margins, total, correct32, correct16 = 0, [], 0, 0, 0
     for train_rows, test_rows in split.indices:
-        model = train.fit(train.DEFAULT_CLASSIFIER, x32[train_rows], y[train_rows], seed)
+        model = train.fit(choices.DEFAULT_CLASSIFIER, x32[train_rows], y[train_rows], seed)
         d32 = model.decision_function(x32[test_rows])
         d16 = model.decision_function(x16[test_rows])
         p32, p16 = d32 >= 0, d16 >= 0

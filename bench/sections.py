@@ -131,6 +131,7 @@ def synthetic_vectors(n: int, dims: dict[str, int], seed: int = 0) -> tuple[dict
 
 def join_train(settings: dict) -> dict:
     """Write generated vectors as extraction would (one file per batch), then join and train."""
+    from leukoflow import choices
     from leukoflow.features.join import join_features
     from leukoflow.learn import evaluate, train
     from leukoflow.recipe import FeatureRecipe
@@ -158,7 +159,7 @@ def join_train(settings: dict) -> dict:
         t3 = time.perf_counter()
     y = labels[np.array([int(i, 16) for i in joined.image_ids])]
     parts = train.split_rows(y, [None] * len(y), "random", seed=0)
-    model = train.fit(train.DEFAULT_CLASSIFIER, joined.matrix[parts.train], y[parts.train], 0)
+    model = train.fit(choices.DEFAULT_CLASSIFIER, joined.matrix[parts.train], y[parts.train], 0)
     x_test = joined.matrix[parts.test]
     scores, _ = train.decision_scores(model, x_test)
     metrics = evaluate.compute_metrics(y[parts.test], model.predict(x_test), scores)
@@ -168,7 +169,7 @@ def join_train(settings: dict) -> dict:
         from leukoflow.learn import calibration
 
         calibration.calibrate_and_choose_threshold(
-            train.DEFAULT_CLASSIFIER, joined.matrix[parts.train], y[parts.train],
+            choices.DEFAULT_CLASSIFIER, joined.matrix[parts.train], y[parts.train],
             [None] * len(parts.train), x_test, y[parts.test],
         )  # fmt: skip
         calibration_seconds = time.perf_counter() - t4
@@ -182,7 +183,7 @@ def join_train(settings: dict) -> dict:
         "train_evaluate_seconds": t4 - t3,
         "join_train_seconds": t4 - t2,
         "calibration_seconds": calibration_seconds,  # what `run` adds: k more fits
-        "classifier": train.DEFAULT_CLASSIFIER,
+        "classifier": choices.DEFAULT_CLASSIFIER,
         "test_accuracy": metrics["accuracy"],
     }
 

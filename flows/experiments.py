@@ -34,7 +34,7 @@ def run_experiments(
     trio: list[str] | None = None,
     folds: int = choices.DEFAULT_FOLDS,
     augment: bool = False,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
     n_boot: int = choices.DEFAULT_BOOTSTRAP,
     images: str | list[str] | None = None,
 ) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from leukoflow import choices
 from leukoflow.learn import calibration, evaluate, train
 from leukoflow.learn.fit import drift_reference, plan_split, trainable_rows
 from leukoflow.recipe import Compute, FeatureRecipe
@@ -28,12 +29,12 @@ def run_pipeline(
     recipe: FeatureRecipe = FeatureRecipe(),
     compute: Compute = Compute(),
     dataset: str = "default",
-    classifier: str = train.DEFAULT_CLASSIFIER,
+    classifier: str = choices.DEFAULT_CLASSIFIER,
     split: str | None = None,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
     labels: dict[str, str] | None = None,
-    target_sensitivity: float = calibration.DEFAULT_TARGET_SENSITIVITY,
-    examples_per_kind: int = 3,
+    target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
+    examples_per_kind: int = choices.REPORT_EXAMPLES_PER_KIND,
     promote: bool = True,
     force: bool = False,
 ) -> dict:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from prefect import flow
 
 from leukoflow import choices
-from leukoflow.learn import evaluate, train
+from leukoflow.learn import evaluate
 from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
 from leukoflow.store import records
@@ -34,9 +34,9 @@ def run_validation(
     recipe: FeatureRecipe = FeatureRecipe(),  # noqa: B008 - frozen, validated once at import
     compute: Compute = Compute(),  # noqa: B008
     dataset: str = "default",
-    classifier: str = train.DEFAULT_CLASSIFIER,
+    classifier: str = choices.DEFAULT_CLASSIFIER,
     folds: int = choices.DEFAULT_FOLDS,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
     n_boot: int = choices.DEFAULT_BOOTSTRAP,
     labels: dict[str, str] | None = None,
 ) -> dict:

@@ -29,6 +29,10 @@ DEFAULT_FOLDS = 5
 DEFAULT_BOOTSTRAP = 1000  # subject-bootstrap resamples of a 95% interval
 DEFAULT_SEED = 0
 
+# The run report's examples (present/explain.py): activation maps of up to this many true
+# positives, false positives and false negatives of the held-out cells.
+REPORT_EXAMPLES_PER_KIND = 3
+
 # The nightly sweep (scoring/score.py): predictions per file, the subject rule used when the model
 # has no patient rule of its own, and when drift becomes a warning.
 SWEEP_CHUNK_SIZE = 256

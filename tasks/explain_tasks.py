@@ -8,6 +8,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.present import cam
 from leukoflow.present.explain import (
@@ -35,7 +36,7 @@ def explain_examples(
     uris: dict[str, str],
     vectors: dict[str, np.ndarray],
     weights_dir: str | None,
-    per_kind: int = 3,
+    per_kind: int = choices.REPORT_EXAMPLES_PER_KIND,
     maps: FeatureMapSource | None = None,
     subject_keys: dict[str, str | None] | None = None,
 ) -> list[dict]:

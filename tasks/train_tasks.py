@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from leukoflow.learn import calibration
+from leukoflow import choices
 from leukoflow.learn.fit import FittedModel, fit_and_measure
 from leukoflow.present.report import render_report
 from leukoflow.store import registry
@@ -27,7 +27,7 @@ def fit_model(
     classifier: str,
     split: str,
     seed: int,
-    target_sensitivity: float = calibration.DEFAULT_TARGET_SENSITIVITY,
+    target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
 ) -> FittedModel:
     """The saved model at its operating point, and the paper's plain classifier beside it."""
     logger = get_run_logger()

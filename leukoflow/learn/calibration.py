@@ -27,7 +27,6 @@ from leukoflow.learn import evaluate, train
 from leukoflow.vocabulary import THRESHOLD_RULE
 from leukoflow.vocabulary import flagged as flag_rule
 
-DEFAULT_TARGET_SENSITIVITY = choices.DEFAULT_TARGET_SENSITIVITY
 DEFAULT_CALIBRATION_FOLDS = 5
 METHOD = "sigmoid"  # Platt scaling: two parameters, stable on the few hundred cells of a fold
 RELIABILITY_BINS = 10
@@ -141,7 +140,7 @@ def calibrate_and_choose_threshold(
     subjects_train: list[str | None],
     x_test: np.ndarray,
     y_test: np.ndarray,
-    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+    target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
     n_folds: int = DEFAULT_CALIBRATION_FOLDS,
     seed: int = 0,
 ) -> CalibratedModel:

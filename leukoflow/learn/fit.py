@@ -97,7 +97,7 @@ def fit_and_measure(
     classifier: str,
     split: str,
     seed: int,
-    target_sensitivity: float = calibration.DEFAULT_TARGET_SENSITIVITY,
+    target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
     n_boot: int = N_BOOT,
 ) -> FittedModel:
     """Split, fit the paper's classifier and the calibrated one, choose both thresholds on the

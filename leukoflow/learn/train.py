@@ -26,7 +26,6 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
 from leukoflow.choices import CLASSIFIERS, SPLITS, TUNED_CLASSIFIER
-from leukoflow.choices import DEFAULT_CLASSIFIER as DEFAULT_CLASSIFIER  # for callers
 from leukoflow.errors import LeukoflowError
 
 log = logging.getLogger("leukoflow.train")

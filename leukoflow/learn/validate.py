@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from leukoflow.learn import evaluate, folds, patient, train
+from leukoflow import choices
+from leukoflow.learn import evaluate, folds, patient
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc")
 DEFAULT_FOLDS = folds.DEFAULT_FOLDS
@@ -33,7 +34,7 @@ def cross_validate(
     x: np.ndarray,
     y: np.ndarray,
     subjects: list[str | None],
-    classifier: str = train.DEFAULT_CLASSIFIER,
+    classifier: str = choices.DEFAULT_CLASSIFIER,
     n_folds: int = DEFAULT_FOLDS,
     seed: int = folds.DEFAULT_SEED,
     n_boot: int = DEFAULT_BOOTSTRAP,

@@ -26,6 +26,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import augment
 from leukoflow.features import backbones as bb
@@ -499,7 +500,7 @@ def pick_examples(
     y_true: np.ndarray,
     y_pred: np.ndarray,
     scores: np.ndarray,
-    per_kind: int = 3,
+    per_kind: int = choices.REPORT_EXAMPLES_PER_KIND,
 ) -> list[tuple[str, str]]:
     """(kind, image id) of the most confident true positives, false positives and false negatives
     of a test set: the cases a reader learns most from, `per_kind` of each at most."""

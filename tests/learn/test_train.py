@@ -6,6 +6,7 @@ import pytest
 import skops.io as sio
 from sklearn.svm import LinearSVC
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.learn import train
 from leukoflow.store import model_io
@@ -18,7 +19,7 @@ def test_the_papers_classifier_is_pinned():
     svm = model[-1]
     assert isinstance(svm, LinearSVC)
     assert (svm.C, svm.loss, svm.penalty) == (1.0, "hinge", "l2")
-    assert train.DEFAULT_CLASSIFIER == "linear-svm"
+    assert choices.DEFAULT_CLASSIFIER == "linear-svm"
 
 
 def test_mlp_has_one_hidden_layer_of_256():
