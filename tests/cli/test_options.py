@@ -82,8 +82,9 @@ def test_each_option_appears_once_per_command():
     assert "--store" not in command_options("demo")
 
 
-def test_the_options_build_one_recipe_and_one_compute_setting():
-    built = {}
+def probe_command() -> tuple[typer.Typer, dict]:
+    """A one-command app taking the shared options; the dict gets what they built."""
+    built: dict = {}
     probe = typer.Typer()
 
     @probe.command()
@@ -91,6 +92,11 @@ def test_the_options_build_one_recipe_and_one_compute_setting():
     def go(recipe: FeatureRecipe = RECIPE, compute: Compute = COMPUTE) -> None:
         built.update(recipe=recipe, compute=compute)
 
+    return probe, built
+
+
+def test_the_options_build_one_recipe_and_one_compute_setting():
+    probe, built = probe_command()
     result = CliRunner().invoke(
         probe,
         ["--backbones", "vgg16,color_morphology", "--weights", "none", "--image-size", "64",
@@ -103,14 +109,7 @@ def test_the_options_build_one_recipe_and_one_compute_setting():
 
 
 def test_without_options_the_recipe_and_compute_are_their_owners_defaults():
-    built = {}
-    probe = typer.Typer()
-
-    @probe.command()
-    @shared_options
-    def go(recipe: FeatureRecipe = RECIPE, compute: Compute = COMPUTE) -> None:
-        built.update(recipe=recipe, compute=compute)
-
+    probe, built = probe_command()
     # The default weights (imagenet) need their files, which this machine has not got.
     result = CliRunner().invoke(probe, ["--weights", "none"])
     assert result.exit_code == 0, result.output
