@@ -57,7 +57,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Cache file suffix of each colour mode (rounds 1-3 wrote "raw" and "norm").
 _MODE_FILES = {"raw": "raw", "cell": "norm", "subject": "subject"}
-FOLDS, SEED, N_BOOT = folds.DEFAULT_FOLDS, folds.DEFAULT_SEED, folds.DEFAULT_BOOTSTRAP
+FOLDS, SEED, N_BOOT = choices.DEFAULT_FOLDS, choices.DEFAULT_SEED, choices.DEFAULT_BOOTSTRAP
 
 
 def read_manifests(paths: list[Path]) -> list[dict[str, str]]:

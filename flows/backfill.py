@@ -40,32 +40,12 @@ def backfill(
     catalog, counts, extraction = prepared.catalog, prepared.counts, prepared.extraction
     ok = ok_rows(catalog.rows)
     needing = {image_id for missing in prepared.todo.values() for image_id in missing}
-    started, finished = recorder.started, datetime.now(UTC)
-    summary = {
-        "run_id": recorder.run_id,
-        "kind": RunKind.BACKFILL,
-        "outcome": Outcome.COMPLETED,
-        "store": root.uri,
-        "dataset": dataset,
-        "backbones": list(recipe.backbones),
-        "weights_id": recipe.weights_id,
-        "image_size": recipe.image_size,
-        "precision": recipe.precision,
-        "non_clinical": recipe.non_clinical,
-        "counts": {
-            **records.accounting_dict(counts, "featurised"),
-            "new_files": catalog.new_files,
-            "ignored": catalog.counts.get("ignored", 0),
-            "ok": counts.done,  # ok images holding every vector (measured), as before
-            "needing_vectors": len(needing),
-            "already_featurised": len(ok) - len(needing),
-            "computed": extraction.images_done,
-        },
-        "extraction": extraction.to_dict(),
-        "seconds": round((finished - started).total_seconds(), 2),
-        "started_at": started.isoformat(),
-        "finished_at": finished.isoformat(),
-    }
+    summary = records.backfill_summary(
+        run_id=recorder.run_id, store=root.uri, dataset=dataset, recipe=recipe, counts=counts,
+        extraction=extraction.to_dict(), computed=extraction.images_done,
+        new_files=catalog.new_files, ignored=catalog.counts.get("ignored", 0), n_ok=len(ok),
+        needing=len(needing), started=recorder.started, finished=datetime.now(UTC),
+    )  # fmt: skip
     columns = records.RunRecorder.extraction_columns(counts, extraction)
     recorder.record(
         Outcome.COMPLETED, **{**columns, "new": len(needing)}, skipped=len(ok) - len(needing),

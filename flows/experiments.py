@@ -15,7 +15,7 @@ from leukoflow.learn import evaluate
 from leukoflow.learn import experiments as ex
 from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
-from leukoflow.store import records, registry
+from leukoflow.store import records
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import CatalogRow
 from leukoflow.tasks.experiment_tasks import evaluate_grid, save_experiment, stored_catalog
@@ -80,43 +80,13 @@ def run_experiments(
             seed, n_boot, compute.ray_address,
         )  # fmt: skip
 
-    non_clinical = recipe.non_clinical
-    summary = {
-        "experiment_id": experiment_id,
-        "dataset": dataset,
-        "store": root.uri,
-        "backbones": backbones,
-        "dims": joined.dims,
-        "feature_sets": [ex.set_name(s) for s in sets],
-        "classifiers": classifiers,
-        "split": split,
-        "evaluations": [
-            {
-                "name": e.name,
-                "label": e.label,
-                "grouping": e.folds.grouping,
-                "folds": e.folds.k,
-                "note": e.folds.note,
-            }
-            for e in evaluations
-        ],  # fmt: skip
-        "weights_id": recipe.weights_id,
-        "precision": recipe.precision,
-        "non_clinical": non_clinical,
-        "note": records.non_clinical_note(non_clinical),
-        "image_size": recipe.image_size,
-        "seed": seed,
-        "augment": augment,
-        "n_images": len(joined.image_ids),
-        "n_subjects": len({s for s in subjects if s}),
-        "n_augmented": 0 if augmented is None else len(augmented.source_rows),
-        "extraction": features.to_dict(),
-        "cells": results,
-        "best": ex.best_cells(results, evaluation_names),
-        "created_at": started.isoformat(),
-        "code_version": registry.code_version(),
-        "package_versions": records.package_versions(),
-    }
+    summary = ex.experiment_summary(
+        experiment_id=experiment_id, dataset=dataset, store=root.uri, recipe=recipe,
+        dims=joined.dims, sets=sets, classifiers=classifiers, split=split,
+        evaluations=evaluations, seed=seed, augment=augment, image_ids=joined.image_ids,
+        subjects=subjects, augmented=augmented, extraction=features.to_dict(), results=results,
+        started=started,
+    )  # fmt: skip
     summary["paths"] = save_experiment(root, experiment_id, summary)
     recorder.record(
         Outcome.COMPLETED, **records.RunRecorder.extraction_columns(prepared.counts, features),

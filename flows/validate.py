@@ -9,17 +9,15 @@ extraction per backbone. Several folders or manifests can be validated as one po
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from prefect import flow
 
 from leukoflow import choices
 from leukoflow.learn import evaluate
+from leukoflow.learn.validate import validation_summary
 from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
 from leukoflow.store import records
-from leukoflow.store.pseudonym import pseudonymise_subjects, subject_key, subject_salt
-from leukoflow.store.records import non_clinical_note, package_versions
+from leukoflow.store.pseudonym import subject_salt
 from leukoflow.store.storage import open_location
 from leukoflow.store.tables import CatalogRow
 from leukoflow.tasks.stage_tasks import prepare_features
@@ -56,42 +54,11 @@ def run_validation(
     by_id = {row.image_id: row for row in prepared.rows}
     y, subjects = evaluate.targets([by_id[i] for i in joined.image_ids])
     result = cross_validate(joined.matrix, y, subjects, classifier, folds, seed, n_boot)
-
-    # Raw subject ids stay in the store's tables; what this flow returns is printed.
-    level = result["patient_level"]
-    salt = subject_salt(root)
-    level["patients"] = pseudonymise_subjects(level["patients"], salt)
-    level["excluded"] = [
-        {"subject_id": subject_key(subject, salt), "reason": reason}
-        for subject, reason in level["excluded"].items()
-    ]
-    summary = {
-        **result,
-        "dataset": dataset,
-        "images": images,
-        "store": root.uri,
-        "counts": {
-            # Counts only: the names of ignored files stay in the catalog pass's log.
-            **{k: v for k, v in catalog.counts.items() if k not in ("reasons", "ignored_files")},
-            "quarantine_reasons": catalog.counts.get("reasons", {}),
-            "unlabelled": catalog.counts["ok"] - len(_labelled(catalog.rows)),
-            "rejected_by_extractor": len(features.rejected),
-            "missing_vectors": len(joined.missing),
-            "validated": len(joined.image_ids),
-        },
-        "featurise": {
-            k: features.to_dict()[k] for k in ("computed", "seconds", "images_per_second")
-        },
-        "feature_recipe": recipe.to_record(),
-        "backbones": list(recipe.backbones),
-        "feature_dim": int(joined.matrix.shape[1]),
-        "weights_id": recipe.weights_id,
-        "image_size": recipe.image_size,
-        "non_clinical": recipe.non_clinical,
-        "note": non_clinical_note(recipe.non_clinical),
-        "created_at": datetime.now(UTC).isoformat(),
-        "package_versions": package_versions(),
-    }
+    summary = validation_summary(
+        result, salt=subject_salt(root), dataset=dataset, images=images, store=root.uri,
+        recipe=recipe, catalog_counts=catalog.counts, n_labelled=len(_labelled(catalog.rows)),
+        extraction=features, joined=joined,
+    )  # fmt: skip
     recorder.record(
         Outcome.COMPLETED, **records.RunRecorder.extraction_columns(prepared.counts, features),
         weights_id=recipe.weights_id,

@@ -15,9 +15,11 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 import numpy as np
 
+from leukoflow import choices
 from leukoflow.choices import CLASSIFIERS, EXPERIMENT_SPLITS
 from leukoflow.errors import LeukoflowError
 from leukoflow.features import augment
@@ -26,6 +28,8 @@ from leukoflow.features.join import join_features
 from leukoflow.learn import folds, train
 from leukoflow.learn.folds import Augmented
 from leukoflow.recipe import FeatureRecipe
+from leukoflow.store.records import non_clinical_note, package_versions
+from leukoflow.store.registry import code_version
 from leukoflow.store.storage import Location
 from leukoflow.store.tables import CatalogRow
 
@@ -165,7 +169,7 @@ def evaluate_cell(
     evaluation: Evaluation,
     augmented: Augmented | None = None,
     seed: int = 0,
-    n_boot: int = folds.DEFAULT_BOOTSTRAP,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
 ) -> dict:
     """Fit and score one cell on every fold (learn/folds.py); JSON-ready metrics with spread
     and intervals."""
@@ -250,6 +254,67 @@ def best_cells(results: list[dict], evaluation_names: list[str]) -> dict:
                 "f1": cell["metrics"]["f1"]["mean"],
             }
     return best
+
+
+def experiment_summary(
+    *,
+    experiment_id: str,
+    dataset: str,
+    store: str,
+    recipe: FeatureRecipe,
+    dims: dict[str, int],
+    sets: list[tuple[str, ...]],
+    classifiers: list[str],
+    split: str,
+    evaluations: list[Evaluation],
+    seed: int,
+    augment: bool,
+    image_ids: list[str],
+    subjects: list[str | None],
+    augmented: Augmented | None,
+    extraction: dict,
+    results: list[dict],
+    started: datetime,
+) -> dict:
+    """What `leukoflow experiments` returns (its --json line) and saves: the grid's cells, the
+    best cell per evaluation and how each evaluation was made."""
+    evaluation_names = [e.name for e in evaluations]
+    return {
+        "experiment_id": experiment_id,
+        "dataset": dataset,
+        "store": store,
+        "backbones": list(recipe.backbones),
+        "dims": dims,
+        "feature_sets": [set_name(s) for s in sets],
+        "classifiers": classifiers,
+        "split": split,
+        "evaluations": [
+            {
+                "name": e.name,
+                "label": e.label,
+                "grouping": e.folds.grouping,
+                "folds": e.folds.k,
+                "note": e.folds.note,
+            }
+            for e in evaluations
+        ],  # fmt: skip
+        "weights_id": recipe.weights_id,
+        "precision": recipe.precision,
+        "non_clinical": recipe.non_clinical,
+        "note": non_clinical_note(recipe.non_clinical),
+        "image_size": recipe.image_size,
+        "seed": seed,
+        "augment": augment,
+        "n_images": len(image_ids),
+        "n_subjects": len({s for s in subjects if s}),
+        "n_augmented": 0 if augmented is None else len(augmented.source_rows),
+        "extraction": extraction,
+        "cells": results,
+        "best": best_cells(results, evaluation_names),
+        "created_at": started.isoformat(),
+        "code_version": code_version(),
+        "package_versions": package_versions(),
+    }
 
 
 def table_rows(results: list[dict]) -> list[dict]:

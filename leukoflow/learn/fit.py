@@ -24,8 +24,6 @@ from leukoflow.store.tables import CatalogRow
 from leukoflow.vocabulary import THRESHOLD_RULE
 from leukoflow.vocabulary import flagged as flag_rule
 
-N_BOOT = choices.DEFAULT_BOOTSTRAP
-
 
 @dataclass
 class FittedModel:
@@ -98,7 +96,7 @@ def fit_and_measure(
     split: str,
     seed: int,
     target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
-    n_boot: int = N_BOOT,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
 ) -> FittedModel:
     """Split, fit the paper's classifier and the calibrated one, choose both thresholds on the
     training side only, and measure on the held-out side."""
@@ -146,7 +144,7 @@ def operating_point(
     subjects: list[str | None],
     rule: dict,
     split: str,
-    n_boot: int = N_BOOT,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
     seed: int = 0,
 ) -> dict:
     """Held-out sensitivity and specificity of the saved model at its threshold: per cell (with

@@ -27,9 +27,6 @@ from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.learn import evaluate, patient, train
 
-DEFAULT_FOLDS = choices.DEFAULT_FOLDS
-DEFAULT_BOOTSTRAP = choices.DEFAULT_BOOTSTRAP
-DEFAULT_SEED = choices.DEFAULT_SEED
 # The classifier's own decision rule: an SVM's decision value is 0 on its boundary.
 CELL_THRESHOLDS = {"decision_value": 0.0, "probability": 0.5}
 
@@ -72,7 +69,7 @@ def out_of_fold(
     y: np.ndarray,
     folds: train.Folds,
     classifier: str,
-    seed: int = DEFAULT_SEED,
+    seed: int = choices.DEFAULT_SEED,
     subjects: Sequence[str | None] | None = None,
     columns: np.ndarray | None = None,
     augmented: Augmented | None = None,
@@ -119,8 +116,8 @@ def patient_threshold(
     y: np.ndarray,
     subjects: Sequence[str],
     classifier: str,
-    n_folds: int = DEFAULT_FOLDS,
-    seed: int = DEFAULT_SEED,
+    n_folds: int = choices.DEFAULT_FOLDS,
+    seed: int = choices.DEFAULT_SEED,
 ) -> float:
     """The patient threshold of one training side (learn/patient.py's rule), chosen on out-of-
     fold cell scores of inner subject-grouped folds: in-sample scores of a separating classifier
@@ -149,8 +146,8 @@ def summarise(
     scores: np.ndarray | None,
     metric: str,
     groups: Sequence | None,
-    seed: int = DEFAULT_SEED,
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = choices.DEFAULT_SEED,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
 ) -> dict:
     """A metric over folds: mean, std, and the (subject-)bootstrap 95% interval of the pooled
     out-of-fold predictions."""

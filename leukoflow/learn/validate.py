@@ -19,14 +19,20 @@ Plain functions, no engines.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
 import numpy as np
 
 from leukoflow import choices
+from leukoflow.features.extract import ExtractionResult
+from leukoflow.features.join import JoinedFeatures
 from leukoflow.learn import evaluate, folds, patient
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.store.pseudonym import pseudonymise_subjects, subject_key
+from leukoflow.store.records import non_clinical_note, package_versions
 
 METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc")
-DEFAULT_FOLDS = folds.DEFAULT_FOLDS
-DEFAULT_BOOTSTRAP = folds.DEFAULT_BOOTSTRAP
 CELL_THRESHOLDS = folds.CELL_THRESHOLDS
 
 
@@ -35,9 +41,9 @@ def cross_validate(
     y: np.ndarray,
     subjects: list[str | None],
     classifier: str = choices.DEFAULT_CLASSIFIER,
-    n_folds: int = DEFAULT_FOLDS,
-    seed: int = folds.DEFAULT_SEED,
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    n_folds: int = choices.DEFAULT_FOLDS,
+    seed: int = choices.DEFAULT_SEED,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
     min_cells: int = patient.DEFAULT_MIN_CELLS,
 ) -> dict:
     """Per-fold and pooled metrics, cell and patient level, with subject-bootstrap intervals;
@@ -113,6 +119,61 @@ def cross_validate(
             **{k: v for k, v in pooled_patients.items() if k != "metrics"},
             "excluded": excluded,
         },
+    }
+
+
+def validation_summary(
+    result: dict,
+    *,
+    salt: bytes,
+    dataset: str,
+    images: str | list[str],
+    store: str,
+    recipe: FeatureRecipe,
+    catalog_counts: Mapping,
+    n_labelled: int,
+    extraction: ExtractionResult,
+    joined: JoinedFeatures,
+) -> dict:
+    """What `leukoflow validate` returns (its --json line): `cross_validate`'s result with every
+    patient keyed by `salt` (raw subject ids stay in the store's tables, and this is printed),
+    and every image found accounted for."""
+    level = result["patient_level"]
+    keyed = {
+        **level,
+        "patients": pseudonymise_subjects(level["patients"], salt),
+        "excluded": [
+            {"subject_id": subject_key(subject, salt), "reason": reason}
+            for subject, reason in level["excluded"].items()
+        ],
+    }
+    return {
+        **result,
+        "patient_level": keyed,
+        "dataset": dataset,
+        "images": images,
+        "store": store,
+        "counts": {
+            # Counts only: the names of ignored files stay in the catalog pass's log.
+            **{k: v for k, v in catalog_counts.items() if k not in ("reasons", "ignored_files")},
+            "quarantine_reasons": catalog_counts.get("reasons", {}),
+            "unlabelled": catalog_counts["ok"] - n_labelled,
+            "rejected_by_extractor": len(extraction.rejected),
+            "missing_vectors": len(joined.missing),
+            "validated": len(joined.image_ids),
+        },
+        "featurise": {
+            k: extraction.to_dict()[k] for k in ("computed", "seconds", "images_per_second")
+        },
+        "feature_recipe": recipe.to_record(),
+        "backbones": list(recipe.backbones),
+        "feature_dim": int(joined.matrix.shape[1]),
+        "weights_id": recipe.weights_id,
+        "image_size": recipe.image_size,
+        "non_clinical": recipe.non_clinical,
+        "note": non_clinical_note(recipe.non_clinical),
+        "created_at": datetime.now(UTC).isoformat(),
+        "package_versions": package_versions(),
     }
 
 

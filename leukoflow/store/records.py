@@ -111,6 +111,52 @@ def accounting_dict(counts: Accounting, done_name: str) -> dict:
     }
 
 
+def backfill_summary(
+    *,
+    run_id: str,
+    store: str,
+    dataset: str,
+    recipe: FeatureRecipe,
+    counts: Accounting,
+    extraction: dict,
+    computed: int,
+    new_files: int,
+    ignored: int,
+    n_ok: int,
+    needing: int,
+    started: datetime,
+    finished: datetime,
+) -> dict:
+    """What `leukoflow backfill` returns (its --json line): what was catalogued and featurised.
+    `n_ok`: the ok images; `needing`: those of them that lacked some vector before this run;
+    `computed`: the images this run featurised."""
+    return {
+        "run_id": run_id,
+        "kind": RunKind.BACKFILL,
+        "outcome": Outcome.COMPLETED,
+        "store": store,
+        "dataset": dataset,
+        "backbones": list(recipe.backbones),
+        "weights_id": recipe.weights_id,
+        "image_size": recipe.image_size,
+        "precision": recipe.precision,
+        "non_clinical": recipe.non_clinical,
+        "counts": {
+            **accounting_dict(counts, "featurised"),
+            "new_files": new_files,
+            "ignored": ignored,
+            "ok": counts.done,  # ok images holding every vector (measured), as before
+            "needing_vectors": needing,
+            "already_featurised": n_ok - needing,
+            "computed": computed,
+        },
+        "extraction": extraction,
+        "seconds": round((finished - started).total_seconds(), 2),
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+    }
+
+
 def quarantine_list(rows: Sequence[CatalogRow]) -> list[dict]:
     """The images set aside, by content id and reason (for reports; summaries count them)."""
     return [
