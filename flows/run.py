@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 
 from leukoflow import choices
 from leukoflow.learn import calibration, evaluate, train
-from leukoflow.learn.fit import drift_reference, plan_split, trainable_rows
+from leukoflow.learn.fit import new_model_record, plan_split, trainable_rows
 from leukoflow.recipe import Compute, FeatureRecipe
 from leukoflow.redact import install_secret_masking
 from leukoflow.store import records, registry
@@ -53,9 +53,7 @@ def run_pipeline(
     root = open_location(store)
     recorder = records.RunRecorder(root, RunKind.RUN, dataset)
     # Decided now, shown at the end: a non-clinical model never silently replaces a clinical one.
-    kept_current = (
-        None if force or not recipe.non_clinical else registry.clinical_current_model(root)
-    )
+    kept_current = registry.current_model_kept(root, recipe.non_clinical, force)
     catalog = catalog_images(images, root, dataset, labels)
     # One class, or too few subjects for the split or its calibration folds: say so before
     # hours of extraction.
@@ -78,17 +76,12 @@ def run_pipeline(
         subjects = [subject_key(subject, salt) for subject in raw_subjects]
         fitted = fit_model(joined.matrix, y, subjects, classifier, split, seed, target_sensitivity)
 
-        train_ids = [joined.image_ids[i] for i in fitted.split.train]
-        test_ids = [joined.image_ids[i] for i in fitted.split.test]
-        fingerprint = train.fingerprint(train_ids)
-        model_id = registry.new_model_id(classifier, fingerprint)
-        record = records.model_record(
-            model_id=model_id, created_at=recorder.started, dataset=dataset, recipe=recipe,
-            classifier=classifier, fitted=fitted, split=split, seed=seed, train_ids=train_ids,
-            test_ids=test_ids, training_fingerprint=fingerprint,
-            target_sensitivity=target_sensitivity,
-            reference=drift_reference(fitted, joined.matrix), code_version=registry.code_version(),
+        record = new_model_record(
+            image_ids=joined.image_ids, x=joined.matrix, fitted=fitted, recipe=recipe,
+            dataset=dataset, classifier=classifier, split=split, seed=seed,
+            target_sensitivity=target_sensitivity, created_at=recorder.started,
         )  # fmt: skip
+        model_id, test_ids = record.model_id, record.test_image_ids
         counts = prepared.counts
         summary = records.run_summary(
             run_id=recorder.run_id, record=record, store=root.uri, fitted=fitted, counts=counts,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -20,6 +21,9 @@ from sklearn.pipeline import Pipeline
 from leukoflow import choices
 from leukoflow.learn import calibration, evaluate, patient, train
 from leukoflow.learn.reference import score_reference
+from leukoflow.recipe import FeatureRecipe
+from leukoflow.store import records, registry
+from leukoflow.store.records import ModelRecord
 from leukoflow.store.tables import CatalogRow
 from leukoflow.vocabulary import THRESHOLD_RULE
 from leukoflow.vocabulary import flagged as flag_rule
@@ -72,6 +76,33 @@ def plan_split(rows: Sequence[CatalogRow], split: str | None, seed: int) -> str:
         seed,
     )
     return split
+
+
+def new_model_record(
+    *,
+    image_ids: Sequence[str],
+    x: np.ndarray,
+    fitted: FittedModel,
+    recipe: FeatureRecipe,
+    dataset: str,
+    classifier: str,
+    split: str,
+    seed: int,
+    target_sensitivity: float,
+    created_at: datetime,
+) -> ModelRecord:
+    """The record of `fitted`, trained on the joined cells `image_ids` (the rows of `x`). Its id
+    names the classifier and the fingerprint of its training cells."""
+    train_ids = [image_ids[i] for i in fitted.split.train]
+    test_ids = [image_ids[i] for i in fitted.split.test]
+    fingerprint = train.fingerprint(train_ids)
+    return records.model_record(
+        model_id=registry.new_model_id(classifier, fingerprint), created_at=created_at,
+        dataset=dataset, recipe=recipe, classifier=classifier, fitted=fitted, split=split,
+        seed=seed, train_ids=train_ids, test_ids=test_ids, training_fingerprint=fingerprint,
+        target_sensitivity=target_sensitivity, reference=drift_reference(fitted, x),
+        code_version=registry.code_version(),
+    )  # fmt: skip
 
 
 def drift_reference(fitted: FittedModel, x: np.ndarray) -> dict:

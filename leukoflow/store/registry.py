@@ -217,6 +217,12 @@ def _pointer_model_id(store: Location, data: bytes, strict: bool) -> str | None:
     return model_id
 
 
+def current_model_kept(store: Location, non_clinical: bool, force: bool) -> str | None:
+    """The current model that a new model (`non_clinical` or not) would not replace, None when
+    it may be promoted: a non-clinical model never replaces a clinical one unless forced."""
+    return None if force or not non_clinical else clinical_current_model(store)
+
+
 def clinical_current_model(store: Location) -> str | None:
     """The current model's id when it is a clinical model (else None): what a non-clinical model
     must not replace unless forced."""

@@ -323,9 +323,15 @@ def test_a_non_clinical_model_never_replaces_a_clinical_one_unforced(store, fitt
     save(store, fitted, "m-clinical")
     save(store, fitted, "m-random", non_clinical=True)
     save(store, fitted, "m-random-2", non_clinical=True)
+    assert registry.current_model_kept(store, non_clinical=True, force=False) is None
     registry.promote(store, "m-random")  # nothing current: allowed
     registry.promote(store, "m-random-2")  # non-clinical over non-clinical: allowed
+    assert registry.current_model_kept(store, non_clinical=True, force=False) is None
     registry.promote(store, "m-clinical")  # clinical over non-clinical: allowed
+    # What `run` asks before it trains: would its new model replace the current one?
+    assert registry.current_model_kept(store, non_clinical=True, force=False) == "m-clinical"
+    assert registry.current_model_kept(store, non_clinical=True, force=True) is None
+    assert registry.current_model_kept(store, non_clinical=False, force=False) is None
     with pytest.raises(LeukoflowError, match="m-random is non-clinical.*--force"):
         registry.promote(store, "m-random")
     assert registry.current_model_id(store) == "m-clinical"
