@@ -40,7 +40,11 @@ def check_target_sensitivity(value: float) -> float:
 
 
 def fit_calibrated(
-    classifier: str, x: np.ndarray, y: np.ndarray, folds: train.Folds, seed: int = 0
+    classifier: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: train.Folds,
+    seed: int = choices.DEFAULT_SEED,
 ) -> Pipeline:
     """Standardise, then `classifier` calibrated on the held-out side of each fold."""
     estimator = train.make_classifier(classifier, seed).named_steps["clf"]
@@ -142,7 +146,7 @@ def calibrate_and_choose_threshold(
     y_test: np.ndarray,
     target_sensitivity: float = choices.DEFAULT_TARGET_SENSITIVITY,
     n_folds: int = DEFAULT_CALIBRATION_FOLDS,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
 ) -> CalibratedModel:
     """Calibrate on training folds, choose the threshold out of fold, then measure on test."""
     check_target_sensitivity(target_sensitivity)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.store.tables import CatalogRow
 from leukoflow.vocabulary import Label
@@ -181,8 +182,8 @@ def bootstrap_interval(
     y_pred: np.ndarray,
     scores: np.ndarray | None,
     metric: str,
-    n_boot: int = 1000,
-    seed: int = 0,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
+    seed: int = choices.DEFAULT_SEED,
     alpha: float = 0.05,
     groups: Sequence | np.ndarray | None = None,
 ) -> tuple[float, float]:

@@ -168,7 +168,7 @@ def evaluate_cell(
     cell: Cell,
     evaluation: Evaluation,
     augmented: Augmented | None = None,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
     n_boot: int = choices.DEFAULT_BOOTSTRAP,
 ) -> dict:
     """Fit and score one cell on every fold (learn/folds.py); JSON-ready metrics with spread

@@ -176,7 +176,7 @@ def operating_point(
     rule: dict,
     split: str,
     n_boot: int = choices.DEFAULT_BOOTSTRAP,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
 ) -> dict:
     """Held-out sensitivity and specificity of the saved model at its threshold: per cell (with
     subject-bootstrap intervals) and per patient (learn/patient), each with its n."""

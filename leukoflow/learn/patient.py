@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from leukoflow import choices
 from leukoflow.errors import LeukoflowError
 from leukoflow.learn import evaluate
 from leukoflow.vocabulary import flagged
@@ -177,8 +178,8 @@ def decide(
 def patient_metrics(
     decisions: Mapping[str, PatientDecision],
     labels: Mapping[str, int | str],
-    n_boot: int = 1000,
-    seed: int = 0,
+    n_boot: int = choices.DEFAULT_BOOTSTRAP,
+    seed: int = choices.DEFAULT_SEED,
     alpha: float = 0.05,
 ) -> dict:
     """Sensitivity, specificity and balanced accuracy over patients, JSON-ready.

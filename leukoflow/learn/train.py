@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
+from leukoflow import choices
 from leukoflow.choices import CLASSIFIERS, SPLITS, TUNED_CLASSIFIER
 from leukoflow.errors import LeukoflowError
 
@@ -50,7 +51,7 @@ def _estimator(name: str, seed: int) -> ClassifierMixin:
     raise LeukoflowError(f"unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
 
 
-def make_classifier(name: str, seed: int = 0) -> Pipeline:
+def make_classifier(name: str, seed: int = choices.DEFAULT_SEED) -> Pipeline:
     """Standardise the features, then the named classifier."""
     return Pipeline([("scale", StandardScaler()), ("clf", _estimator(name, seed))])
 
@@ -85,7 +86,7 @@ def split_rows(
     subjects: list[str | None],
     kind: str,
     test_fraction: float = 0.1,
-    seed: int = 0,
+    seed: int = choices.DEFAULT_SEED,
 ) -> Split:
     """`random`: the paper's stratified image split. `subject`: no subject on both sides."""
     check_split(kind)
@@ -131,7 +132,12 @@ class Folds:
         return len(self.indices)
 
 
-def kfold(y: np.ndarray, subjects: list[str | None], n_folds: int = 5, seed: int = 0) -> Folds:
+def kfold(
+    y: np.ndarray,
+    subjects: list[str | None],
+    n_folds: int = choices.DEFAULT_FOLDS,
+    seed: int = choices.DEFAULT_SEED,
+) -> Folds:
     """Stratified k folds grouped by subject when every image has one; else image folds, noted.
 
     k shrinks to the number of subjects (or images) of the rarer class when that is smaller.
@@ -202,7 +208,11 @@ def _fit_tuned(x: np.ndarray, y: np.ndarray, groups: Sequence | None, seed: int)
 
 
 def fit(
-    name: str, x: np.ndarray, y: np.ndarray, seed: int = 0, groups: Sequence | None = None
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int = choices.DEFAULT_SEED,
+    groups: Sequence | None = None,
 ) -> Pipeline:
     """The named classifier fitted; one log line, not scikit-learn's warning text, where its
     solver stopped at the iteration limit (the linear SVM on thousands of near-collinear
