@@ -514,7 +514,7 @@ class SweepDetails:
     score_kind: str | None = None
     threshold: float | None = None
     non_clinical: bool = False
-    counts: dict[str, int] = field(default_factory=dict)  # Sweep.counts
+    counts: dict = field(default_factory=dict)  # Sweep.counts
     seconds: float | None = None
     extraction: dict = field(default_factory=dict)
     drift: dict = field(default_factory=dict)  # scoring/drift's summary; {}: none measured
